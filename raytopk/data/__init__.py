@@ -1,0 +1,1 @@
+"""RecFlow data: schema, synthetic generator, converter, Ray Data pipeline, CascadeBatch."""

@@ -1,0 +1,258 @@
+"""Joint cascade loss over a top-k operator (SPEC.md §3.1–3.2; Zhu et al., "Differentiable Fast
+Top-K Selection for Large-Scale Recommendation", arXiv 2510.11472).
+
+Notation: S stages (retrieval, pre-rank[, rank]), x^s ∈ R^N stage s's scores of one request,
+V = its valid slots, y ∈ {0,1}^N the ground-truth top-K (metrics.ground_truth, K = 10),
+p^s = op(x^s, k_s) the soft top-k_s membership, BCE(p, y) = −y log p − (1 − y) log(1 − p).
+
+    L_s = mean_{j∈V} BCE(p^s_j, y_j)
+    q   = Π_s p^s,    L_J = mean_{j∈V} BCE(q_j, y_j)
+    L   = Σ_s L_s / (2 w_s²) + L_J + log Π_s w_s        (homoscedastic uncertainty weighting)
+
+w_s = exp(ρ_s) with learnable ρ_s initialised to 0 (w_s = 1): positive by construction, and
+log w_s = ρ_s exactly. Means are over all valid slots of the batch (not a mean of row means).
+
+Numerics:
+- DFTopK in logits form: with z = dftopk_logits(x, k, τ), log p = logσ(z) and log(1 − p) =
+  logσ(−z), so the stage BCE is softplus(−z) at y = 1 and softplus(z) at y = 0, chosen with
+  torch.where on y (softplus(z) − y·z would be ∞ − ∞ at z = +∞).
+- Other operators return p; log p and log(1 − p) are taken of p clamped to the dtype's smallest
+  normal number (sparse top-k returns exact 0s and 1s), as torch's BCE clamps its logs.
+- Joint term in log space: log q = Σ_s log p^s, and log(1 − q) = log1mexp(log q) (log(−expm1)
+  near 0, log1p(−exp) below −log 2), with log q clamped to ≤ −tiny so q = 1 stays finite; for
+  the probability-valued operators also to ≥ log(tiny) (q = 0 costs −log(tiny) once, as a
+  clamped BCE on q would), while DFTopK's exact logσ(z) sums are never clamped from below (a
+  clamp there would cut the gradient of a positive whose z is very negative).
+- Non-finite values (masked slots, the +∞ logits of a row with k ≥ #valid) are replaced before
+  any nonlinearity, not after: a torch.where after log/softplus would still send NaN gradients.
+
+Rows where a stage keeps everything (k_s ≥ #valid): the operator's membership is exactly 1 at
+every valid slot and carries no gradient, and BCE(1, 0) = +∞. Such a stage makes no selection in
+that row, so the row is left out of L_s's mean; in the joint term the stage contributes the
+factor 1; rows where every stage keeps everything are left out of L_J. (Clamping instead, as
+torch's BCE does, would add a constant ~100 per negative that the uncertainty weights would then
+learn to down-weight.) With RecFlow's evaluation N = 200 this never happens; with sample_num = 0
+and k_s = 30 it does for requests with ≤ 30 valid slots.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raytopk.data.batch import CascadeBatch
+from raytopk.metrics.cascade import ground_truth
+from raytopk.ops import get_op, get_spec
+
+__all__ = [
+    "CascadeTopKLoss",
+    "uncertainty_total",
+    "log1mexp",
+    "masked_mean",
+    "stage_log_membership",
+    "topk_stage_loss",
+    "resolve_op_params",
+    "check_ks",
+]
+
+_LN2 = math.log(2.0)
+
+
+def log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(a)) for a < 0, accurate everywhere (Mächler 2012), NaN-free gradients."""
+    near0 = a > -_LN2
+    # Each branch gets a harmless input where it is not selected, so its gradient stays finite.
+    a_near = torch.where(near0, a, torch.full_like(a, -1.0))
+    a_far = torch.where(near0, torch.full_like(a, -1.0), a)
+    return torch.where(near0, torch.log(-torch.expm1(a_near)), torch.log1p(-torch.exp(a_far)))
+
+
+def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Σ_{valid} values / #valid (0 when nothing is valid); values may be anything elsewhere."""
+    total = torch.where(valid, values, torch.zeros_like(values)).sum()
+    return total / valid.sum().clamp_min(1).to(values.dtype)
+
+
+def uncertainty_total(
+    stage_losses: Sequence[torch.Tensor], joint: torch.Tensor, log_w: torch.Tensor
+) -> torch.Tensor:
+    """Σ_s L_s / (2 w_s²) + L_J + Σ_s log w_s with w_s = exp(log_w[s])."""
+    inv2w2 = 0.5 * torch.exp(-2.0 * log_w)
+    total = joint + log_w.sum()
+    for s, loss in enumerate(stage_losses):
+        total = total + loss * inv2w2[s]
+    return total
+
+
+def check_ks(ks: Sequence[int]) -> list[int]:
+    """Per-stage k as a non-empty list of ints >= 1."""
+    if isinstance(ks, (int, str)) or not isinstance(ks, Sequence) or len(ks) == 0:
+        raise ValueError(f"'ks' should be a non-empty list of per-stage k but got {ks!r}")
+    out = []
+    for s, k in enumerate(ks):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"'ks[{s}]' should be an int >= 1 but got {k!r}")
+        out.append(k)
+    return out
+
+
+def resolve_op_params(op: str, op_params: Mapping[str, float] | None) -> dict[str, float]:
+    """{param: value} for ``op``; a missing param takes the registry's RecFlow default."""
+    spec = get_spec(op)
+    params = dict(op_params or {})
+    unknown = sorted(set(params) - {spec.param})
+    if unknown:
+        raise ValueError(
+            f"'op_params' has keys {unknown} that operator {op!r} does not take; "
+            f"its parameter is {spec.param!r}"
+        )
+    params.setdefault(spec.param, spec.default)
+    return params
+
+
+def _float_scores(x: torch.Tensor) -> torch.Tensor:
+    # Losses are computed in at least float32 (bf16/fp16 logs would lose the small terms).
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def stage_log_membership(
+    op: str,
+    scores: torch.Tensor,
+    k: int,
+    mask: torch.Tensor,
+    params: Mapping[str, float],
+    decided: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, log(1 − p)) of op's soft top-k membership, finite everywhere.
+
+    decided (B,) marks rows with k ≥ #valid, where p = 1 exactly: log p is set to 0 there.
+    Values at masked slots and at log(1 − p) of decided rows are placeholders to be masked out.
+    """
+    keep = mask & ~decided.unsqueeze(-1)
+    if op == "dftopk":
+        from raytopk.ops.dftopk import dftopk_logits
+
+        z = dftopk_logits(scores, k, tau=params["tau"], mask=mask)
+        z = torch.where(keep, z, torch.zeros_like(z))  # ±inf out before logσ
+        log_p, log_1mp = F.logsigmoid(z), F.logsigmoid(-z)
+    else:
+        p = get_op(op)(scores, k, mask, **params)
+        p = torch.where(keep, p, torch.full_like(p, 0.5))
+        tiny = torch.finfo(p.dtype).tiny
+        log_p = torch.log(p.clamp_min(tiny))
+        log_1mp = torch.log((1.0 - p).clamp_min(tiny))
+    log_p = torch.where(decided.unsqueeze(-1), torch.zeros_like(log_p), log_p)
+    return log_p, log_1mp
+
+
+def _bce(log_p: torch.Tensor, log_1mp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.where(labels, -log_p, -log_1mp)
+
+
+def topk_stage_loss(
+    op: str,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    k: int,
+    mask: torch.Tensor | None = None,
+    **params: float,
+) -> torch.Tensor:
+    """Single-stage L_s (mean BCE over valid slots of rows with k < #valid) for a
+    non-permutation operator; the step benchmark's loss (SPEC.md §5)."""
+    params = resolve_op_params(op, params)
+    scores = _float_scores(scores)
+    if mask is None:
+        mask = torch.ones_like(scores, dtype=torch.bool)
+    decided = mask.sum(-1) <= k
+    log_p, log_1mp = stage_log_membership(op, scores, k, mask, params, decided)
+    return masked_mean(_bce(log_p, log_1mp, labels.bool()), mask & ~decided.unsqueeze(-1))
+
+
+class CascadeTopKLoss(nn.Module):
+    """Joint cascade loss of SPEC §3.1 over a non-permutation operator.
+
+    Args:
+        op: registered operator name (dftopk, lapsum, sparse_topk).
+        op_params: {param: value}; missing -> the registry's RecFlow default.
+        ks: per-stage k (SPEC §3.2), e.g. [10, 10] or [30, 20]; len(ks) = number of stages.
+        k_truth: K of the ground-truth labels.
+
+    ``forward(scores, batch) -> (total, parts)``; parts (detached): stage{s}, joint, w{s}.
+    """
+
+    def __init__(
+        self,
+        op: str,
+        op_params: Mapping[str, float] | None = None,
+        ks: Sequence[int] = (10, 10),
+        k_truth: int = 10,
+    ) -> None:
+        super().__init__()
+        spec = get_spec(op)
+        if spec.permutation:
+            raise ValueError(
+                f"operator {op!r} is a permutation relaxation: use LCRONLoss (build_loss picks it)"
+            )
+        if isinstance(k_truth, bool) or not isinstance(k_truth, int) or k_truth < 1:
+            raise ValueError(f"'k_truth' should be an int >= 1 but got {k_truth!r}")
+        self.op = op
+        self.params = resolve_op_params(op, op_params)
+        self.ks = check_ks(ks)
+        self.k_truth = k_truth
+        self.log_w = nn.Parameter(torch.zeros(len(self.ks)))  # ρ_s, w_s = exp(ρ_s)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return self.log_w.detach().exp()
+
+    def forward(
+        self, scores: Sequence[torch.Tensor], batch: CascadeBatch
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        labels = ground_truth(batch.priority, batch.cand_mask, self.k_truth)
+        return self.from_labels(scores, labels, batch.cand_mask)
+
+    def from_labels(
+        self, scores: Sequence[torch.Tensor], labels: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss with explicit labels (B, N) bool and mask (B, N) bool."""
+        if len(scores) != len(self.ks):
+            raise ValueError(
+                f"'scores' has {len(scores)} stages but ks {self.ks} name {len(self.ks)}"
+            )
+        n_valid = mask.sum(-1)  # (B,)
+        all_decided = torch.ones_like(n_valid, dtype=torch.bool)
+        stage_losses, log_q = [], None
+        for s, (x, k) in enumerate(zip(scores, self.ks)):
+            if x.shape != mask.shape:
+                raise ValueError(
+                    f"'scores[{s}]' should have shape {tuple(mask.shape)} but got {tuple(x.shape)}"
+                )
+            x = _float_scores(x)
+            decided = n_valid <= k  # this stage keeps every valid slot of the row
+            log_p, log_1mp = stage_log_membership(self.op, x, k, mask, self.params, decided)
+            stage_losses.append(
+                masked_mean(_bce(log_p, log_1mp, labels), mask & ~decided.unsqueeze(-1))
+            )
+            log_q = log_p if log_q is None else log_q + log_p
+            all_decided &= decided
+        tiny = torch.finfo(log_q.dtype).tiny
+        if self.op == "dftopk":
+            log_q = log_q.clamp(max=-tiny)  # q = 1 would make log(1 - q) = -inf
+        else:
+            # Memberships given as probabilities had their logs clamped at log(tiny) per stage;
+            # clamp the product the same way (q = 0 costs -log(tiny) once, not once per stage),
+            # i.e. BCE(q, y) with q = Π_s p^s and its logs clamped as torch's BCE does.
+            log_q = log_q.clamp(min=math.log(tiny), max=-tiny)
+        joint = masked_mean(
+            torch.where(labels, -log_q, -log1mexp(log_q)), mask & ~all_decided.unsqueeze(-1)
+        )
+        total = uncertainty_total(stage_losses, joint, self.log_w)
+        parts = {f"stage{s}": loss.detach() for s, loss in enumerate(stage_losses)}
+        parts["joint"] = joint.detach()
+        w = self.weights
+        parts.update({f"w{s}": w[s] for s in range(len(self.ks))})
+        return total, parts

@@ -1,0 +1,161 @@
+"""The operator benchmark's functions on tiny shapes: record/JSON structure, the memory-skip
+record of an O(N²) op, the CPU peak-memory probe, and the authors' DFTopK reference against
+dftopk_logits. No timing is asserted (the machine is shared)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from raytopk.bench.ops import (
+    authors_dftopk,
+    authors_dftopk_logits,
+    bench_operators,
+    build_lines,
+    estimate_bytes,
+    operator_configs,
+    peak_memory,
+    time_fn,
+)
+from raytopk.bench.step import ToyDSSM, make_step
+from raytopk.ops import get_spec, list_ops
+from raytopk.ops.dftopk import dftopk, dftopk_logits
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("bench_ops_cli", ROOT / "jobs" / "bench_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("k", [1, 7, 29])
+@pytest.mark.parametrize("select", ["auto", "topk", "kthvalue"])
+def test_authors_reference_matches_dftopk_logits(k: int, select: str) -> None:
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(4, 30, generator=g, dtype=torch.float64)
+    upstream = torch.randn(4, 30, generator=g, dtype=torch.float64)
+    xa = x.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    za = authors_dftopk_logits(xa, k, tau=0.7)
+    zb = dftopk_logits(xb, k, 0.7, select=select)
+    torch.testing.assert_close(za, zb, rtol=1e-12, atol=1e-12)
+    (za * upstream).sum().backward()
+    (zb * upstream).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(authors_dftopk(x, k, 0.7), dftopk(x, k, tau=0.7))
+
+
+def test_authors_reference_rejects_k_out_of_range() -> None:
+    with pytest.raises(ValueError, match="'k'"):
+        authors_dftopk_logits(torch.randn(2, 5), 5)
+
+
+def test_operator_records_structure() -> None:
+    lines = build_lines(select_compare=True)
+    names = [line.name for line in lines]
+    assert names[:2] == ["authors_dftopk", "elementwise_floor"]
+    assert set(list_ops()) <= set(names)
+    assert "dftopk[select=numba]" in names
+    configs = operator_configs([1], [10], ["10", "N//2"])
+    assert [(b, n, k) for b, n, k, _ in configs] == [(1, 10, 5), (1, 10, 9)]
+    records = bench_operators(lines, configs, warmup=1, repeats=2, max_seconds=0.5)
+    assert len(records) == len(lines) * len(configs) * 2
+    for r in records:
+        assert r["status"] == "ok", r
+        assert r["mode"] in ("forward", "forward_backward")
+        assert 1 <= r["repeats"] <= 2
+        assert r["median_ms"] > 0 and r["min_ms"] <= r["median_ms"]
+        assert r["scores_bytes"] == r["B"] * r["N"] * 4
+
+
+def test_over_budget_quadratic_op_is_skipped_with_needed_bytes() -> None:
+    quadratic = [line for line in build_lines() if line.name == "neuralsort"]
+    records = bench_operators(
+        quadratic, [(1024, 1000, 10, "10")], repeats=1, max_seconds=0.1, mem_budget_gb=1.0
+    )
+    needed = estimate_bytes(get_spec("neuralsort").complexity, 1024, 1000)
+    assert needed == 1024 * 1000 * 1000 * 4 * 6 > 2**30
+    assert [r["status"] for r in records] == ["skipped", "skipped"]
+    assert all(r["reason"] == "memory" and r["needed_bytes"] == needed for r in records)
+    assert "median_ms" not in records[0]
+
+
+def test_time_extrapolation_skips_a_slow_line() -> None:
+    line = [x for x in build_lines() if x.name == "diffsort"]
+    # A time budget of ~0 forces every shape after the first (smallest) one to be skipped.
+    configs = operator_configs([1], [10, 40], ["10"])
+    records = bench_operators(line, configs, repeats=1, max_seconds=0.1, time_budget_s=1e-9)
+    assert [r["status"] for r in records] == ["ok", "ok", "skipped", "skipped"]
+    assert records[-1]["reason"] == "time" and records[-1]["estimated_s"] >= 0
+
+
+def test_cpu_peak_memory_sees_a_64_mib_tensor() -> None:
+    def alloc() -> None:
+        torch.ones(2**24).sum()  # 64 MiB written, then freed
+
+    peak = peak_memory(alloc, "cpu")
+    assert peak["bytes"] >= 60 * 2**20, peak
+    assert isinstance(peak["method"], str)
+
+
+def test_time_fn_counts_repeats() -> None:
+    calls = []
+    t = time_fn(lambda: calls.append(1), "cpu", warmup=3, repeats=4, max_seconds=10.0)
+    assert len(calls) == 7 and t["repeats"] == 4 and t["median_s"] >= 0
+
+
+@pytest.mark.parametrize("line", ["authors_dftopk", *list_ops()])
+def test_step_runs_and_frees_gradients(line: str) -> None:
+    model = ToyDSSM()
+    step, loss_name, _ = make_step(line, 6, model, "cpu")
+    step()
+    assert all(p.grad is None for p in model.parameters())
+    if line in ("dftopk", "authors_dftopk"):
+        assert loss_name == "bce_with_logits"
+    elif get_spec(line).permutation:
+        assert loss_name == "lcron_single_stage"
+    else:
+        assert loss_name == "bce_membership"
+
+
+def test_cli_writes_json_and_plots(tmp_path: Path) -> None:
+    cli = _load_cli()
+    result = cli.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--batches",
+            "1",
+            "--sizes",
+            "10",
+            "--step-sizes",
+            "5",
+            "--repeats",
+            "2",
+            "--no-target-shapes",
+        ]
+    )
+    data = json.loads((tmp_path / "bench_ops.json").read_text())
+    assert set(data) == {"machine", "settings", "seconds", "operator", "step", "targets"}
+    for key in ("platform", "cpu_model", "cpu_cores", "torch", "torch_threads", "device_name"):
+        assert key in data["machine"]
+    assert data["settings"]["sizes"] == [10] and data["settings"]["extra_shapes"] == []
+    lines = {r["line"] for r in data["operator"]}
+    assert lines == {"authors_dftopk", "elementwise_floor", *list_ops()}
+    fb = [r for r in data["operator"] if r["mode"] == "forward_backward"]
+    assert all("peak_bytes" in r and r["peak_bytes"] >= 0 for r in fb)
+    assert {(r["line"], r["n"]) for r in data["step"]} == {
+        (name, 5) for name in ["authors_dftopk", *list_ops()]
+    }
+    assert all(r["status"] == "ok" and r["steps"] >= 1 for r in data["step"])
+    assert data["targets"]["min_speedup_vs_authors"]["N"] == 10
+    assert (tmp_path / "bench_ops_operator.png").stat().st_size > 0
+    assert (tmp_path / "bench_ops_step.png").stat().st_size > 0
+    assert result["operator"] == data["operator"]

@@ -1,0 +1,152 @@
+"""DFTopK against an independent slow reference (full sort, explicit loops), every selection
+primitive, the sampled long-row path, and torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raytopk.ops.dftopk import dftopk, dftopk_logits, dftopk_threshold
+
+SELECTS = ("numba", "topk")
+
+
+def _ref_logits(x: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
+    """z by a full sort per row and explicit loops, differentiable through sort's values."""
+    rows = []
+    for r in range(x.shape[0]):
+        valid = mask[r].nonzero().flatten().tolist()
+        kr = int(k[r])
+        z = torch.full_like(x[r], float("-inf"))
+        if kr >= len(valid):
+            for j in valid:
+                z[j] = float("inf")
+        else:
+            s = torch.sort(x[r, valid], descending=True).values
+            theta = (s[kr - 1] + s[kr]) / 2
+            for j in valid:
+                z[j] = (x[r, j] - theta) / tau
+        rows.append(z)
+    return torch.stack(rows)
+
+
+def _case(b: int, n: int, seed: int, masked: bool, ties: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, generator=g, dtype=torch.float64)
+    if ties:
+        x = (2 * x).round()
+    mask = torch.rand(b, n, generator=g) > (0.4 if masked else -1.0)
+    k = torch.randint(1, n + 2, (b,), generator=g)
+    return x, k, mask
+
+
+@pytest.mark.parametrize("select", SELECTS)
+@pytest.mark.parametrize("n", [1, 2, 7, 40, 200])
+@pytest.mark.parametrize("masked", [False, True])
+def test_logits_equal_reference(select: str, n: int, masked: bool) -> None:
+    x, k, mask = _case(6, n, seed=n, masked=masked)
+    z = dftopk_logits(x, k, tau=0.7, mask=mask, select=select)
+    torch.testing.assert_close(z, _ref_logits(x, k, mask, 0.7), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("select", SELECTS)
+def test_gradient_equals_autograd_through_sort(select: str) -> None:
+    # Without ties, autograd through sort routes ∂θ to exactly the two boundary slots: the
+    # localized closed form of SPEC §2.1.
+    x, k, mask = _case(5, 30, seed=3, masked=True)
+    w = torch.randn(5, 30, dtype=torch.float64)
+    a = x.clone().requires_grad_()
+    b = x.clone().requires_grad_()
+    keep = mask & (k.unsqueeze(-1) < mask.sum(-1, keepdim=True))
+    (torch.sigmoid(dftopk_logits(a, k, 1.3, mask, select=select)) * w)[keep].sum().backward()
+    (torch.sigmoid(_ref_logits(b, k, mask, 1.3)) * w)[keep].sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=0)
+
+
+def test_localized_gradient_structure() -> None:
+    x = torch.tensor([[4.0, 1.0, 3.0, 0.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    g = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]], dtype=torch.float64)
+    dftopk_logits(x, 2, tau=2.0).backward(g)
+    # θ = (x_[2] + x_[3]) / 2 = (3 + 2) / 2: slots 2 and 4 absorb −½Σg/τ = −3.75 each.
+    expected = g / 2.0
+    expected[0, 2] -= 3.75
+    expected[0, 4] -= 3.75
+    torch.testing.assert_close(x.grad, expected)
+
+
+@pytest.mark.parametrize("select", SELECTS)
+def test_ties_at_the_boundary_give_one_half(select: str) -> None:
+    x = torch.tensor([[5.0, 3.0, 3.0, 3.0, 1.0]], dtype=torch.float64)
+    p = dftopk(x, 2, tau=0.01, select=select)
+    torch.testing.assert_close(p[0, 1:4], torch.full((3,), 0.5, dtype=x.dtype))
+    assert p[0, 0] > 0.999 and p[0, 4] < 1e-3
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_long_rows_sampled_path_matches_sort(masked: bool) -> None:
+    # Rows >= 4096 valid slots go through the sampled filter; sorted and tied inputs too.
+    g = torch.Generator().manual_seed(11)
+    n = 9000
+    x = torch.randn(6, n, generator=g, dtype=torch.float64)
+    x[1] = x[1].sort().values  # ascending input
+    x[2] = (x[2] * 3).round()  # heavy ties
+    x[3] = x[3].sort(descending=True).values
+    mask = torch.rand(6, n, generator=g) > (0.3 if masked else -1.0)
+    k = torch.tensor([1, 10, 100, 4000, 5000, 4500])
+    for select in SELECTS:
+        z = dftopk_logits(x, k, tau=1.0, mask=mask, select=select)
+        torch.testing.assert_close(z, _ref_logits(x, k, mask, 1.0), atol=1e-12, rtol=0)
+
+
+def test_kthvalue_select_for_uniform_k() -> None:
+    x, _, mask = _case(7, 50, seed=5, masked=True)
+    for k in (1, 5, 20):
+        kk = torch.full((7,), k)
+        z = dftopk_logits(x, k, tau=1.0, mask=mask, select="kthvalue")
+        torch.testing.assert_close(z, _ref_logits(x, kk, mask, 1.0), atol=1e-12, rtol=0)
+
+
+def test_threshold_matches_sort() -> None:
+    x, k, mask = _case(4, 25, seed=9, masked=True)
+    theta = dftopk_threshold(x, k, mask)
+    for r in range(4):
+        s = x[r, mask[r]].sort(descending=True).values
+        kr = int(k[r])
+        want = float("-inf") if kr >= s.numel() else float((s[kr - 1] + s[kr]) / 2)
+        assert float(theta[r]) == want
+
+
+def test_bad_select_is_named() -> None:
+    with pytest.raises(ValueError, match="'select'"):
+        dftopk(torch.randn(2, 5), 2, select="heap")
+
+
+def test_float32_and_bf16_inputs() -> None:
+    x = torch.randn(8, 40)
+    p32 = dftopk(x, 10, tau=0.5)
+    assert p32.dtype == torch.float32
+    pb = dftopk(x.bfloat16(), 10, tau=0.5)
+    assert pb.dtype == torch.bfloat16
+    z = dftopk_logits(x.bfloat16(), 10, tau=0.5)
+    assert z.dtype == torch.float32  # logits are formed in float32 for 16-bit inputs
+
+
+def test_torch_compile_matches_eager() -> None:
+    x, k, mask = _case(4, 32, seed=21, masked=True)
+    x = x.float()
+    y = (torch.rand(4, 32, generator=torch.Generator().manual_seed(1)) > 0.7).float()
+
+    def loss(s: torch.Tensor) -> torch.Tensor:
+        z = dftopk_logits(s * 2.0, k, 0.5, mask)
+        z = torch.where(mask & (k.unsqueeze(-1) < mask.sum(-1, keepdim=True)), z, 0.0)
+        return torch.nn.functional.binary_cross_entropy_with_logits(z, y)
+
+    compiled = torch.compile(loss, fullgraph=False, )
+    a = x.clone().requires_grad_()
+    b = x.clone().requires_grad_()
+    la = loss(a)
+    lb = compiled(b)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(lb, la)
+    torch.testing.assert_close(b.grad, a.grad)
