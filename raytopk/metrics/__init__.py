@@ -1,0 +1,23 @@
+"""Evaluation metrics (SPEC.md §4.5): cascade recall, NDCG, Kendall τ (``cascade``) and
+full-corpus faiss retrieval (``raytopk.metrics.corpus``, imported on demand: faiss is an extra).
+"""
+
+from raytopk.metrics.cascade import (
+    STAGE_NAMES,
+    CascadeMetrics,
+    ground_truth,
+    joint_recall_at,
+    kendall_tau_b,
+    ndcg_at,
+    recall_at,
+)
+
+__all__ = [
+    "STAGE_NAMES",
+    "CascadeMetrics",
+    "ground_truth",
+    "joint_recall_at",
+    "kendall_tau_b",
+    "ndcg_at",
+    "recall_at",
+]

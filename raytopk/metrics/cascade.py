@@ -1,0 +1,272 @@
+"""Cascade evaluation metrics of the RecFlow protocol (SPEC.md §4.5; Zhu et al., arXiv 2510.11472).
+
+Notation: B = requests, N = candidates per request, V_b = request b's valid slots, K = |G| target
+(10), G_b = ground-truth top-K, π^s = stage s's scores.
+
+- ground truth: G_b = the K valid slots of highest priority. Priorities tie heavily (a request
+  with fewer than 10 rank_pos items fills G from the ten rank_neg slots, all of priority 7), so
+  ties are broken deterministically by slot order (lower slot index first), as a stable sort.
+- Recall@K@M of one stage: |top-M of π^s over V_b ∩ G_b| / |G_b|.
+- joint Recall@K@M_S (cuts M_1 > … > M_S): stage 1 keeps its top M_1 of V_b, stage s keeps its
+  top M_s of what stage s−1 kept; |F_b ∩ G_b| / |G_b| with F_b the last stage's survivors.
+  |G_b| = min(K, |V_b|): this is SPEC's "/10" whenever a request has >= 10 valid slots (always at
+  evaluation, where the 160 sampled negatives are valid) and keeps a perfect scorer at 1.0 for the
+  rare smaller request (training-time evaluation without sampled negatives).
+- NDCG@K of one stage: gains = priorities of V_b, exactly sklearn.metrics.ndcg_score(
+  y_true=priority[V_b], y_score=π^s[V_b], k=K): log2 discounts, ties in the scores averaged over
+  the positions they share, a request whose gains are all 0 scores 0.
+- Kendall τ of one stage: tau-b between π^s[V_b] and priority[V_b] as scipy.stats.kendalltau,
+  τ_b = (n_c − n_d) / sqrt((n_0 − n_x)(n_0 − n_y)); requests where it is undefined (fewer than 2
+  valid slots, or all scores or all priorities tied: scipy returns NaN) are left out of the mean.
+
+Every metric is a mean over requests. Across DDP workers the per-request sums and counts are
+all-reduced and divided once (a mean over all requests, not a mean of per-worker means).
+Everything is vectorised in torch; Kendall τ is O(N²) per request in row blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from raytopk.data.batch import CascadeBatch
+
+__all__ = [
+    "ground_truth",
+    "recall_at",
+    "joint_recall_at",
+    "ndcg_at",
+    "kendall_tau_b",
+    "CascadeMetrics",
+    "STAGE_NAMES",
+]
+
+STAGE_NAMES = ("retrieval", "prerank", "rank")
+_KENDALL_BLOCK = 2**24  # elements of one (rows, N, N) pairwise block
+
+
+def _check_pair(scores: torch.Tensor, mask: torch.Tensor, name: str = "scores") -> None:
+    if scores.dim() != 2:
+        raise ValueError(f"'{name}' should have shape (B, N) but got {tuple(scores.shape)}")
+    if mask.dtype != torch.bool or tuple(mask.shape) != tuple(scores.shape):
+        raise ValueError(
+            f"'mask' should be a bool tensor of shape {tuple(scores.shape)} but got "
+            f"{mask.dtype} {tuple(mask.shape)}"
+        )
+
+
+@torch.no_grad()
+def ground_truth(priority: torch.Tensor, mask: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """G: bool (B, N), the k valid slots of highest priority per row (all valid slots when a row
+    has fewer than k); ties broken by slot order (lower index wins)."""
+    _check_pair(priority, mask, "priority")
+    if k < 1:
+        raise ValueError(f"'k' should be >= 1 but got {k}")
+    key = priority.masked_fill(~mask, float("-inf"))
+    # A stable descending sort keeps equal priorities in slot order.
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # (B, N)
+    top = torch.zeros_like(mask)
+    kk = min(k, priority.shape[-1])
+    top.scatter_(-1, order[:, :kk], True)
+    return top & mask
+
+
+def _topk_idx(scores: torch.Tensor, mask: torch.Tensor, m: int) -> torch.Tensor:
+    """Indices (B, min(m, N)) of the top m valid slots (masked slots only fill rows with fewer
+    than m valid ones; they never hold a truth item)."""
+    key = scores.masked_fill(~mask, float("-inf"))
+    return torch.topk(key, min(m, scores.shape[-1]), dim=-1).indices
+
+
+def _truth_size(truth: torch.Tensor) -> torch.Tensor:
+    return truth.sum(-1).to(torch.float64)
+
+
+@torch.no_grad()
+def recall_at(
+    scores: torch.Tensor, mask: torch.Tensor, truth: torch.Tensor, m: int
+) -> torch.Tensor:
+    """Per-request |top-m ∩ G| / |G| (float64, (B,)); 0 where G is empty."""
+    _check_pair(scores, mask)
+    hits = truth.gather(-1, _topk_idx(scores, mask, m)).sum(-1).to(torch.float64)
+    return hits / _truth_size(truth).clamp_min(1.0)
+
+
+@torch.no_grad()
+def joint_recall_at(
+    scores: Sequence[torch.Tensor], mask: torch.Tensor, truth: torch.Tensor, cuts: Sequence[int]
+) -> torch.Tensor:
+    """Per-request joint recall (B,): stage s keeps its top cuts[s] of stage s−1's survivors."""
+    if len(scores) != len(cuts) or not scores:
+        raise ValueError(
+            f"'scores' has {len(scores)} stages but 'cuts' {tuple(cuts)} has {len(cuts)}"
+        )
+    b, n = mask.shape
+    kept = torch.arange(n, device=mask.device).expand(b, n)  # slot ids still alive, (B, n_s)
+    alive = mask
+    for s, (sc, m) in enumerate(zip(scores, cuts)):
+        _check_pair(sc, mask, f"scores[{s}]")
+        sub = sc.gather(-1, kept)  # (B, n_s) this stage's scores of the survivors
+        pick = _topk_idx(sub, alive, m)  # (B, n_{s+1}) positions within `kept`
+        kept = kept.gather(-1, pick)
+        alive = alive.gather(-1, pick)
+    hits = (truth.gather(-1, kept) & alive).sum(-1).to(torch.float64)
+    return hits / _truth_size(truth).clamp_min(1.0)
+
+
+@torch.no_grad()
+def ndcg_at(
+    scores: torch.Tensor, gains: torch.Tensor, mask: torch.Tensor, k: int = 10
+) -> torch.Tensor:
+    """Per-request NDCG@k over valid slots (float64, (B,)), equal to sklearn's ndcg_score on
+    each request's valid slots (tie-averaged DCG; 0 when every gain is 0)."""
+    _check_pair(scores, mask)
+    n = scores.shape[-1]
+    s = scores.to(torch.float64)
+    g = gains.to(torch.float64).masked_fill(~mask, 0.0)
+    pos = torch.arange(n, device=s.device, dtype=torch.float64)
+    disc = torch.where(pos < k, 1.0 / torch.log2(pos + 2.0), torch.zeros_like(pos))  # (N,)
+    cum = torch.cat([disc.new_zeros(1), disc.cumsum(0)])  # cum[i] = Σ_{t<i} disc[t]
+    # Sort key ascending = scores descending; masked slots go last so valid ones hold
+    # positions 0..|V|-1 as in sklearn on the valid slots alone.
+    key = torch.where(mask, -s, torch.full_like(s, float("inf")))
+    sorted_key = torch.sort(key, dim=-1).values
+    start = torch.searchsorted(sorted_key, key, right=False)  # first position of my tie group
+    end = torch.searchsorted(sorted_key, key, right=True)  # one past its last position
+    avg_disc = (cum[end] - cum[start]) / (end - start).to(torch.float64)  # (B, N)
+    dcg = (g * avg_disc).sum(-1)
+    ideal = torch.sort(g, dim=-1, descending=True).values
+    idcg = (ideal * disc).sum(-1)
+    return torch.where(idcg > 0, dcg / idcg.clamp_min(1e-300), torch.zeros_like(dcg))
+
+
+@torch.no_grad()
+def kendall_tau_b(
+    scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-request Kendall tau-b over valid slots: (tau (B,) float64, defined (B,) bool).
+
+    tau is 0 where undefined (scipy gives NaN there); ``defined`` says which rows count."""
+    _check_pair(scores, mask)
+    b, n = scores.shape
+    rows = max(1, _KENDALL_BLOCK // max(1, n * n))
+    taus, defined = [], []
+    for i in range(0, b, rows):  # blocks of requests; each block is fully vectorised
+        x, y, m = scores[i : i + rows], target[i : i + rows], mask[i : i + rows]
+        dx = torch.sign(x.unsqueeze(-1) - x.unsqueeze(-2)).to(torch.int8)  # (b, N, N)
+        dy = torch.sign(y.unsqueeze(-1) - y.unsqueeze(-2)).to(torch.int8)
+        pair = m.unsqueeze(-1) & m.unsqueeze(-2)
+        pair &= ~torch.eye(n, dtype=torch.bool, device=m.device)
+        # Ordered pairs count each unordered pair twice; the factor cancels in τ_b.
+        s = (dx * dy).masked_fill(~pair, 0).sum((-1, -2), dtype=torch.float64)
+        nv = m.sum(-1).to(torch.float64)
+        n0 = nv * (nv - 1)
+        nx = ((dx == 0) & pair).sum((-1, -2)).to(torch.float64)
+        ny = ((dy == 0) & pair).sum((-1, -2)).to(torch.float64)
+        den = (n0 - nx) * (n0 - ny)
+        ok = den > 0
+        taus.append(torch.where(ok, s / den.clamp_min(1.0).sqrt(), torch.zeros_like(s)))
+        defined.append(ok)
+    return torch.cat(taus), torch.cat(defined)
+
+
+class CascadeMetrics:
+    """Accumulates SPEC §4.5's metrics over evaluation batches; ``compute()`` all-reduces.
+
+    Args:
+        cuts: per-stage survivors (30, 20) for retrieval -> pre-rank; one cut per stage.
+        k: |G|, the ground-truth top set size.
+        names: stage names used in the keys (default retrieval, prerank, rank).
+
+    Keys: joint_recall@{k}@{cuts[-1]}, {name}_recall@{k}@{cut}, {name}_ndcg@{k},
+    {name}_kendall_tau per stage, and num_requests (requests with >= 1 valid slot).
+    """
+
+    def __init__(
+        self,
+        cuts: Sequence[int] = (30, 20),
+        k: int = 10,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        cuts = tuple(int(c) for c in cuts)
+        if not cuts or any(c < 1 for c in cuts):
+            raise ValueError(f"'cuts' should be positive stage cuts but got {cuts}")
+        if any(a < b for a, b in zip(cuts, cuts[1:])):
+            raise ValueError(f"'cuts' should be non-increasing (a funnel) but got {cuts}")
+        if k < 1:
+            raise ValueError(f"'k' should be >= 1 but got {k}")
+        names = tuple(names) if names is not None else STAGE_NAMES[: len(cuts)]
+        if len(names) != len(cuts):
+            raise ValueError(f"'names' {names} should name each of the {len(cuts)} stages")
+        self.cuts, self.k, self.names = cuts, k, names
+        # Layout of the sums vector: per stage (recall, ndcg, tau_sum, tau_count), then joint,
+        # then the request count.
+        self._size = 4 * len(cuts) + 2
+        self._sums: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self._sums = None
+
+    @torch.no_grad()
+    def update(self, scores: Sequence[torch.Tensor], batch: CascadeBatch) -> None:
+        if len(scores) != len(self.cuts):
+            raise ValueError(
+                f"'scores' has {len(scores)} stages but cuts {self.cuts} name {len(self.cuts)}"
+            )
+        mask = batch.cand_mask
+        prio = batch.priority
+        scores = [s.detach() for s in scores]
+        for name, s in zip(self.names, scores):
+            _check_pair(s, mask, f"{name} scores")
+            if not bool(torch.isfinite(s[mask]).all()):
+                raise ValueError(f"'{name}' scores are not finite at some valid slot")
+        truth = ground_truth(prio, mask, self.k)
+        has = mask.any(-1)  # requests with at least one valid slot
+        hasf = has.to(torch.float64)
+        parts = []
+        for s, cut in zip(scores, self.cuts):
+            tau, ok = kendall_tau_b(s, prio, mask)
+            parts += [
+                (recall_at(s, mask, truth, cut) * hasf).sum(),
+                (ndcg_at(s, prio, mask, self.k) * hasf).sum(),
+                tau.sum(),
+                ok.sum().to(torch.float64),
+            ]
+        parts.append((joint_recall_at(scores, mask, truth, self.cuts) * hasf).sum())
+        parts.append(hasf.sum())
+        stats = torch.stack(parts)
+        self._sums = stats if self._sums is None else self._sums + stats.to(self._sums.device)
+
+    def compute(self) -> dict[str, float]:
+        """Metrics over every request seen by every worker (collective when distributed: every
+        rank must call it)."""
+        sums = self._sums
+        if sums is None:  # a rank that saw no batch still joins the all-reduce
+            sums = torch.zeros(self._size, dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            # NCCL reduces CUDA tensors only; gloo CPU tensors.
+            dev = (
+                torch.device("cuda", torch.cuda.current_device())
+                if dist.get_backend() == "nccl"
+                else torch.device("cpu")
+            )
+            sums = sums.to(dev).clone()
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        v = sums.cpu().tolist()
+        count = v[-1]
+
+        def div(a: float, c: float) -> float:
+            return a / c if c > 0 else float("nan")
+
+        out: dict[str, float] = {}
+        last = self.cuts[-1]
+        out[f"joint_recall@{self.k}@{last}"] = div(v[-2], count)
+        for i, (name, cut) in enumerate(zip(self.names, self.cuts)):
+            r, nd, ts, tc = v[4 * i : 4 * i + 4]
+            out[f"{name}_recall@{self.k}@{cut}"] = div(r, count)
+            out[f"{name}_ndcg@{self.k}"] = div(nd, count)
+            out[f"{name}_kendall_tau"] = div(ts, tc)
+        out["num_requests"] = float(count)
+        return out
