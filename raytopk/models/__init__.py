@@ -1,0 +1,24 @@
+"""Cascade scorers: CascadeBatch -> scores (B, N). The loss is applied outside (DESIGN.md,
+Contract 3). A cascade is a list of kinds, e.g. ["dssm", "din"] (3-stage: ["dssm", "din", "din"]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from raytopk.models.din import PrerankDIN
+from raytopk.models.dssm import RetrievalDSSM
+from raytopk.models.embeddings import FeatureEmbeddings
+
+__all__ = ["RetrievalDSSM", "PrerankDIN", "FeatureEmbeddings", "SCORERS", "build_scorer"]
+
+SCORERS: dict[str, type[nn.Module]] = {"dssm": RetrievalDSSM, "din": PrerankDIN}
+
+
+def build_scorer(kind: str, vocab: Mapping[str, int], dim: int = 8) -> nn.Module:
+    """A fresh scorer of ``kind`` ("dssm" or "din") with embedding dimension ``dim``."""
+    if kind not in SCORERS:
+        raise ValueError(f"unknown scorer kind {kind!r}; valid kinds: {sorted(SCORERS)}")
+    return SCORERS[kind](vocab, dim=dim)
