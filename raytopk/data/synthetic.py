@@ -1,0 +1,582 @@
+"""Synthetic RecFlow: the raw layout of SPEC.md §4.1 drawn from a learnable latent preference model.
+
+RecFlow (Liu et al., "RecFlow: An Industrial Full Flow Recommendation Dataset", ICLR 2025) logs
+every stage of a cascade: which items each request's pre-rank, coarse-rank, rank and re-rank
+stages dropped or kept. The real release is a large download; this module writes the same files
+(feather + pickle, same fields, same quirks) so the converter is exercised on every run and the
+models have something real to learn.
+
+The hidden world (notation: u = user, i = item, h = request hour, d = latent dimension):
+- every category, author, upload type and demographic value has a latent vector; an item's vector
+  is v_i = 0.6·c2(cat2_i) + 0.5·a(author_i) + 0.3·t(type_i) + noise (cat2 vectors are their cat1
+  vector plus noise), a user's vector mixes two cat1 vectors with age/gender/province vectors;
+- the production scorer is t(u, i, h) = α·(u + 0.5·c(h))·v_i / √d + b_i, with c(h) a smooth
+  function of the hour of day and b_i an item bias from its upload type, upload hour and noise;
+- each request draws a pool of items (popularity weighted) and runs the funnel with stage scores
+  t + σ_s·ε (σ shrinking from pre-rank to rank): the lowest pool items by the pre-rank score are
+  prerank_neg, the next stage drops coarse_neg, then rank_neg, and the survivors are rank_pos with
+  rank_index = their rank under the rank score; the top of rank_pos by a re-rank score is shown
+  (realshow) and gets behaviour labels (effective_view ~ Bernoulli(σ(1.5·t + 0.5)));
+- behaviour sequences are each user's last 50 effective views (seeded before the first day by
+  preference-driven choices), so they reflect the same preferences.
+
+Quirks of the real release reproduced here: id_cnt keys ``photo_id`` and ``' category_level_two'``;
+stage keys missing or empty for some requests; stages longer than 10 items; stage items in no
+particular order; left-padded behaviour sequences (padding iff time_ms == 0), some empty; a few
+rank_pos items absent from all_stage (so their rank_index cannot be looked up).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.feather as feather
+
+from raytopk.data import schema
+
+__all__ = ["generate", "prepare_synthetic", "build_world", "World", "day_names"]
+
+DIM = 8
+N_AGE, N_GENDER, N_PROVINCE, N_TYPE = 8, 3, 34, 6
+MAX_PER_STAGE = 14  # stages draw 4..14 items: longer than the 10 slots the converter keeps
+POOL = 4 * MAX_PER_STAGE
+STAGE_NOISE = (0.6, 0.45, 0.3, 0.2)  # pre-rank, coarse, rank, re-rank score noise
+SHOWN = 6  # realshow items per request (top of rank_pos by the re-rank score)
+P_KEY_MISSING = 0.02  # per (request, stage): key absent from request_id_dict
+P_KEY_EMPTY = 0.02  # per (request, stage): empty (0, 8) array
+P_RANK_ROW_DROPPED = 0.01  # per rank_pos item: its all_stage row is missing
+RETRIEVE_DRAWS = 3  # retrieval keeps the best third of its popularity-weighted draws
+RETRIEVE_NOISE = 1.0
+CHUNK = 50_000  # requests generated at once (bounds the per-chunk arrays)
+_TZ = ZoneInfo(schema.TIME_ZONE)
+_DAY_MS = 86_400_000
+
+
+def day_names(days: int, first: str = schema.FIRST_DAY) -> list[str]:
+    """``days`` consecutive dates "YYYY-MM-DD" starting at ``first``."""
+    start = date.fromisoformat(first)
+    return [(start + timedelta(days=k)).isoformat() for k in range(days)]
+
+
+def _day_start_ms(day: str) -> int:
+    d = date.fromisoformat(day)
+    return int(datetime(d.year, d.month, d.day, tzinfo=_TZ).timestamp() * 1000)
+
+
+@dataclass
+class World:
+    """The hidden latent-preference model (raw ids = array indices)."""
+
+    user_vec: np.ndarray  # (U, d)
+    user_age: np.ndarray  # (U,)
+    user_gender: np.ndarray
+    user_province: np.ndarray
+    user_device: np.ndarray
+    user_activity: np.ndarray  # (U,) probabilities of issuing a request
+    item_vec: np.ndarray  # (I, d)
+    item_bias: np.ndarray  # (I,)
+    item_author: np.ndarray
+    item_cat1: np.ndarray
+    item_cat2: np.ndarray
+    item_type: np.ndarray
+    item_upload_s: np.ndarray  # (I,) upload time, seconds since the epoch
+    item_duration_ms: np.ndarray
+    item_pop: np.ndarray  # (I,) pool-sampling probabilities
+    hour_basis: np.ndarray  # (2, d)
+    alpha: float
+    id_cnt: dict[str, int]
+
+    def score(self, users: np.ndarray, items: np.ndarray, hours: np.ndarray) -> np.ndarray:
+        """Production score t(u, i, h): users (R,), items (R, P), request hours (R,) -> (R, P)."""
+        ang = 2 * np.pi * np.asarray(hours, dtype=np.float64) / 24.0
+        ctx = np.cos(ang)[:, None] * self.hour_basis[0] + np.sin(ang)[:, None] * self.hour_basis[1]
+        q = self.user_vec[users] + 0.5 * ctx  # (R, d)
+        dot = np.einsum("rd,rpd->rp", q, self.item_vec[items])
+        return self.alpha * dot / math.sqrt(DIM) + self.item_bias[items]
+
+
+def build_world(*, users: int, items: int, seed: int) -> World:
+    """Deterministic hidden world for (users, items, seed)."""
+    if users < 2 or items < 4 * POOL:
+        raise ValueError(
+            f"need users >= 2 and items >= {4 * POOL}, got users={users}, items={items}"
+        )
+    rng = np.random.default_rng([seed, 1])
+    n_cat1 = 12
+    n_cat2 = max(16, min(200, items // 50))
+    n_author = max(20, items // 8)
+    cat1_vec = rng.normal(size=(n_cat1, DIM))
+    cat2_parent = rng.integers(0, n_cat1, n_cat2)
+    cat2_vec = cat1_vec[cat2_parent] + 0.6 * rng.normal(size=(n_cat2, DIM))
+    author_cat2 = rng.integers(0, n_cat2, n_author)
+    author_vec = cat2_vec[author_cat2] + 0.7 * rng.normal(size=(n_author, DIM))
+    type_vec = rng.normal(size=(N_TYPE, DIM))
+    type_bias = 0.5 * rng.normal(size=N_TYPE)
+    cat2_bias = 0.5 * rng.normal(size=n_cat2)  # quality: low-cardinality, quick to learn
+
+    # Authors are Zipf-popular; an item mostly inherits its author's category.
+    author_w = 1.0 / (np.arange(n_author) + 3.0) ** 0.7
+    item_author = rng.choice(n_author, size=items, p=author_w / author_w.sum())
+    own_cat = rng.random(items) < 0.8
+    item_cat2 = np.where(own_cat, author_cat2[item_author], rng.integers(0, n_cat2, items))
+    item_cat1 = cat2_parent[item_cat2]
+    item_type = rng.choice(N_TYPE, size=items, p=np.array([0.4, 0.2, 0.15, 0.1, 0.1, 0.05]))
+    item_vec = (
+        0.6 * cat2_vec[item_cat2]
+        + 0.5 * author_vec[item_author]
+        + 0.3 * type_vec[item_type]
+        + 0.3 * rng.normal(size=(items, DIM))
+    )
+    first_ms = _day_start_ms(schema.FIRST_DAY)
+    # Uploads spread over the 90 days before the first logged day, evening-heavy.
+    upload_day = rng.integers(1, 91, items)
+    upload_sec = (rng.normal(19.0, 4.0, items) % 24.0) * 3600.0
+    item_upload_s = (first_ms // 1000 - upload_day * 86_400 + upload_sec).astype(np.int64)
+    upload_hour = ((item_upload_s + 8 * 3600) % 86_400) / 3600.0  # Asia/Shanghai is UTC+8
+    item_bias = (
+        type_bias[item_type]
+        + cat2_bias[item_cat2]
+        + 0.5 * np.cos(2 * np.pi * (upload_hour - 20.0) / 24.0)
+        + 0.2 * rng.normal(size=items)
+    )
+    item_duration_ms = rng.integers(5_000, 300_000, items).astype(np.int64)
+    pop = np.exp(0.5 * item_bias + 0.5 * rng.normal(size=items))
+
+    age_vec = 0.5 * rng.normal(size=(N_AGE, DIM))
+    gender_vec = 0.4 * rng.normal(size=(N_GENDER, DIM))
+    province_vec = 0.3 * rng.normal(size=(N_PROVINCE, DIM))
+    user_age = rng.integers(0, N_AGE, users)
+    user_gender = rng.integers(0, N_GENDER, users)
+    user_province = rng.integers(0, N_PROVINCE, users)
+    likes = rng.integers(0, n_cat1, (users, 2))
+    user_vec = (
+        cat1_vec[likes[:, 0]]
+        + 0.6 * cat1_vec[likes[:, 1]]
+        + age_vec[user_age]
+        + gender_vec[user_gender]
+        + province_vec[user_province]
+        + 0.5 * rng.normal(size=(users, DIM))
+    )
+    n_device = users + users // 10
+    user_device = rng.permutation(n_device)[:users]
+    act = 1.0 / (rng.permutation(users) + 5.0) ** 0.8
+    hour_basis = 0.8 * rng.normal(size=(2, DIM))
+
+    world = World(
+        user_vec=user_vec,
+        user_age=user_age,
+        user_gender=user_gender,
+        user_province=user_province,
+        user_device=user_device,
+        user_activity=act / act.sum(),
+        item_vec=item_vec,
+        item_bias=item_bias,
+        item_author=item_author,
+        item_cat1=item_cat1,
+        item_cat2=item_cat2,
+        item_type=item_type,
+        item_upload_s=item_upload_s,
+        item_duration_ms=item_duration_ms,
+        item_pop=pop / pop.sum(),
+        hour_basis=hour_basis,
+        alpha=1.0,
+        id_cnt={},
+    )
+    # Scale the interaction so a request's pool has score spread ~1.3 (strong, noisy signal).
+    u = rng.integers(0, users, 512)
+    it = rng.integers(0, items, (512, 32))
+    dot = world.score(u, it, rng.integers(0, 24, 512)) - item_bias[it]
+    world.alpha = 1.3 / float(dot.std() + 1e-9)
+    cnt = {
+        "user_id": users,
+        "device_id": n_device,
+        "age": N_AGE,
+        "gender": N_GENDER,
+        "province": N_PROVINCE,
+        "video_id": items,
+        "author_id": n_author,
+        "category_level_one": n_cat1,
+        "category_level_two": n_cat2,
+        "upload_type": N_TYPE,
+    }
+    world.id_cnt = {schema.RAW_ID_CNT_KEYS[f]: n for f, n in cnt.items()}
+    return world
+
+
+# ---- behaviour histories ---------------------------------------------------------------------
+class _History:
+    """Each user's last SEQ_LEN effective views, left-padded (most recent last)."""
+
+    def __init__(self, users: int, silent: np.ndarray | None = None) -> None:
+        L = schema.SEQ_LEN
+        # Users whose views are never logged keep an empty sequence (a quirk of the release).
+        self.silent = np.zeros(users, dtype=bool) if silent is None else silent
+        self.item = np.full((users, L), -1, dtype=np.int64)
+        self.time_ms = np.zeros((users, L), dtype=np.int64)
+        self.play = np.zeros((users, L), dtype=np.int64)
+        self.req = np.zeros((users, L), dtype=np.int64)
+
+    def append(self, user, item, time_ms, play, req) -> None:
+        """Add events (flat arrays) and keep each user's last SEQ_LEN by time."""
+        L = schema.SEQ_LEN
+        logged = ~self.silent[user]
+        user, item, time_ms, play, req = (x[logged] for x in (user, item, time_ms, play, req))
+        old = self.item >= 0
+        ou = np.nonzero(old)[0]
+        u = np.concatenate([ou, user])
+        cols = [
+            np.concatenate([getattr(self, n)[old], new])
+            for n, new in (("item", item), ("time_ms", time_ms), ("play", play), ("req", req))
+        ]
+        order = np.lexsort((cols[1], u))
+        u = u[order]
+        cols = [c[order] for c in cols]
+        # Position from the end of each user's run: keep the newest L.
+        last = np.r_[u[1:] != u[:-1], True]
+        end = np.flatnonzero(last)
+        run_end = end[np.searchsorted(end, np.arange(u.size))]
+        from_end = run_end - np.arange(u.size)
+        keep = from_end < L
+        slot = L - 1 - from_end[keep]
+        for n, c in zip(("item", "time_ms", "play", "req"), cols):
+            arr = getattr(self, n)
+            arr[:] = -1 if n == "item" else 0
+            arr[u[keep], slot] = c[keep]
+
+    def seq_arrays(self, world: World, users: np.ndarray) -> np.ndarray:
+        """(R, 50, 10) raw seq rows in RAW_SEQ_FIELDS order; padding rows all zero."""
+        it = self.item[users]
+        valid = it >= 0
+        safe = np.where(valid, it, 0)
+        fields = {
+            "video_id": safe,
+            "author_id": world.item_author[safe],
+            "category_level_two": world.item_cat2[safe],
+            "category_level_one": world.item_cat1[safe],
+            "upload_type": world.item_type[safe],
+            "upload_time": world.item_upload_s[safe],
+            "duration_ms": world.item_duration_ms[safe],
+            "time_ms": self.time_ms[users],
+            "playing_time": self.play[users],
+            "request_id": self.req[users],
+        }
+        out = np.stack([fields[f] for f in schema.RAW_SEQ_FIELDS], axis=-1).astype(np.int64)
+        out[~valid] = 0
+        return out
+
+
+def _warm_up(world: World, rng: np.random.Generator) -> _History:
+    """Histories before the first day: 0..50 preference-driven choices per user (3% silent)."""
+    U = world.user_vec.shape[0]
+    L = schema.SEQ_LEN
+    silent = rng.random(U) < 0.03
+    hist = _History(U, silent)
+    n_hist = np.where(silent, 0, rng.integers(0, L + 1, U))
+    first_ms = _day_start_ms(schema.FIRST_DAY)
+    for lo in range(0, U, 4096):
+        users = np.arange(lo, min(U, lo + 4096))
+        R = users.size
+        cand = rng.choice(world.item_pop.size, size=(R * L, 16), p=world.item_pop)
+        rep = np.repeat(users, L)
+        hours = rng.integers(0, 24, R * L)
+        s = world.score(rep, cand, hours) + rng.gumbel(size=cand.shape)
+        pick = cand[np.arange(R * L), s.argmax(1)].reshape(R, L)
+        times = np.sort(first_ms - rng.integers(60_000, 30 * _DAY_MS, (R, L)), axis=1)
+        keep = np.arange(L)[None, :] >= (L - n_hist[users])[:, None]
+        hist.item[users] = np.where(keep, pick, -1)
+        hist.time_ms[users] = np.where(keep, times, 0)
+        hist.play[users] = np.where(keep, rng.integers(3_000, 60_000, (R, L)), 0)
+        hist.req[users] = np.where(keep, rng.integers(1, 10**8, (R, L)), 0)
+    return hist
+
+
+# ---- one day ---------------------------------------------------------------------------------
+def _retrieve(world: World, users, hours, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Retrieval: (R, POOL) distinct items per request and how many are valid.
+
+    Draws RETRIEVE_DRAWS·POOL popularity-weighted items and keeps the POOL best by a very noisy
+    production score, so a request's pool leans towards its user's taste (which is what lets a
+    model tell its own candidates from other requests' items)."""
+    R = users.size
+    S = RETRIEVE_DRAWS * POOL
+    draw = np.sort(rng.choice(world.item_pop.size, size=(R, S), p=world.item_pop), axis=1)
+    dup = np.zeros((R, S), dtype=bool)
+    dup[:, 1:] = draw[:, 1:] == draw[:, :-1]
+    s = world.score(users, draw, hours) + RETRIEVE_NOISE * rng.normal(size=(R, S))
+    order = np.argsort(np.where(dup, np.inf, -s), axis=1)[:, :POOL]
+    # Best first: the first P slots of a row are the items its request logs (slot order is
+    # internal; every file stores items in random order).
+    return np.take_along_axis(draw, order, 1), (~dup).sum(1).clip(max=POOL)
+
+
+def _desc_rank(score: np.ndarray) -> np.ndarray:
+    """0-based rank of each entry within its row, descending (-inf entries last)."""
+    order = np.argsort(-score, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(score.shape[1])[None, :], 1)
+    return rank
+
+
+def _gen_chunk(world, hist, rng, rid, ts, users):
+    """One chunk of requests -> (all_stage columns, request_id_dict, seq dict, view events)."""
+    R = users.size
+    hours = ((ts // 1000 + 8 * 3600) % 86_400) // 3600  # Asia/Shanghai hour
+    pool, n_unique = _retrieve(world, users, hours, rng)
+    n_pos = rng.integers(6, MAX_PER_STAGE + 1, R)
+    n_rneg = rng.integers(4, MAX_PER_STAGE + 1, R)
+    n_cneg = rng.integers(4, MAX_PER_STAGE + 1, R)
+    n_pneg = rng.integers(4, MAX_PER_STAGE + 1, R)
+    n_pneg = np.minimum(n_pneg, n_unique - n_pos - n_rneg - n_cneg)  # tiny corpora only
+    P = n_pos + n_rneg + n_cneg + n_pneg
+    col = np.arange(POOL)[None, :]
+    valid = col < P[:, None]
+    t = world.score(users, pool, hours)  # (R, POOL)
+
+    def stage_rank(alive, sigma):
+        s = np.where(alive, t + sigma * rng.normal(size=t.shape), -np.inf)
+        return _desc_rank(s)
+
+    r1 = stage_rank(valid, STAGE_NOISE[0])
+    prerank_neg = valid & (r1 >= (P - n_pneg)[:, None])
+    alive = valid & ~prerank_neg
+    r2 = stage_rank(alive, STAGE_NOISE[1])
+    coarse_neg = alive & (r2 >= (n_pos + n_rneg)[:, None])
+    alive &= ~coarse_neg
+    r3 = stage_rank(alive, STAGE_NOISE[2])
+    rank_pos = alive & (r3 < n_pos[:, None])
+    rank_neg = alive & ~rank_pos
+    r4 = stage_rank(rank_pos, STAGE_NOISE[3])
+    rerank_pos = rank_pos & (r4 < SHOWN)
+    rerank_neg = rank_pos & ~rerank_pos
+    realshow = rerank_pos
+    rank_index = np.where(alive, r3, -1)
+    rerank_index = np.where(rank_pos, r4, -1)
+
+    # Behaviour labels of shown items.
+    p_ev = 1.0 / (1.0 + np.exp(-(1.5 * t + 0.5)))
+    ev = realshow & (rng.random(t.shape) < p_ev)
+    dur = world.item_duration_ms[pool]
+    play = np.where(realshow, (dur * np.clip(p_ev + 0.2 * rng.normal(size=t.shape), 0.02, 1.5)), 0)
+    play = play.astype(np.int64)
+    long_view = ev & (rng.random(t.shape) < 0.5 * p_ev)
+    like = ev & (rng.random(t.shape) < 0.1 * p_ev)
+    follow = ev & (rng.random(t.shape) < 0.02 * p_ev)
+    forward = ev & (rng.random(t.shape) < 0.02 * p_ev)
+    comment = ev & (rng.random(t.shape) < 0.03 * p_ev)
+
+    flags = {
+        "realshow": realshow,
+        "rerank_pos": rerank_pos,
+        "rerank_neg": rerank_neg,
+        "rank_pos": rank_pos,
+        "rank_neg": rank_neg,
+        "coarse_neg": coarse_neg,
+        "prerank_neg": prerank_neg,
+    }
+
+    # ---- all_stage rows: one per logged (request, item), rows in random order per request
+    row_ok = valid & ~(rank_pos & (rng.random(t.shape) < P_RANK_ROW_DROPPED))
+    key = np.where(row_ok, rng.random(t.shape), 2.0)
+    order = np.argsort(key, axis=1)
+    rows_r, rows_c = np.nonzero(np.take_along_axis(row_ok, order, 1))
+    rows_c = order[rows_r, rows_c]
+    it = pool[rows_r, rows_c]
+    a = {
+        "request_id": rid[rows_r],
+        "request_timestamp": ts[rows_r],
+        "user_id": users[rows_r],
+        "device_id": world.user_device[users][rows_r],
+        "age": world.user_age[users][rows_r],
+        "gender": world.user_gender[users][rows_r],
+        "province": world.user_province[users][rows_r],
+        "video_id": it,
+        "author_id": world.item_author[it],
+        "category_level_one": world.item_cat1[it],
+        "category_level_two": world.item_cat2[it],
+        "upload_type": world.item_type[it],
+        "upload_timestamp": world.item_upload_s[it],
+        "duration": world.item_duration_ms[it],
+        **{k: v[rows_r, rows_c] for k, v in flags.items()},
+        "rank_index": rank_index[rows_r, rows_c],
+        "rerank_index": rerank_index[rows_r, rows_c],
+        "playing_time": play[rows_r, rows_c],
+        "effective_view": ev[rows_r, rows_c],
+        "long_view": long_view[rows_r, rows_c],
+        "like": like[rows_r, rows_c],
+        "follow": follow[rows_r, rows_c],
+        "forward": forward[rows_r, rows_c],
+        "comment": comment[rows_r, rows_c],
+    }
+    a = {k: np.asarray(a[k]).astype(np.int64) for k in schema.ALL_STAGE_COLUMNS}
+
+    # ---- request_id_dict: request -> stage -> (n, 8), items in random order, some quirks
+    item_fields = {
+        "video_id": pool,
+        "author_id": world.item_author[pool],
+        "duration_ms": dur,
+        "category_level_two": world.item_cat2[pool],
+        "upload_type": world.item_type[pool],
+        "upload_timestamp": world.item_upload_s[pool],
+        "category_level_one": world.item_cat1[pool],
+        "effective_view": ev.astype(np.int64),
+    }
+    feats = np.stack([item_fields[f] for f in schema.RAW_STAGE_ITEM_FIELDS], -1).astype(np.int64)
+    per_stage: dict[str, list[np.ndarray]] = {}
+    empty = np.zeros((0, len(schema.RAW_STAGE_ITEM_FIELDS)), dtype=np.int64)
+    for stage in schema.RAW_STAGES:
+        m = flags[stage]
+        key = np.where(m, rng.random(t.shape), 2.0)
+        order = np.argsort(key, axis=1)
+        cnt = m.sum(1)
+        rr, cc = np.nonzero(np.arange(POOL)[None, :] < cnt[:, None])
+        flat = feats[rr, order[rr, cc]]
+        per_stage[stage] = np.split(flat, np.cumsum(cnt)[:-1])
+    quirk = rng.random((R, len(schema.RAW_STAGES)))
+    rid_dict = {}
+    for r in range(R):
+        d = {}
+        for s, stage in enumerate(schema.RAW_STAGES):
+            q = quirk[r, s]
+            if q < P_KEY_MISSING:
+                continue
+            d[stage] = empty if q < P_KEY_MISSING + P_KEY_EMPTY else per_stage[stage][r]
+        rid_dict[int(rid[r])] = d
+
+    seq = hist.seq_arrays(world, users)
+    seq_dict = dict(zip(rid.tolist(), seq))
+
+    er, ec = np.nonzero(ev)
+    events = (
+        users[er],
+        pool[er, ec],
+        ts[er] + rng.integers(1_000, 600_000, er.size),
+        play[er, ec],
+        rid[er],
+    )
+    return a, rid_dict, seq_dict, events
+
+
+def _write_day(raw: Path, day: str, world, hist, rng, requests: int, next_rid: int) -> int:
+    """Generate and write one day; returns the next free request id."""
+    day_ms = _day_start_ms(day)
+    # Request times: evening-heavy mixture over the Asia/Shanghai day.
+    sec = np.where(
+        rng.random(requests) < 0.7,
+        rng.normal(20.0, 2.5, requests) % 24.0,
+        rng.uniform(0.0, 24.0, requests),
+    )
+    ts = np.sort(day_ms + (sec * 3_600_000).astype(np.int64))
+    rids = next_rid + np.cumsum(rng.integers(1, 5, requests))
+    users = rng.choice(world.user_vec.shape[0], size=requests, p=world.user_activity)
+
+    all_path = raw / "all_stage" / f"{day}.feather"
+    show_path = raw / "realshow" / f"{day}.feather"
+    rid_dict: dict = {}
+    seq_dict: dict = {}
+    events = []
+    all_tables, show_tables = [], []
+    for lo in range(0, requests, CHUNK):
+        sl = slice(lo, min(requests, lo + CHUNK))
+        a, rd, sd, ev = _gen_chunk(world, hist, rng, rids[sl], ts[sl], users[sl])
+        tbl = pa.table(a)
+        all_tables.append(tbl)
+        show_tables.append(tbl.filter(pa.array(a["realshow"] == 1)))
+        rid_dict.update(rd)
+        seq_dict.update(sd)
+        events.append(ev)
+    feather.write_feather(pa.concat_tables(all_tables), all_path)
+    feather.write_feather(pa.concat_tables(show_tables), show_path)
+    with open(raw / "request_id_dict" / f"{day}.pkl", "wb") as f:
+        pickle.dump(rid_dict, f, protocol=4)
+    with open(raw / "seq_effective_50_dict" / f"{day}.pkl", "wb") as f:
+        pickle.dump(seq_dict, f, protocol=4)
+    # Today's effective views become tomorrow's behaviour sequences.
+    hist.append(*(np.concatenate(parts) for parts in zip(*events)))
+    return int(rids[-1]) + 1
+
+
+def generate(
+    raw_dir: str | os.PathLike,
+    *,
+    days: int = 4,
+    requests_per_day: int = 1500,
+    users: int = 400,
+    items: int = 4000,
+    seed: int = 0,
+) -> Path:
+    """Write a synthetic RecFlow release to ``raw_dir`` (SPEC.md §4.1 layout); returns it.
+
+    Days are consecutive from schema.FIRST_DAY. Generation is day by day (requests in chunks of
+    CHUNK), so memory is bounded by one day's pickles.
+    """
+    for name, v, lo in (("days", days, 1), ("requests_per_day", requests_per_day, 1)):
+        if int(v) < lo:
+            raise ValueError(f"'{name}' should be >= {lo} but got {v}")
+    raw = Path(raw_dir)
+    for sub in ("all_stage", "realshow", "seq_effective_50_dict", "request_id_dict", "others"):
+        (raw / sub).mkdir(parents=True, exist_ok=True)
+    world = build_world(users=users, items=items, seed=seed)
+    rng = np.random.default_rng([seed, 2])
+    hist = _warm_up(world, rng)
+    next_rid = 7_000_000_000
+    for day in day_names(days):
+        next_rid = _write_day(raw, day, world, hist, rng, requests_per_day, next_rid)
+    with open(raw / "others" / "id_cnt.pkl", "wb") as f:
+        pickle.dump(dict(world.id_cnt), f, protocol=4)
+    return raw
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename tmp -> final; if another process won the race, keep theirs and drop ours."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_synthetic(
+    root: str | os.PathLike,
+    *,
+    days: int = 4,
+    requests_per_day: int = 1500,
+    seed: int = 0,
+    **gen_kwargs,
+) -> Path:
+    """Idempotent: generate root/raw and convert it to root/parquet where absent; return the latter.
+
+    Both steps write into a private temporary directory and rename it into place, so concurrent
+    callers never see (or produce) a half-written dataset. An existing root/raw or root/parquet is
+    reused as is, whatever arguments made it.
+    """
+    from raytopk.data.convert import convert  # local: convert imports nothing from here
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    raw, out = root / "raw", root / "parquet"
+    if not raw.is_dir():
+        tmp = root / f".raw-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            generate(tmp, days=days, requests_per_day=requests_per_day, seed=seed, **gen_kwargs)
+            _publish(tmp, raw)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not (out / "meta.json").is_file():
+        tmp = root / f".parquet-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            convert(raw, tmp)
+            _publish(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
