@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from raytopk.ops._registry import register
-from raytopk.ops._validate import check_param, prepare
+from raytopk.ops._validate import check_finite, check_param, prepare
 
 __all__ = ["dftopk", "dftopk_logits", "dftopk_threshold", "warmup"]
 
@@ -180,6 +180,8 @@ def _sampled_boundary(row, mrow, has_mask, n, k, vals, ids, scratch):  # pragma:
         if has_mask and not mrow[i]:
             continue
         v = row[i]
+        if v - v != 0.0:  # NaN or ±inf (v − v is NaN for both)
+            return False, 0.0, 0.0, -2, -2
         if v > upper:
             above += 1
             if v < min_above:
@@ -224,7 +226,9 @@ def _find_slots(vals, ids, w, hi, lo):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def _rows(x, mask, has_mask, k, theta, idx, start, stop, vals, ids, scratch):  # pragma: no cover
-    """θ and the boundary slots [π(k), π(k+1)] for rows start..stop−1 (−1 where k >= n)."""
+    """θ and the boundary slots [π(k), π(k+1)] for rows start..stop−1 (−1 where k >= n;
+    idx[r, 0] = −2 where a valid score is NaN or ±inf: the kernel doubles as the finiteness
+    check, saving the separate isfinite pass)."""
     n_cols = x.shape[1]
     for r in range(start, stop):
         kr = k[r]
@@ -238,19 +242,33 @@ def _rows(x, mask, has_mask, k, theta, idx, start, stop, vals, ids, scratch):  #
             theta[r] = -np.inf
             idx[r, 0] = -1
             idx[r, 1] = -1
+            for j in range(n_cols):  # selected whatever the values, but NaN is still an error
+                if (not has_mask or mask[r, j]) and x[r, j] - x[r, j] != 0.0:
+                    idx[r, 0] = -2
+                    break
             continue
         found = False
+        hi_slot = -1
         if n >= _SAMPLE_MIN:
             found, hi, lo, hi_slot, lo_slot = _sampled_boundary(
                 x[r], mask[r if has_mask else 0], has_mask, n, kr, vals, ids, scratch
             )
+        if hi_slot == -2:  # a non-finite valid score: reported by the caller
+            idx[r, 0] = -2
+            continue
         if not found:
             n = 0
+            finite = True
             for j in range(n_cols):
                 if not has_mask or mask[r, j]:
-                    vals[n] = x[r, j]
+                    v = x[r, j]
+                    finite &= v - v == 0.0
+                    vals[n] = v
                     ids[n] = j
                     n += 1
+            if not finite:
+                idx[r, 0] = -2
+                continue
             scratch[:n] = vals[:n]
             hi, lo = _boundary_values(scratch, n, kr)
             hi_slot, lo_slot = _find_slots(vals, ids, n, hi, lo)
@@ -289,11 +307,13 @@ def _threshold_numba(
     mn = mask.contiguous().numpy() if has_mask else np.ones((1, 1), np.bool_)
     theta = np.empty(xn.shape[0], xn.dtype)
     idx = np.empty((xn.shape[0], 2), np.int64)
-    threads = numba.get_num_threads()
-    if threads > 1 and xn.size >= _PARALLEL_MIN_ELEMENTS:
+    threads = numba.get_num_threads() if xn.size >= _PARALLEL_MIN_ELEMENTS else 1
+    if threads > 1:
         _threshold_parallel(xn, mn, has_mask, kn, theta, idx, min(threads * 4, xn.shape[0]))
     else:
         _threshold_serial(xn, mn, has_mask, kn, theta, idx)
+    if (idx[:, 0] == -2).any():
+        check_finite(x, mask)  # raises, naming the first row with a NaN/inf valid score
     return torch.from_numpy(theta), torch.from_numpy(idx)
 
 
@@ -409,9 +429,12 @@ def dftopk_logits(
     Returns (..., N) logits (float32 for 16-bit inputs): −∞ at masked slots, +∞ at the valid
     slots of rows whose k is at least their number of valid slots.
     """
-    x, k_rows, mask_t = prepare(scores, k, mask)
-    tau_f = check_param("tau", tau)
     select = _check_select(select)
+    if select == "auto" and isinstance(scores, torch.Tensor):
+        select = _AUTO_SELECT.get(scores.device.type, _DEFAULT_SELECT)
+    # The numba kernel checks finiteness in its own pass over the scores.
+    x, k_rows, mask_t = prepare(scores, k, mask, finite=select != "numba")
+    tau_f = check_param("tau", tau)
     shape = x.shape
     x2 = _as_compute(x).reshape(-1, shape[-1])  # (R, N)
     m2 = mask_t.reshape(-1, shape[-1]) if mask_t is not None else None

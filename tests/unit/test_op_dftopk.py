@@ -150,3 +150,18 @@ def test_torch_compile_matches_eager() -> None:
     lb.backward()
     torch.testing.assert_close(lb, la)
     torch.testing.assert_close(b.grad, a.grad)
+
+
+@pytest.mark.parametrize("select", SELECTS)
+@pytest.mark.parametrize("n", [30, 6000])  # the copy path and the sampled long-row path
+def test_non_finite_valid_scores_name_the_row(select: str, n: int) -> None:
+    x = torch.randn(3, n, dtype=torch.float64)
+    mask = torch.ones(3, n, dtype=torch.bool)
+    x[0, 3] = float("nan")
+    mask[0, 3] = False  # padding may hold anything
+    for row, k, bad in ((1, 5, float("nan")), (2, n, float("inf"))):  # k >= n rows too
+        y = x.clone()
+        y[row, 7] = bad
+        with pytest.raises(ValueError, match=rf"'scores' has a non-finite value .* row {row}"):
+            dftopk_logits(y, k, 1.0, mask, select=select)
+    dftopk_logits(x, 5, 1.0, mask, select=select)  # masked NaN alone is fine
