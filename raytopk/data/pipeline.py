@@ -1,0 +1,362 @@
+"""Ray Data pipeline over the converted RecFlow parquet dataset (SPEC.md §4.2, §4.4, §4.5).
+
+One row = one request. ``build_dataset`` reads the requested days (only schema.REQUEST_COLUMNS),
+orders them by date, shuffles within each day for training, cuts the stream into groups of
+``batch_size`` consecutive requests and appends ``sample_num`` in-batch negatives to every request
+of a group in Ray Data workers (``raytopk.data.sampling.sample_negatives``: n extra candidates
+drawn uniformly without replacement from the other requests' valid slots, priority 0), so
+cand_* columns grow from 40 to N = 40 + n. ``split="test"`` is the evaluation protocol: no
+shuffle, n = schema.EVAL_SAMPLE_NUM = 160, N = 200 (SPEC.md §4.5).
+
+Plan (train):  read_parquet(files of the days, date order) -> add key -> sort(key)
+               -> repartition(g x batch_size rows per block) -> map_batches(convert + sample)
+Plan (test):   read_parquet(files, date order) -> repartition(...) -> map_batches(...)
+
+Determinism (same path, days, seed -> the same rows in the same order with the same negatives):
+- the within-day shuffle is a sort by key = (day ordinal, splitmix64(seed, request_id)): a
+  pseudo-random permutation of each day that does not depend on how Ray splits the data into
+  blocks (Ray's own ``random_shuffle`` does, and ``union`` interleaves datasets round-robin, so
+  neither keeps days apart deterministically);
+- ``repartition(target_num_rows_per_block=g * batch_size, strict=True)`` cuts the ordered rows
+  into blocks of exactly g * ``batch_size`` consecutive requests (g = ``groups_per_block``;
+  only the dataset's last block smaller), whatever the layout after the sort; the sampling UDF
+  cuts each block into runs of ``batch_size``, so the groups are the consecutive runs of
+  ``batch_size`` requests of the whole dataset (the last one smaller; a group may span a day
+  boundary). Iterating with the same
+  ``batch_size`` (``iter_cascade_batches``) therefore yields exactly the sampling groups: each
+  batch's negatives come from that very batch, as in the paper;
+- each group's generator is seeded by (seed, sample_num, the group's first request_id, its size).
+  RecFlow's request ids are unique, so this identifies (day, group index) without needing the
+  group index, which a Ray task cannot know. Consequence: re-iterating the dataset (another epoch)
+  gives the same order and the same negatives; build it with another ``seed`` to vary them (the
+  training driver passes seed + day index per day).
+
+Ray 2.60 pitfalls handled here (RAY_NOTES.md): the V2 parquet reader restarts footer-reader actors
+on every execution (we read with V1); ``read_parquet(columns=...)`` is deprecated (we use
+``select_columns``); 2.60's default SHUFFLE_V2 sort costs ~6 s of fixed overhead per
+execution on this machine (we use the task-based pull sort: ~0.5 s); Ray hands fixed_size_list
+columns to numpy UDFs as object arrays of rows,
+so the sampling UDF takes pyarrow batches and converts list columns to (B, K) arrays in one
+vectorised step (flatten + reshape) instead of ``batch_format="numpy"``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from raytopk.data import schema
+from raytopk.data.batch import CascadeBatch, collate
+from raytopk.data.sampling import sample_negatives
+
+__all__ = [
+    "TARGET_BLOCK_BYTES",
+    "groups_per_block",
+    "SPLITS",
+    "arrow_to_numpy",
+    "build_dataset",
+    "day_files",
+    "iter_cascade_batches",
+    "load_items",
+    "add_shuffle_key",
+    "prepare_block",
+    "prepare_group",
+    "shuffle_key",
+]
+
+SPLITS = ("train", "test")
+TARGET_BLOCK_BYTES = 128 * 1024**2  # output block size aimed at (Ray's default maximum)
+_KEY = "__raytopk_shuffle_key"  # temporary sort column, dropped by prepare_group
+_DAY = "day"  # hive partition column of requests/day=YYYY-MM-DD/
+_DAY_BITS = 47  # key = day ordinal << 47 | 47 bits of hash: int64, sorts by day first
+_EPOCH_ORDINAL = (_dt.date(2000, 1, 1) - _dt.date(1970, 1, 1)).days  # date32 -> our ordinal
+
+
+# ---- pure pieces (no Ray) -----------------------------------------------------------------
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """Vectorised SplitMix64 finaliser (Steele et al., 2014): a bijective 64-bit mixer."""
+    with np.errstate(over="ignore"):
+        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def shuffle_key(request_id: np.ndarray, day_ordinal: np.ndarray, seed: int) -> np.ndarray:
+    """int64 sort key: days since 2000-01-01 in the high bits, 47 bits of a seeded hash of the
+    request id below, so sorting by it orders by day and pseudo-randomly within a day."""
+    salt = _splitmix64(np.array([seed], dtype=np.uint64))  # (1,)
+    mixed = _splitmix64(np.asarray(request_id, dtype=np.int64).view(np.uint64) ^ salt)
+    low = (mixed >> np.uint64(64 - _DAY_BITS)).astype(np.int64)
+    return (np.asarray(day_ordinal, dtype=np.int64) << np.int64(_DAY_BITS)) | low
+
+
+def _day_key(day: str) -> int:
+    """Smallest shuffle key of ``day``."""
+    ordinal = (_dt.date.fromisoformat(day) - _dt.date(1970, 1, 1)).days - _EPOCH_ORDINAL
+    return ordinal << _DAY_BITS
+
+
+def arrow_to_numpy(table: pa.Table, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Columns of an Arrow table as numpy: fixed_size_list<T>[K] -> (rows, K), scalars -> (rows,).
+
+    One flatten + reshape per column (no per-row Python); nulls are not expected (the converter
+    writes none) and are rejected by name.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name in columns if columns is not None else table.column_names:
+        col = table.column(name)
+        if col.null_count:
+            raise ValueError(f"column '{name}' has {col.null_count} null value(s)")
+        arr = col.combine_chunks()
+        if pa.types.is_fixed_size_list(arr.type):
+            k = arr.type.list_size
+            values = arr.flatten()  # honours the array's offset, unlike .values
+            out[name] = values.to_numpy(zero_copy_only=False).reshape(len(arr), k)
+        else:
+            out[name] = arr.to_numpy(zero_copy_only=False)
+    return out
+
+
+def _group_rng(seed: int, sample_num: int, request_id: np.ndarray) -> np.random.Generator:
+    first = int(request_id[0]) & 0xFFFFFFFFFFFFFFFF if request_id.size else 0
+    return np.random.default_rng(np.random.SeedSequence([seed, sample_num, first, request_id.size]))
+
+
+def prepare_group(batch: pa.Table, *, sample_num: int, seed: int) -> dict[str, np.ndarray]:
+    """One group of requests -> numpy columns with sampled negatives.
+
+    Returns schema.REQUEST_COLUMNS only (the temporary sort key is dropped); cand_* are
+    (B, 40 + sample_num), seq_* (B, 50), scalars (B,).
+    """
+    cols = arrow_to_numpy(batch, schema.REQUEST_COLUMNS)
+    rng = _group_rng(seed, sample_num, cols[schema.REQUEST_ID])
+    return sample_negatives(cols, sample_num, rng)
+
+
+def prepare_block(
+    block: pa.Table, *, sample_num: int, seed: int, batch_size: int
+) -> dict[str, np.ndarray]:
+    """The map_batches UDF: cut a block into consecutive groups of ``batch_size`` requests (the
+    last one smaller) and sample each group's negatives (``prepare_group``)."""
+    parts = [
+        prepare_group(block.slice(s, batch_size), sample_num=sample_num, seed=seed)
+        for s in range(0, block.num_rows, batch_size)  # a loop over groups, not requests
+    ]
+    if not parts:
+        return prepare_group(block, sample_num=sample_num, seed=seed)
+    return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+
+
+# ---- dataset files -----------------------------------------------------------------------
+
+
+def _check_dataset(path: str | os.PathLike) -> tuple[Path, list[str]]:
+    """(root, days present) of a converted dataset; ValueError naming the path otherwise."""
+    from raytopk.data.convert import read_meta
+
+    root = Path(path)
+    if not (root / "meta.json").is_file() or not (root / "requests").is_dir():
+        raise ValueError(
+            f"'path' should be a converted dataset (meta.json + requests/, written by "
+            f"`jobs/prepare_data.py convert`) but got {str(path)!r}"
+        )
+    meta = read_meta(root)
+    return root, list(meta["days"])
+
+
+def day_files(path: str | os.PathLike, day: str) -> list[str]:
+    """Sorted parquet files of one converted day; ValueError naming the day and path if absent."""
+    root, present = _check_dataset(path)
+    try:
+        _dt.date.fromisoformat(day)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"'days' entries should be 'YYYY-MM-DD' strings but got {day!r}") from e
+    files = sorted(str(p) for p in (root / "requests" / f"day={day}").glob("*.parquet"))
+    if not files:
+        raise ValueError(
+            f"day {day} is missing from the converted dataset at {str(root)!r} "
+            f"(days present: {present})"
+        )
+    return files
+
+
+def groups_per_block(batch_size: int, sample_num: int) -> int:
+    """Sampling groups per Ray block: blocks of about TARGET_BLOCK_BYTES after sampling.
+
+    Several groups per block keep Ray's per-task overhead low; bounded blocks keep the object
+    store from spilling (a 1024-request group with N = 200 is already ~16 MiB).
+    """
+    n = schema.N_OWN + sample_num
+    row_bytes = n * (8 * len(schema.ITEM_FIELDS) + 1 + 4) + schema.SEQ_LEN * (
+        8 * len(schema.SEQ_FIELDS) + 1
+    ) + 8 * (1 + len(schema.CONTEXT_FIELDS) + len(schema.USER_FIELDS))
+    return max(1, TARGET_BLOCK_BYTES // (row_bytes * batch_size))
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"'{name}' must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"'{name}' must be >= {minimum}, got {value}")
+    return int(value)
+
+
+# ---- Ray Data ----------------------------------------------------------------------------
+
+
+def build_dataset(
+    path: str | os.PathLike,
+    days: str | Sequence[str],
+    *,
+    split: str,
+    sample_num: int,
+    batch_size: int,
+    seed: int,
+) -> Any:
+    """A ``ray.data.Dataset`` of requests of ``days`` (date order) with in-batch negatives.
+
+    Args:
+        path: converted dataset directory (OUT of ``jobs/prepare_data.py convert``).
+        days: "YYYY-MM-DD" day(s); read in date order whatever order they are given in.
+        split: "train" (shuffled within each day, ``sample_num`` negatives) or "test" (file
+            order, schema.EVAL_SAMPLE_NUM negatives whatever ``sample_num`` says).
+        sample_num: negatives per request for training, >= 0.
+        batch_size: requests per sampling group (use the training batch size).
+        seed: >= 0; fixes the shuffle and the negatives (see module doc).
+    """
+    import ray.data
+    from ray.data.datasource import Partitioning
+
+    if split not in SPLITS:
+        raise ValueError(f"'split' must be one of {SPLITS}, got {split!r}")
+    sample_num = _check_int("sample_num", sample_num, 0)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    seed = _check_int("seed", seed, 0)
+    if isinstance(days, str):
+        days = [days]
+    days = sorted(days)
+    if not days:
+        raise ValueError("'days' is empty: give at least one 'YYYY-MM-DD' day")
+    if len(set(days)) != len(days):
+        raise ValueError(f"'days' has duplicates: {days}")
+    files = [f for day in days for f in day_files(path, day)]  # date order, then file order
+    if split == "test":
+        sample_num = schema.EVAL_SAMPLE_NUM
+
+    root = Path(path)
+    ctx = ray.data.DataContext.get_current()
+    v2 = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False  # decided at read time; the dataset keeps its own copy
+    try:
+        ds = ray.data.read_parquet(
+            files,
+            # the day comes from the hive folder name day=YYYY-MM-DD (the shuffle key needs it)
+            partitioning=Partitioning("hive", base_dir=str(root / "requests")),
+            file_extensions=["parquet"],
+            override_num_blocks=len(files),  # no split into tiny blocks: fewer tasks
+        )
+    finally:
+        ctx.use_datasource_v2 = v2
+    # The dataset's own context (a copy): block order = file order = date order, and the
+    # sampling groups do not depend on task completion order.
+    ds.context.execution_options.preserve_order = True
+    # 2.60's default SHUFFLE_V2 costs ~6 s of fixed overhead per execution here (every epoch);
+    # the task-based pull shuffle does the same sort in well under a second on small days.
+    ds.context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    if split == "train":
+        ds = ds.select_columns([*schema.REQUEST_COLUMNS, _DAY])
+        ds = ds.map_batches(
+            add_shuffle_key,
+            batch_format="pyarrow",
+            batch_size=None,
+            fn_kwargs={"seed": seed},
+            zero_copy_batch=True,
+        )
+        # Explicit boundaries at the day starts: one sorted output block per day, so the block
+        # layout never depends on Ray's random boundary sampling.
+        ds = ds.sort(_KEY, boundaries=[_day_key(d) for d in days[1:]])
+    else:
+        ds = ds.select_columns(list(schema.REQUEST_COLUMNS))
+    # Blocks of exactly g * batch_size consecutive rows (only the last one smaller): the sampling
+    # groups follow the row order only, not the block layout the reader or the sort produced.
+    rows_per_block = groups_per_block(batch_size, sample_num) * batch_size
+    ds = ds.repartition(target_num_rows_per_block=rows_per_block, strict=True)
+    ds = ds.map_batches(
+        prepare_block,
+        batch_format="pyarrow",
+        batch_size=None,  # one call per block: the UDF cuts it into groups itself
+        fn_kwargs={"sample_num": sample_num, "seed": seed, "batch_size": batch_size},
+        zero_copy_batch=True,
+    )
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def add_shuffle_key(batch: pa.Table, *, seed: int) -> pa.Table:
+    """map_batches UDF: append the int64 sort key of ``shuffle_key`` (drops the day column)."""
+    day = pc.cast(pc.cast(batch.column(_DAY), pa.string()), pa.date32())
+    ordinal = day.combine_chunks().view(pa.int32()).to_numpy(zero_copy_only=False)
+    rid = batch.column(schema.REQUEST_ID).combine_chunks().to_numpy(zero_copy_only=False)
+    key = shuffle_key(rid, ordinal.astype(np.int64) - _EPOCH_ORDINAL, seed)
+    return batch.drop_columns([_DAY]).append_column(_KEY, pa.array(key, type=pa.int64()))
+
+
+def load_items(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The item corpus: schema.ITEM_TABLE_COLUMNS -> (M,) int64 stored ids (one row per video).
+
+    ``path`` is a converted dataset directory (reads its items.parquet) or an items.parquet file.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "items.parquet"
+    if not p.is_file():
+        raise ValueError(
+            f"'path' should be a converted dataset or its items.parquet but got {str(path)!r} "
+            f"({p} does not exist)"
+        )
+    try:
+        table = pq.read_table(p, columns=list(schema.ITEM_TABLE_COLUMNS))
+    except (OSError, pa.ArrowInvalid, KeyError) as e:
+        cols = list(schema.ITEM_TABLE_COLUMNS)
+        raise ValueError(f"{p}: cannot read item columns {cols}: {e}") from e
+    return {c: np.asarray(v, dtype=np.int64) for c, v in arrow_to_numpy(table).items()}
+
+
+def iter_cascade_batches(
+    ds_or_shard: Any,
+    batch_size: int,
+    device: Any = None,
+    *,
+    prefetch_batches: int = 2,
+    drop_last: bool = False,
+) -> Iterator[CascadeBatch]:
+    """CascadeBatches from a Dataset or a Train dataset shard (numpy batches -> ``collate``).
+
+    ``batch_size`` should equal the one the dataset was built with, so each batch is one
+    sampling group. ``device``: move each batch there (non_blocking from pinned memory on CUDA).
+    """
+    batch_size = _check_int("batch_size", batch_size, 1)
+    cuda = device is not None and str(device).startswith("cuda")
+    for np_batch in ds_or_shard.iter_batches(
+        batch_size=batch_size,
+        batch_format="numpy",
+        prefetch_batches=prefetch_batches,
+        drop_last=drop_last,
+    ):
+        batch = collate(np_batch)
+        if cuda:
+            batch = batch.pin_memory().to(device, non_blocking=True)
+        elif device is not None:
+            batch = batch.to(device)
+        yield batch

@@ -1,0 +1,34 @@
+"""One local Ray instance (127.0.0.1) shared by the whole test session (RAY_NOTES.md: each init
+costs 6-8 s here). Sized num_cpus=4 so Ray Data always has CPUs left next to Train workers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    import ray
+
+    if ray.is_initialized():  # a test that started its own instance must not leak it here
+        ray.shutdown()
+    ctx = ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=512 * 1024**2,
+        address="local",
+    )
+    try:
+        yield ctx
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_cluster: Any) -> Any:
+    """Alias used by tests/integration/test_train.py."""
+    return ray_cluster
