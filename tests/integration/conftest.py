@@ -21,6 +21,7 @@ def ray_cluster() -> Iterator[Any]:
         log_to_driver=False,
         object_store_memory=512 * 1024**2,
         address="local",
+        _node_ip_address="127.0.0.1",  # tests never listen beyond this machine
     )
     try:
         yield ctx
