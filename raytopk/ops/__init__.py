@@ -13,4 +13,20 @@ from raytopk.ops import neuralsort  # noqa: E402,F401  isort: skip
 from raytopk.ops import softsort  # noqa: E402,F401  isort: skip
 from raytopk.ops import diffsort  # noqa: E402,F401  isort: skip
 
-__all__ = ["OpSpec", "get_op", "get_spec", "list_ops", "register"]
+__all__ = ["OpSpec", "get_op", "get_spec", "list_ops", "register", "warmup"]
+
+
+def warmup(name: str, dtypes: tuple = ("float32",)) -> None:
+    """Run ``name`` forward and backward once on small inputs so that lazily compiled kernels
+    (numba, on CPU) are compiled before anything is timed: a training-time budget or a
+    benchmark should not pay a compiler. Kernels with a parallel variant are compiled too."""
+    import torch
+
+    spec = get_spec(name)
+    if name == "dftopk":
+        dftopk.warmup()
+    for dtype in dtypes:
+        for rows, n in ((2, 16), (512, 64)):  # serial and parallel kernel variants
+            x = torch.randn(rows, n, dtype=getattr(torch, dtype), requires_grad=True)
+            mask = torch.ones(rows, n, dtype=torch.bool)
+            spec.fn(x, 3, mask, **{spec.param: spec.default}).sum().backward()
