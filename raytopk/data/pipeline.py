@@ -8,9 +8,16 @@ drawn uniformly without replacement from the other requests' valid slots, priori
 cand_* columns grow from 40 to N = 40 + n. ``split="test"`` is the evaluation protocol: no
 shuffle, n = schema.EVAL_SAMPLE_NUM = 160, N = 200 (SPEC.md §4.5).
 
-Plan (train):  read_parquet(files of the days, date order) -> add key -> sort(key)
+Plan (train):  read_parquet(files of the days, date order) -> add key + narrow ids -> sort(key)
                -> repartition(g x batch_size rows per block) -> map_batches(convert + sample)
-Plan (test):   read_parquet(files, date order) -> repartition(...) -> map_batches(...)
+Plan (test):   read_parquet(files, date order) -> narrow ids -> repartition(...) -> map_batches(...)
+
+Narrow ids: right after the read (in the UDF fused with it), every id column is cast from the
+parquet's int64 to the narrowest unsigned type its vocabulary allows (``storage_types``, from
+meta.json: uint8 for time/category-like fields, uint16/uint32 for larger tables), so the sort,
+the repartition and the sampled blocks move 1-4 bytes per id instead of 8 through Ray's object
+store; ``collate`` widens them to int64 once per batch. With N = 200 this is ~15-20 bytes per
+candidate slot instead of 69, and the pipeline's throughput is bound by those bytes.
 
 Determinism (same path, days, seed -> the same rows in the same order with the same negatives):
 - the within-day shuffle is a sort by key = (day ordinal, splitmix64(seed, request_id)): a
@@ -69,7 +76,10 @@ __all__ = [
     "add_shuffle_key",
     "prepare_block",
     "prepare_group",
+    "narrow",
+    "narrow_block",
     "shuffle_key",
+    "storage_types",
 ]
 
 SPLITS = ("train", "test")
@@ -128,6 +138,56 @@ def arrow_to_numpy(table: pa.Table, columns: Sequence[str] | None = None) -> dic
     return out
 
 
+def storage_types(vocab: dict[str, int]) -> dict[str, pa.DataType]:
+    """Narrowest unsigned Arrow integer type of every id column, from meta.json's vocabulary.
+
+    Stored ids lie in [0, vocab[table]) (the converter rejects ids beyond the vocabulary), so
+    an id column fits in uint8/16/32 when its table has at most 2^8/2^16/2^32 rows. The pipeline
+    carries ids that narrow (the parquet holds int64) and ``collate`` widens them to int64 once
+    per batch: the bytes that cross Ray's object store (sort, repartition, sampled blocks) are
+    what bound the pipeline here, and 8 int64 item fields are most of a sampled row.
+    request_id stays int64, cand_mask bool, cand_priority float32.
+    """
+    tables = {**schema.EMBEDDING_TABLE, **{schema.seq_col(f): f for f in schema.SEQ_FIELDS}}
+    tables.update({schema.cand_col(f): schema.EMBEDDING_TABLE[f] for f in schema.ITEM_FIELDS})
+    out: dict[str, pa.DataType] = {}
+    for col in schema.REQUEST_COLUMNS:
+        table = tables.get(col)
+        if table is None:  # request_id, masks, priority
+            continue
+        if table not in vocab:
+            raise ValueError(f"meta.json 'vocab' has no entry for table '{table}' (column {col})")
+        rows = int(vocab[table])
+        for t in (pa.uint8(), pa.uint16(), pa.uint32(), pa.int64()):
+            if t == pa.int64() or rows <= 1 << t.bit_width:
+                out[col] = t
+                break
+    return out
+
+
+def narrow(table: pa.Table, types: dict[str, pa.DataType]) -> pa.Table:
+    """Cast the id columns of ``table`` to ``types`` (lists keep their size). Arrow's safe cast
+    raises on an id that does not fit, so a vocabulary/data mismatch is an error, not a wrap."""
+    for name, t in types.items():
+        i = table.schema.get_field_index(name)
+        if i < 0:
+            continue
+        old = table.schema.field(i).type
+        new = pa.list_(t, old.list_size) if pa.types.is_fixed_size_list(old) else t
+        if new != old:
+            try:
+                col = pc.cast(table.column(i), new)
+            except pa.ArrowInvalid as e:
+                raise ValueError(f"column '{name}': a value does not fit {new}: {e}") from e
+            table = table.set_column(i, name, col)
+    return table
+
+
+def narrow_block(batch: pa.Table, *, types: dict[str, pa.DataType]) -> pa.Table:
+    """map_batches UDF (test split, fused with the read): ``narrow``."""
+    return narrow(batch, types)
+
+
 def _group_rng(seed: int, sample_num: int, request_id: np.ndarray) -> np.random.Generator:
     first = int(request_id[0]) & 0xFFFFFFFFFFFFFFFF if request_id.size else 0
     return np.random.default_rng(np.random.SeedSequence([seed, sample_num, first, request_id.size]))
@@ -163,6 +223,11 @@ def prepare_block(
 
 def _check_dataset(path: str | os.PathLike) -> tuple[Path, list[str]]:
     """(root, days present) of a converted dataset; ValueError naming the path otherwise."""
+    root, meta = _read_meta(path)
+    return root, list(meta["days"])
+
+
+def _read_meta(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     from raytopk.data.convert import read_meta
 
     root = Path(path)
@@ -171,8 +236,7 @@ def _check_dataset(path: str | os.PathLike) -> tuple[Path, list[str]]:
             f"'path' should be a converted dataset (meta.json + requests/, written by "
             f"`jobs/prepare_data.py convert`) but got {str(path)!r}"
         )
-    meta = read_meta(root)
-    return root, list(meta["days"])
+    return root, read_meta(root)
 
 
 def day_files(path: str | os.PathLike, day: str) -> list[str]:
@@ -191,16 +255,25 @@ def day_files(path: str | os.PathLike, day: str) -> list[str]:
     return files
 
 
-def groups_per_block(batch_size: int, sample_num: int) -> int:
+def groups_per_block(
+    batch_size: int, sample_num: int, types: dict[str, pa.DataType] | None = None
+) -> int:
     """Sampling groups per Ray block: blocks of about TARGET_BLOCK_BYTES after sampling.
 
     Several groups per block keep Ray's per-task overhead low; bounded blocks keep the object
-    store from spilling (a 1024-request group with N = 200 is already ~16 MiB).
+    store from spilling. ``types``: the id columns' storage types (``storage_types``; int64
+    for those not given).
     """
+    types = types or {}
+
+    def width(col: str) -> int:
+        return types[col].bit_width // 8 if col in types else 8
+
     n = schema.N_OWN + sample_num
-    row_bytes = n * (8 * len(schema.ITEM_FIELDS) + 1 + 4) + schema.SEQ_LEN * (
-        8 * len(schema.SEQ_FIELDS) + 1
-    ) + 8 * (1 + len(schema.CONTEXT_FIELDS) + len(schema.USER_FIELDS))
+    item = sum(width(schema.cand_col(f)) for f in schema.ITEM_FIELDS)
+    seq = sum(width(schema.seq_col(f)) for f in schema.SEQ_FIELDS)
+    scalars = 8 + sum(width(f) for f in (*schema.CONTEXT_FIELDS, *schema.USER_FIELDS))
+    row_bytes = n * (item + 1 + 4) + schema.SEQ_LEN * (seq + 1) + scalars
     return max(1, TARGET_BLOCK_BYTES // (row_bytes * batch_size))
 
 
@@ -254,7 +327,8 @@ def build_dataset(
     if split == "test":
         sample_num = schema.EVAL_SAMPLE_NUM
 
-    root = Path(path)
+    root, meta = _read_meta(path)
+    types = storage_types(meta["vocab"])
     ctx = ray.data.DataContext.get_current()
     v2 = ctx.use_datasource_v2
     ctx.use_datasource_v2 = False  # decided at read time; the dataset keeps its own copy
@@ -280,7 +354,7 @@ def build_dataset(
             add_shuffle_key,
             batch_format="pyarrow",
             batch_size=None,
-            fn_kwargs={"seed": seed},
+            fn_kwargs={"seed": seed, "types": types},
             zero_copy_batch=True,
         )
         # Explicit boundaries at the day starts: one sorted output block per day, so the block
@@ -288,9 +362,16 @@ def build_dataset(
         ds = ds.sort(_KEY, boundaries=[_day_key(d) for d in days[1:]])
     else:
         ds = ds.select_columns(list(schema.REQUEST_COLUMNS))
+        ds = ds.map_batches(
+            narrow_block,
+            batch_format="pyarrow",
+            batch_size=None,
+            fn_kwargs={"types": types},
+            zero_copy_batch=True,
+        )
     # Blocks of exactly g * batch_size consecutive rows (only the last one smaller): the sampling
     # groups follow the row order only, not the block layout the reader or the sort produced.
-    rows_per_block = groups_per_block(batch_size, sample_num) * batch_size
+    rows_per_block = groups_per_block(batch_size, sample_num, types) * batch_size
     ds = ds.repartition(target_num_rows_per_block=rows_per_block, strict=True)
     ds = ds.map_batches(
         prepare_block,
@@ -303,12 +384,17 @@ def build_dataset(
     return ds
 
 
-def add_shuffle_key(batch: pa.Table, *, seed: int) -> pa.Table:
-    """map_batches UDF: append the int64 sort key of ``shuffle_key`` (drops the day column)."""
+def add_shuffle_key(
+    batch: pa.Table, *, seed: int, types: dict[str, pa.DataType] | None = None
+) -> pa.Table:
+    """map_batches UDF (fused with the read): append the int64 sort key of ``shuffle_key``
+    (drops the day column) and ``narrow`` the id columns to ``types`` before the sort moves
+    them."""
     day = pc.cast(pc.cast(batch.column(_DAY), pa.string()), pa.date32())
     ordinal = day.combine_chunks().view(pa.int32()).to_numpy(zero_copy_only=False)
     rid = batch.column(schema.REQUEST_ID).combine_chunks().to_numpy(zero_copy_only=False)
     key = shuffle_key(rid, ordinal.astype(np.int64) - _EPOCH_ORDINAL, seed)
+    batch = narrow(batch, types or {})
     return batch.drop_columns([_DAY]).append_column(_KEY, pa.array(key, type=pa.int64()))
 
 

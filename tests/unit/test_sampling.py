@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -188,3 +189,59 @@ def test_collate_accepts_read_only_arrays_and_names_bad_columns() -> None:
     bad[schema.CAND_MASK] = np.empty(3, dtype=object)
     with pytest.raises(ValueError, match=schema.CAND_MASK):
         collate(bad)
+
+
+def test_storage_types_are_the_narrowest_that_hold_each_vocab() -> None:
+    from raytopk.data.pipeline import storage_types
+
+    sizes = [9, 256, 257, 65536, 65537, 2**32, 2**32 + 1]
+    tables = sorted(set(schema.EMBEDDING_TABLE.values()))
+    vocab = {t: sizes[i % len(sizes)] for i, t in enumerate(tables)}
+    want = {
+        9: pa.uint8(), 256: pa.uint8(), 257: pa.uint16(), 65536: pa.uint16(),
+        65537: pa.uint32(), 2**32: pa.uint32(), 2**32 + 1: pa.int64(),
+    }
+    types = storage_types(vocab)
+    for col, t in types.items():
+        field = col.removeprefix("cand_").removeprefix("seq_")
+        assert t == want[vocab[schema.EMBEDDING_TABLE[field]]], col
+    untouched = {schema.REQUEST_ID, schema.SEQ_MASK, schema.CAND_MASK, schema.CAND_PRIORITY}
+    assert set(types) == set(schema.REQUEST_COLUMNS) - untouched
+    with pytest.raises(ValueError, match="video_id"):
+        storage_types({k: v for k, v in vocab.items() if k != "video_id"})
+
+
+def _arrow(batch: dict[str, np.ndarray]) -> pa.Table:
+    cols = {}
+    for k, v in batch.items():
+        if v.ndim == 2:
+            cols[k] = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), v.shape[1])
+        else:
+            cols[k] = pa.array(v)
+    return pa.table(cols)
+
+
+def test_narrow_ids_give_the_same_groups_and_batches_as_int64() -> None:
+    from raytopk.data.pipeline import narrow, prepare_group, storage_types
+
+    batch = _batch(40)  # candidate ids up to ~4e5: uint32
+    vocab = {t: 2**20 for t in set(schema.EMBEDDING_TABLE.values())}
+
+    table = _arrow(batch)
+    small = narrow(table, storage_types(vocab))
+    assert small.schema.field(schema.cand_col("video_id")).type == pa.list_(pa.uint32(), N0)
+    assert small.schema.field(schema.REQUEST_ID).type == pa.int64()
+    wide = prepare_group(table, sample_num=30, seed=1)
+    thin = prepare_group(small, sample_num=30, seed=1)
+    assert thin[schema.cand_col("video_id")].dtype == np.uint32
+    assert thin[schema.cand_col("video_id")].nbytes * 2 == wide[schema.cand_col("video_id")].nbytes
+    a, b = collate(wide), collate(thin)
+    for f in ("context", "user", "seq", "seq_mask", "items", "cand_mask", "priority",
+              "request_id"):
+        x, y = getattr(a, f), getattr(b, f)
+        assert x.dtype == y.dtype and torch.equal(x, y), f
+    assert b.items.dtype == torch.int64 and b.items.shape == (40, N0 + 30, 8)
+    # an id that does not fit the vocabulary's type is an error naming the column
+    tiny = {t: 200 for t in set(schema.EMBEDDING_TABLE.values())}
+    with pytest.raises(ValueError, match="cand_"):
+        narrow(table, storage_types(tiny))
