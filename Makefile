@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: setup
-	$(BIN)/python jobs/bench_ops.py --quick
+	$(BIN)/python jobs/train.py --config jobs/configs/quickstart.yaml
 
 lint: setup
 	$(BIN)/ruff check .

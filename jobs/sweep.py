@@ -1,0 +1,58 @@
+"""The sample-scaling study on Ray Tune: every operator × sample_num × seed at equal compute.
+
+    python jobs/sweep.py --config jobs/configs/sample_scaling_quick.yaml [study.key=value ...]
+    ray job submit --working-dir . -- python jobs/sweep.py --config jobs/configs/sample_scaling.yaml
+
+Overrides: ``study.<key>=value`` (e.g. study.budget_seconds=120 study.seeds=[1,2,3]) and
+``train.<key>=value`` for every trial's training config (e.g. train.data.batch_size=512).
+Re-running the same command with the same study.output_dir continues the study; finished
+trials are not redone. Outputs: results.csv, results.md, sample_scaling.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs.train import init_ray  # noqa: E402
+from raytopk.train.config import ConfigError  # noqa: E402
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", required=True, help="study YAML in jobs/configs/")
+    p.add_argument("overrides", nargs="*", help="study.key=value or train.key=value")
+    args = p.parse_args(argv)
+
+    from raytopk.tune.study import load_study, run_study
+
+    try:
+        study, base = load_study(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    init_ray()
+    try:
+        rows = run_study(study, base)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    out = Path(study.output_dir)
+    print(f"\n{(out / 'results.md').read_text()}")
+    bad = [r for r in rows if r.get("status") != "ok"]
+    print(
+        f"{len(rows)} trial(s), {len(rows) - len(bad)} ok, {len(bad)} not run or failed; "
+        f"{time.perf_counter() - t0:.0f} s in all; outputs in {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

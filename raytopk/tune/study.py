@@ -1,0 +1,491 @@
+"""The sample-scaling study (SPEC.md §6, DESIGN.md "Sample-scaling study"): operators compared at
+equal compute while the training samples grow (negatives per request, requests).
+
+Notation: a trial = one training run (operator × sample_num × seed); N = 40 + sample_num
+candidates per request; the budget = training wall-clock seconds per worker (counted inside the
+training loop, after start-up, excluding evaluation) and/or a cap on training requests.
+
+Each trial is a Ray Tune function trainable that builds and fits a TorchTrainer through
+``raytopk.train.driver.run`` (the Train V2 pattern of RAY_NOTES.md), with Train's reports
+forwarded to Tune by ``TuneReportCallback`` and the final test-day metrics reported by the trial
+function itself. A trial that cannot run (an O(N²) operator whose soft permutation matrices would
+not fit the memory budget, or any error) is recorded with its reason, not dropped.
+
+Outputs in ``study.output_dir``: ``results.csv`` (one row per trial), ``results.md`` (per
+sample_num, operators ranked by joint recall, mean ± std over seeds), and plots. Re-running the
+same command continues the study (Tune restore): finished trials are not redone, an interrupted
+trial resumes from its own last checkpoint (its run.output_dir is fixed by op/sample_num/seed).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raytopk.data import schema
+from raytopk.train.config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    parse_overrides,
+    to_dict,
+    validate,
+)
+
+__all__ = [
+    "StudyConfig",
+    "load_study",
+    "trial_configs",
+    "permutation_bytes",
+    "run_study",
+    "write_reports",
+    "RESULT_COLUMNS",
+]
+
+METRICS = (
+    "joint_recall@10@20",
+    "retrieval_recall@10@30",
+    "prerank_recall@10@20",
+    "retrieval_ndcg@10",
+    "prerank_ndcg@10",
+    "retrieval_kendall_tau",
+    "prerank_kendall_tau",
+)
+RESULT_COLUMNS = (
+    "trial",
+    "op",
+    "sample_num",
+    "num_candidates",
+    "seed",
+    "status",
+    "samples_seen",
+    "train_seconds",
+    "samples_per_second",
+    "budget_seconds",
+    *METRICS,
+    "corpus_recall",  # filled per M below as corpus_recall@10@<M>
+    "node",
+    "wall_seconds",
+)
+
+
+@dataclass
+class StudyConfig:
+    """The ``study:`` section of a study YAML; the ``train:`` section is a TrainConfig."""
+
+    ops: list[str] = field(default_factory=list)  # empty: every registered operator
+    sample_nums: list[int] = field(default_factory=lambda: [0, 40, 160, 640])
+    seeds: list[int] = field(default_factory=lambda: [42])
+    # Operator parameters per op ({op: {param: value}}); missing: the registry's RecFlow default.
+    op_params: dict[str, dict[str, float]] = field(default_factory=dict)
+    budget_seconds: float = 60.0  # training seconds per worker per trial (equal compute)
+    max_samples: int = 0  # optional cap on training requests per trial (0: none)
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 0.0  # 0: derived from the cluster (Ray Data keeps >= 1 CPU)
+    max_concurrent: int = 0  # 0: derived from the cluster's CPUs (GPUs when trials use them)
+    # Extra custom resources per trial function, e.g. {"study_slot": 1} with one slot per node
+    # to run one trial per node.
+    trial_resources: dict[str, float] = field(default_factory=dict)
+    mem_budget_gb: float = 8.0  # O(N²) trials needing more (estimate) are recorded as skipped
+    output_dir: str = "runs/sample_scaling"
+    storage_path: str = ""  # Tune's storage (shared storage on a cluster); empty: output_dir/tune
+    name: str = "sample_scaling"
+
+
+def _study_keys() -> list[str]:
+    return [f"study.{f.name}" for f in fields(StudyConfig)]
+
+
+def load_study(
+    path: str | Path, overrides: list[str] | None = None
+) -> tuple[StudyConfig, TrainConfig]:
+    """(study, base training config) from a study YAML with ``study:`` and ``train:`` sections,
+    then ``study.<key>=value`` / ``train.<key>=value`` overrides. Unknown keys raise ConfigError
+    with the valid ones."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"study config {str(p)!r} does not exist")
+    raw = yaml.safe_load(p.read_text()) or {}
+    unknown = sorted(set(raw) - {"study", "train"})
+    if unknown:
+        raise ConfigError(f"{str(p)!r}: unknown top-level key(s) {unknown}; valid: study, train")
+    study_raw = dict(raw.get("study") or {})
+    valid = {f.name for f in fields(StudyConfig)}
+    for key in study_raw:
+        if key not in valid:
+            raise ConfigError(f"unknown study key 'study.{key}'; valid keys: {_study_keys()}")
+    base = from_dict(raw.get("train") or {})
+    train_over: list[tuple[str, str]] = []
+    for key, value in parse_overrides(list(overrides or [])):
+        if key.startswith("study."):
+            name = key[len("study.") :]
+            if name not in valid:
+                raise ConfigError(f"unknown study key {key!r}; valid keys: {_study_keys()}")
+            study_raw[name] = yaml.safe_load(value)
+        elif key.startswith("train."):
+            train_over.append((key[len("train.") :], value))
+        else:
+            raise ConfigError(
+                f"override {key!r} should start with 'study.' or 'train.' "
+                "(e.g. study.budget_seconds=30 train.data.batch_size=256)"
+            )
+    if train_over:
+        base = apply_overrides(base, train_over)
+    study = StudyConfig(**{**asdict(StudyConfig()), **study_raw})
+    _check_study(study)
+    return study, base
+
+
+def _check_study(s: StudyConfig) -> None:
+    from raytopk.ops import list_ops
+
+    for op in s.ops:
+        if op not in list_ops():
+            raise ConfigError(f"study.ops: unknown operator {op!r}; registered: {list_ops()}")
+    for op in s.op_params:
+        if op not in list_ops():
+            raise ConfigError(f"study.op_params: unknown operator {op!r}; registered: {list_ops()}")
+    if not s.sample_nums or any(not isinstance(n, int) or n < 0 for n in s.sample_nums):
+        raise ConfigError(f"study.sample_nums should be ints >= 0 but got {s.sample_nums}")
+    if not s.seeds:
+        raise ConfigError("study.seeds should list at least one seed")
+    if not (s.budget_seconds > 0 or s.max_samples > 0):
+        raise ConfigError(
+            f"study.budget_seconds={s.budget_seconds} and study.max_samples={s.max_samples}: "
+            "set at least one budget (equal compute needs one)"
+        )
+    if s.workers_per_trial < 1:
+        raise ConfigError(f"study.workers_per_trial should be >= 1 but got {s.workers_per_trial}")
+
+
+def trial_name(op: str, sample_num: int, seed: int) -> str:
+    return f"{op}-n{sample_num}-s{seed}"
+
+
+def permutation_bytes(op: str, batch_size: int, num_candidates: int) -> int:
+    """Rough peak bytes of an O(N²) operator's training step: per stage a B×N×N float32 soft
+    permutation, its gradient and the LCRON label matrix (≈ 4 such tensors), two stages."""
+    from raytopk.ops import get_spec
+
+    if not get_spec(op).permutation:
+        return 0
+    return 2 * 4 * 4 * batch_size * num_candidates * num_candidates
+
+
+def trial_configs(study: StudyConfig, base: TrainConfig) -> list[dict[str, Any]]:
+    """One Tune config per (op, sample_num, seed): the complete, validated TrainConfig dict."""
+    from raytopk.ops import list_ops
+
+    out_root = Path(study.output_dir).resolve()
+    trials = []
+    for op in study.ops or list_ops():
+        for n in study.sample_nums:
+            for seed in study.seeds:
+                cfg = from_dict(to_dict(base))
+                name = trial_name(op, n, seed)
+                cfg.op.name = op
+                cfg.op.params = dict(study.op_params.get(op, {}))
+                cfg.data.sample_num = n
+                cfg.run.seed = seed
+                cfg.run.name = name
+                cfg.run.output_dir = str(out_root / "trials" / name)
+                cfg.run.resume = True
+                cfg.run.max_train_seconds = float(study.budget_seconds)
+                cfg.run.max_samples = int(study.max_samples)
+                # The budget, not the data, ends training: enough passes to spend it.
+                cfg.run.epochs = max(cfg.run.epochs, 1000)
+                cfg.scaling.num_workers = study.workers_per_trial
+                trials.append(
+                    {"trial": name, "op": op, "sample_num": n, "seed": seed, "train": to_dict(cfg)}
+                )
+    return trials
+
+
+def _plan_resources(
+    study: StudyConfig, cluster: dict[str, float], use_gpu: bool
+) -> tuple[float, int]:
+    """(CPUs per Train worker, concurrent trials) for ``cluster``: Ray Data keeps a quarter of
+    the CPUs (at least one), each trial's workers share the rest equally."""
+    total = float(cluster.get("CPU", 0.0))
+    reserve = max(1.0, 0.25 * total)
+    w = study.workers_per_trial
+    if study.cpus_per_worker > 0:
+        per = float(study.cpus_per_worker)
+    else:
+        per = max(0.25, min(1.0, (total - reserve - 0.1) / w))  # 0.1: the trial function
+    if study.max_concurrent > 0:
+        conc = study.max_concurrent
+    elif use_gpu:
+        conc = max(1, int(float(cluster.get("GPU", 0.0)) // w))
+    else:
+        conc = max(1, int((total - reserve) // (w * per + 0.1)))
+    if conc * (w * per + 0.1) > total - 1.0 + 1e-9:
+        raise ValueError(
+            f"study: {conc} concurrent trial(s) x {w} worker(s) x {per:g} CPU leave less than one "
+            f"of the cluster's {total:g} CPUs to Ray Data (the run would hang, RAY_NOTES.md); "
+            "lower study.max_concurrent or study.cpus_per_worker"
+        )
+    return per, conc
+
+
+def _trial_fn(config: dict[str, Any]) -> None:
+    """Tune function trainable: one training run under the study's budget."""
+    import ray
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raytopk.train.driver import run
+
+    t0 = time.perf_counter()
+    config = config["trial"]  # the grid_search value: one entry of trial_configs()
+    cfg = from_dict(config["train"])
+    base = {
+        "trial": config["trial"],
+        "op": config["op"],
+        "sample_num": config["sample_num"],
+        "num_candidates": schema.N_OWN + config["sample_num"],
+        "seed": config["seed"],
+        "budget_seconds": cfg.run.max_train_seconds,
+        "node": ray.get_runtime_context().get_node_id(),
+    }
+    need = permutation_bytes(cfg.op.name, cfg.data.batch_size, base["num_candidates"])
+    need_eval = permutation_bytes(cfg.op.name, cfg.data.eval_batch_size, schema.N_OWN + 160)
+    budget = config["mem_budget_gb"] * 1024**3
+    if max(need, need_eval) > budget:
+        ray.tune.report(
+            {
+                **base,
+                "status": f"skipped: needs ~{max(need, need_eval) / 1024**3:.1f} GiB of soft "
+                f"permutation matrices > study.mem_budget_gb={config['mem_budget_gb']:g}",
+                "wall_seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
+        return
+    try:
+        final = run(cfg, callbacks=[TuneReportCallback()], verbose=False)
+        status = "ok"
+    except Exception as e:  # recorded per trial: the study goes on
+        final, status = {}, f"failed: {type(e).__name__}: {str(e)[:300]}"
+    seen = final.get("samples_seen", 0)
+    secs = final.get("train_seconds", 0.0)
+    row = {
+        **base,
+        "status": status,
+        "samples_seen": seen,
+        "train_seconds": secs,
+        "samples_per_second": round(seen / secs, 2) if secs else 0.0,
+        "wall_seconds": round(time.perf_counter() - t0, 3),
+    }
+    for key, value in final.items():
+        if key in METRICS or key.startswith("corpus_recall@"):
+            row[key] = value
+    ray.tune.report(row)
+
+
+def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) -> list[dict]:
+    """Run (or continue) the study on the connected Ray cluster; returns the result rows and
+    writes results.csv, results.md and the plots into study.output_dir."""
+    import ray
+    import ray.tune
+    from ray.tune import RunConfig, TuneConfig, Tuner
+
+    from raytopk.train.driver import prepare
+
+    out = Path(study.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    # Resolve the dataset once here (synthetic data is generated now, not by every trial) and
+    # validate the base config before any trial starts.
+    probe = from_dict(to_dict(base))
+    probe.run.output_dir = str(out / "_base")  # never trained: only validated
+    prep = prepare(probe)
+    base = from_dict(to_dict(base))
+    base.data.path = prep.cfg.data.path
+    base.data.synthetic.enabled = False
+    base.data.train_days = prep.cfg.data.train_days
+    base.data.test_day = prep.cfg.data.test_day
+
+    cluster = ray.cluster_resources()
+    use_gpu = base.scaling.use_gpu is True or (
+        base.scaling.use_gpu == "auto" and cluster.get("GPU", 0) > 0
+    )
+    per, conc = _plan_resources(study, cluster, use_gpu)
+    base.scaling.cpus_per_worker = per
+    trials = trial_configs(study, base)
+    for t in trials:  # every trial config must be valid before anything runs
+        validate(from_dict(t["train"]))
+        t["mem_budget_gb"] = study.mem_budget_gb
+    (out / "study.yaml").write_text(
+        yaml.safe_dump({"study": asdict(study), "train": to_dict(base)}, sort_keys=False)
+    )
+    if verbose:
+        print(
+            f"[raytopk] study {study.name}: {len(trials)} trial(s), budget "
+            f"{study.budget_seconds:g} s/worker, {conc} concurrent, {study.workers_per_trial} "
+            f"worker(s) x {per:g} CPU each{' + GPU' if use_gpu else ''}, output {out}",
+            flush=True,
+        )
+
+    storage = Path(study.storage_path).resolve() if study.storage_path else out / "tune"
+    exp_dir = storage / study.name
+    trainable = ray.tune.with_resources(_trial_fn, {"cpu": 0.1, **study.trial_resources})
+    if Tuner.can_restore(str(exp_dir)):
+        if verbose:
+            print(f"[raytopk] continuing the study in {exp_dir}", flush=True)
+        tuner = Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+    else:
+        tuner = Tuner(
+            trainable,
+            param_space={"trial": ray.tune.grid_search(trials)},
+            tune_config=TuneConfig(max_concurrent_trials=conc),
+            run_config=RunConfig(name=study.name, storage_path=str(storage), verbose=0),
+        )
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        m = dict(result.metrics or {})
+        t = (result.config or {}).get("trial") or {}
+        if "status" not in m:  # the trial died before its final report
+            err = str(result.error)[:300] if result.error else "no final report"
+            m = {
+                "trial": t.get("trial", ""),
+                "op": t.get("op", ""),
+                "sample_num": t.get("sample_num", ""),
+                "seed": t.get("seed", ""),
+                "status": f"failed: {err}",
+            }
+        rows.append({k: v for k, v in m.items() if k in _row_keys(m)})
+    rows.sort(
+        key=lambda r: (str(r.get("op")), int(r.get("sample_num") or 0), int(r.get("seed") or 0))
+    )
+    write_reports(rows, out)
+    return rows
+
+
+def _row_keys(m: dict[str, Any]) -> set[str]:
+    return set(RESULT_COLUMNS) | {k for k in m if k.startswith("corpus_recall@")}
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    corpus = sorted(
+        {k for r in rows for k in r if k.startswith("corpus_recall@")},
+        key=lambda k: int(k.rsplit("@", 1)[-1]),
+    )
+    cols = [c for c in RESULT_COLUMNS if c != "corpus_recall"]
+    at = cols.index("node")
+    return cols[:at] + corpus + cols[at:]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, s
+
+
+def write_reports(rows: list[dict[str, Any]], out: str | Path) -> dict[str, Path]:
+    """results.csv, results.md and the plots from the trial rows; written atomically."""
+    out = Path(out)
+    cols = _columns(rows)
+    tmp = out / "results.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in cols})
+    os.replace(tmp, out / "results.csv")
+
+    md = ["# Sample scaling at equal compute", ""]
+    ok = [r for r in rows if r.get("status") == "ok"]
+    for n in sorted({int(r["sample_num"]) for r in rows if r.get("sample_num") != ""}):
+        md += [
+            f"## sample_num = {n} (N = {schema.N_OWN + n} candidates per request)",
+            "",
+            "| rank | op | joint Recall@10@20 | samples seen | samples/s | seeds |",
+            "|---:|---|---:|---:|---:|---:|",
+        ]
+        by_op: dict[str, list[dict[str, Any]]] = {}
+        for r in ok:
+            if int(r["sample_num"]) == n:
+                by_op.setdefault(str(r["op"]), []).append(r)
+        stats = []
+        for op, rs in by_op.items():
+            jm, js = _mean_std([float(r["joint_recall@10@20"]) for r in rs])
+            sm, ss = _mean_std([float(r["samples_seen"]) for r in rs])
+            tp, _ = _mean_std([float(r["samples_per_second"]) for r in rs])
+            stats.append((jm, js, sm, ss, tp, op, len(rs)))
+        stats.sort(key=lambda s: -s[0])
+        for i, (jm, js, sm, ss, tp, op, cnt) in enumerate(stats, 1):
+            md.append(
+                f"| {i} | {op} | {jm:.4f} ± {js:.4f} | {sm:,.0f} ± {ss:,.0f} | {tp:,.1f} | {cnt} |"
+            )
+        for r in rows:
+            if int(r.get("sample_num") or -1) == n and r.get("status") != "ok":
+                md.append(f"| - | {r.get('op')} | {r.get('status')} | | | |")
+        md.append("")
+    (out / "results.md").write_text("\n".join(md))
+    paths = {"csv": out / "results.csv", "md": out / "results.md"}
+    paths.update(_plots(ok, out))
+    return paths
+
+
+def _plots(rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
+    if not rows:
+        return {}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = sorted({str(r["op"]) for r in rows})
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for op in ops:
+        rs = sorted((r for r in rows if r["op"] == op), key=lambda r: int(r["sample_num"]))
+        ns = sorted({int(r["sample_num"]) for r in rs})
+
+        def avg(key: str, n: int, rs: list[dict[str, Any]] = rs) -> float:
+            return _mean_std([float(r[key]) for r in rs if int(r["sample_num"]) == n])[0]
+
+        axes[0].plot(
+            [float(r["samples_seen"]) for r in rs],
+            [float(r["joint_recall@10@20"]) for r in rs],
+            "o",
+            label=op,
+        )
+        axes[1].plot(
+            [schema.N_OWN + n for n in ns],
+            [avg("samples_per_second", n) for n in ns],
+            "o-",
+            label=op,
+        )
+        axes[2].plot(ns, [avg("joint_recall@10@20", n) for n in ns], "o-", label=op)
+    axes[0].set(
+        xlabel="training requests seen",
+        ylabel="joint Recall@10@20",
+        title="joint recall vs samples seen",
+    )
+    axes[1].set(
+        xlabel="candidates per request N",
+        ylabel="training requests / s",
+        title="throughput per operator",
+        yscale="log",
+    )
+    axes[2].set(
+        xlabel="sampled negatives per request",
+        ylabel="joint Recall@10@20",
+        title="joint recall at equal budget",
+    )
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    png = out / "sample_scaling.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return {"png": png}

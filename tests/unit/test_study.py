@@ -1,0 +1,130 @@
+"""The sample-scaling study's pure parts: config loading, the trial grid, resource planning,
+the O(N²) memory skip, and the reports (no Ray)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from raytopk.ops import list_ops
+from raytopk.train.config import ConfigError, validate
+from raytopk.tune.study import (
+    _plan_resources,
+    load_study,
+    permutation_bytes,
+    trial_configs,
+    write_reports,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+STUDIES = sorted(CONFIGS.glob("sample_scaling*.yaml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+def test_study_yamls_load_and_every_trial_validates(path: Path) -> None:
+    study, base = load_study(path)
+    trials = trial_configs(study, base)
+    ops = study.ops or list_ops()
+    assert len(trials) == len(ops) * len(study.sample_nums) * len(study.seeds)
+    names = {t["trial"] for t in trials}
+    assert len(names) == len(trials)  # one output dir per trial: resume finds its checkpoint
+    from raytopk.train.config import from_dict
+
+    for t in trials:
+        cfg = validate(from_dict(t["train"]))
+        assert cfg.op.name == t["op"] and cfg.data.sample_num == t["sample_num"]
+        assert cfg.run.max_train_seconds == study.budget_seconds
+        assert cfg.run.output_dir.endswith(t["trial"])
+        assert cfg.op.params == {} or set(cfg.op.params) <= {"tau", "alpha", "l", "steepness"}
+
+
+def test_quick_study_covers_every_operator() -> None:
+    study, _ = load_study(CONFIGS / "sample_scaling_quick.yaml")
+    assert study.ops == [] and study.sample_nums == [0, 160] and len(study.seeds) == 1
+
+
+def test_overrides_and_unknown_keys(tmp_path: Path) -> None:
+    path = CONFIGS / "sample_scaling_quick.yaml"
+    study, base = load_study(
+        path, ["study.budget_seconds=3", "study.ops=[dftopk,lapsum]", "train.data.batch_size=64"]
+    )
+    assert study.budget_seconds == 3 and study.ops == ["dftopk", "lapsum"]
+    assert base.data.batch_size == 64
+    with pytest.raises(ConfigError, match="unknown study key 'study.budget'.*study.budget_seconds"):
+        load_study(path, ["study.budget=3"])
+    with pytest.raises(ConfigError, match="should start with 'study.' or 'train.'"):
+        load_study(path, ["budget_seconds=3"])
+    with pytest.raises(ConfigError, match="unknown operator 'nope'"):
+        load_study(path, ["study.ops=[nope]"])
+    with pytest.raises(ConfigError, match="set at least one budget"):
+        load_study(path, ["study.budget_seconds=0"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("study: {}\ntrain: {}\nextra: 1\n")
+    with pytest.raises(ConfigError, match="unknown top-level key"):
+        load_study(bad)
+
+
+def test_op_params_reset_per_operator() -> None:
+    study, base = load_study(
+        CONFIGS / "sample_scaling_quick.yaml",
+        ["study.ops=[dftopk,lapsum]", "study.op_params={lapsum: {alpha: 2.0}}"],
+    )
+    by_op = {t["op"]: t["train"]["op"]["params"] for t in trial_configs(study, base)}
+    assert by_op == {"dftopk": {}, "lapsum": {"alpha": 2.0}}
+
+
+def test_resource_plan_leaves_cpus_to_ray_data() -> None:
+    study, _ = load_study(CONFIGS / "sample_scaling_quick.yaml", ["study.max_concurrent=0"])
+    per, conc = _plan_resources(study, {"CPU": 2.0}, use_gpu=False)
+    assert conc == 1 and per * conc + 0.1 <= 1.0 + 1e-9
+    per, conc = _plan_resources(study, {"CPU": 16.0}, use_gpu=False)
+    assert conc >= 8 and conc * (per + 0.1) <= 16 - 4 + 1e-9
+    study.max_concurrent = 4
+    with pytest.raises(ValueError, match="leave less than one"):
+        _plan_resources(study, {"CPU": 2.0}, use_gpu=False)
+
+
+def test_permutation_memory_estimate() -> None:
+    assert permutation_bytes("dftopk", 1024, 10_000) == 0
+    need = permutation_bytes("neuralsort", 1024, 680)
+    assert need == 2 * 4 * 4 * 1024 * 680 * 680  # ~15 GB: skipped under an 8 GB budget
+    assert permutation_bytes("diffsort", 256, 200) < 8 * 1024**3
+
+
+def test_reports_rank_ops_and_keep_failed_trials(tmp_path: Path) -> None:
+    def row(op: str, n: int, seed: int, joint: float, seen: int, status: str = "ok") -> dict:
+        return {
+            "trial": f"{op}-n{n}-s{seed}",
+            "op": op,
+            "sample_num": n,
+            "seed": seed,
+            "status": status,
+            "samples_seen": seen,
+            "train_seconds": 10.0,
+            "samples_per_second": seen / 10.0,
+            "joint_recall@10@20": joint,
+            "corpus_recall@10@100": 0.2,
+            "num_candidates": 40 + n,
+        }
+
+    rows = [
+        row("dftopk", 0, 1, 0.5, 1000),
+        row("dftopk", 0, 2, 0.7, 1200),
+        row("neuralsort", 0, 1, 0.4, 500),
+        row("neuralsort", 160, 1, 0.0, 0, status="skipped: needs ~9.0 GiB"),
+        row("dftopk", 160, 1, 0.45, 900),
+    ]
+    paths = write_reports(rows, tmp_path)
+    with paths["csv"].open() as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == 5 and "corpus_recall@10@100" in got[0]
+    assert {r["status"] for r in got} == {"ok", "skipped: needs ~9.0 GiB"}
+    md = paths["md"].read_text()
+    sec0 = md.split("## sample_num = 0")[1].split("## sample_num = 160")[0]
+    assert sec0.index("dftopk") < sec0.index("neuralsort")  # ranked by joint recall
+    assert "0.6000 ± 0.1414" in sec0  # mean ± sample std over the two seeds
+    assert "skipped: needs ~9.0 GiB" in md.split("## sample_num = 160")[1]
+    assert paths["png"].is_file() and paths["png"].stat().st_size > 0
+    assert not (tmp_path / "results.csv.tmp").exists()
