@@ -42,6 +42,7 @@ from torch import nn
 
 from raytopk.data import schema
 from raytopk.data.batch import CascadeBatch
+from raytopk.ops import warmup as warmup_op
 from raytopk.train.checkpoint import Position, load_state, rng_state, save_state, set_rng_state
 from raytopk.train.config import TrainConfig, from_dict
 
@@ -410,6 +411,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     pos.starts += 1
 
     model = ray.train.torch.prepare_model(module)  # Ray: move to device, DDP (gloo CPU / nccl GPU)
+    # Compile the operator's lazy kernels now, so that a time budget (the sample-scaling study)
+    # and the step timings measure training, not a JIT compiler.
+    warmup_op(cfg.op.name)
     cascade: CascadeModel = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.Adam(
         [
