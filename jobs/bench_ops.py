@@ -33,7 +33,9 @@ import torch  # noqa: E402
 from raytopk.bench.ops import (  # noqa: E402
     bench_operators,
     build_lines,
+    headline,
     machine_info,
+    markdown_headline,
     markdown_operator_tables,
     measure_memory,
     operator_configs,
@@ -86,6 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--mem-budget-gb", type=float, default=4.0, help="skip above this estimate")
     p.add_argument("--no-step", action="store_true", help="operator level only")
+    p.add_argument(
+        "--headline-only",
+        action="store_true",
+        help="only the interleaved DFTopK vs authors / sort / floor comparison (~1-2 min)",
+    )
     p.add_argument("--seed", type=int, default=0)
     # Overrides of the quick/full settings (small runs in tests, one shape on a GPU box).
     p.add_argument("--batches", type=int, nargs="+", default=None, help="override B values")
@@ -135,6 +142,19 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     from raytopk.ops import get_spec, list_ops
 
     s = settings(args)
+    from raytopk.ops import warmup
+
+    warmup("dftopk")  # numba compiles on first use: never inside a timed call
+    t_head = time.perf_counter()
+    head = headline(args.device, max_seconds=2.0 if args.quick else 6.0, seed=args.seed)
+    log(f"headline done in {time.perf_counter() - t_head:.0f} s")
+    if args.headline_only:
+        return {
+            "machine": machine_info(args.device),
+            "settings": s,
+            "headline": head,
+            "seconds": {"total": round(time.perf_counter() - t_head, 1)},
+        }
     ops = list_ops() if args.ops is None else args.ops
     for name in ops:
         get_spec(name)  # ValueError naming the operator and the registered ones
@@ -178,6 +198,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
             "step": round(t_steps, 1),
             "total": round(time.perf_counter() - t0, 1),
         },
+        "headline": head,
         "operator": records,
         "step": steps,
         "targets": targets(records, steps),
@@ -227,9 +248,7 @@ def targets(records: list[dict[str, Any]], steps: list[dict[str, Any]]) -> dict[
         )
         out[f"lapsum_over_dftopk_B{b}_N{n}_k{k}"] = _ratio(_rec(records, "lapsum", b, n, k), d)
     peaks = [
-        r["peak_over_scores"]
-        for r in records
-        if r["line"] == "dftopk" and "peak_over_scores" in r
+        r["peak_over_scores"] for r in records if r["line"] == "dftopk" and "peak_over_scores" in r
     ]
     out["dftopk_max_peak_over_scores"] = round(max(peaks), 3) if peaks else None
     at_or_below = {}
@@ -312,6 +331,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"torch {m['torch']}, {m['torch_threads']} threads, device {m['device']}), "
         f"{'quick' if args.quick else 'full'} run, {result['seconds']['total']} s"
     )
+    print(
+        "\n**DFTopK headline** (interleaved rounds, median; forward+backward = BCE-with-logits "
+        "against a top-k label)\n"
+    )
+    print(markdown_headline(result["headline"]))
+    if args.headline_only:
+        path = out / "bench_ops_headline.json"
+        path.write_text(json.dumps(result, indent=1))
+        print(f"\nwrote {path}")
+        return result
     print(markdown_operator_tables(result["operator"]))
     if result["step"]:
         print("\n**step level** (SPEC §5: batch 1, k = n//2, mean ms per step)\n")

@@ -596,3 +596,119 @@ def markdown_operator_tables(records: Sequence[dict[str, Any]]) -> str:
                     cells.append("")
             out.append(f"| {b} | {n} | {k} | " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+# ---- interleaved headline comparison -----------------------------------------------------------
+
+HEADLINE_SHAPES = (
+    (1, 200, 10),
+    (1024, 40, 10),
+    (1024, 200, 10),
+    (1024, 200, 100),
+    (1024, 1000, 500),
+    (64, 100_000, 100),
+    (16, 100_000, 50_000),
+)
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device | str, rounds: int, warmup: int = 3
+) -> dict[str, float]:
+    """Median seconds per call of each fn, measured in rounds that call every fn once, in a
+    rotating order: on a shared machine a burst of load hits every line alike, so the ratios
+    between lines stay meaningful even when the absolute times drift."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            sync(device)
+            t = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def headline(
+    device: torch.device | str = "cpu",
+    shapes: Sequence[tuple[int, int, int]] = HEADLINE_SHAPES,
+    max_seconds: float = 6.0,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """DFTopK against the authors' formulation, a full sort and the elementwise floor, forward
+    and forward+backward (BCE-with-logits against a top-k label), interleaved per shape."""
+    from raytopk.ops.dftopk import dftopk_logits
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for b, n, k in shapes:
+        x0 = torch.randn(b, n, generator=g).to(device)
+        y = (torch.rand(b, n, generator=g) < k / n).float().to(device)
+
+        def sort_logits(x: torch.Tensor, k: int = k) -> torch.Tensor:
+            s = torch.sort(x, dim=-1, descending=True).values
+            return x - 0.5 * (s[..., k - 1] + s[..., k]).unsqueeze(-1)
+
+        lines = {
+            "dftopk": lambda x, k=k: dftopk_logits(x, k),
+            "authors_dftopk": lambda x, k=k: authors_dftopk_logits(x, k),
+            "full_sort": sort_logits,
+            "elementwise_floor": lambda x: x * 1.0,
+        }
+        for mode in ("forward", "forward_backward"):
+            fns: dict[str, Callable[[], object]] = {}
+            for name, f in lines.items():
+                if mode == "forward":
+
+                    def call(f=f, x0=x0) -> object:
+                        with torch.no_grad():
+                            return f(x0)
+                else:
+                    xg = x0.clone().requires_grad_()
+
+                    def call(f=f, xg=xg, y=y) -> object:
+                        xg.grad = None
+                        F.binary_cross_entropy_with_logits(f(xg), y).backward()
+                        return xg.grad
+
+                fns[name] = call
+            t0 = time.perf_counter()
+            for f in fns.values():
+                f()
+            once = time.perf_counter() - t0
+            rounds = int(max(5, min(200, max_seconds / max(once, 1e-6))))
+            med = interleaved(fns, device, rounds)
+            rec = {
+                "B": b,
+                "N": n,
+                "k": k,
+                "mode": mode,
+                "rounds": rounds,
+                "ms": {name: round(s * 1e3, 4) for name, s in med.items()},
+            }
+            rec["speedup_vs_authors"] = round(med["authors_dftopk"] / med["dftopk"], 2)
+            rec["speedup_vs_sort"] = round(med["full_sort"] / med["dftopk"], 2)
+            rec["over_floor"] = round(med["dftopk"] / med["elementwise_floor"], 2)
+            out.append(rec)
+    return out
+
+
+def markdown_headline(recs: Sequence[dict[str, Any]]) -> str:
+    rows = [
+        "| B | N | k | mode | dftopk | authors (2× kthvalue) | full sort | elementwise floor "
+        "| dftopk speed-up vs authors | vs sort |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in recs:
+        ms = r["ms"]
+        rows.append(
+            f"| {r['B']} | {r['N']} | {r['k']} | {r['mode']} | {ms['dftopk']:.3f} ms "
+            f"| {ms['authors_dftopk']:.3f} ms | {ms['full_sort']:.3f} ms "
+            f"| {ms['elementwise_floor']:.3f} ms | {r['speedup_vs_authors']:.2f}× "
+            f"| {r['speedup_vs_sort']:.2f}× |"
+        )
+    return "\n".join(rows)
