@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from raytopk.bench.ops import (  # noqa: E402
+    HEADLINE_SHAPES,
     bench_operators,
     build_lines,
     headline,
@@ -89,6 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mem-budget-gb", type=float, default=4.0, help="skip above this estimate")
     p.add_argument("--no-step", action="store_true", help="operator level only")
     p.add_argument(
+        "--headline-shapes",
+        nargs="+",
+        default=[f"{b},{n},{k}" for b, n, k in HEADLINE_SHAPES],
+        help="B,N,k shapes of the headline comparison",
+    )
+    p.add_argument(
         "--headline-only",
         action="store_true",
         help="only the interleaved DFTopK vs authors / sort / floor comparison (~1-2 min)",
@@ -146,7 +153,10 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
 
     warmup("dftopk")  # numba compiles on first use: never inside a timed call
     t_head = time.perf_counter()
-    head = headline(args.device, max_seconds=2.0 if args.quick else 6.0, seed=args.seed)
+    shapes = [tuple(int(v) for v in t.split(",")) for t in args.headline_shapes]
+    head = headline(
+        args.device, shapes=shapes, max_seconds=2.0 if args.quick else 6.0, seed=args.seed
+    )
     log(f"headline done in {time.perf_counter() - t_head:.0f} s")
     if args.headline_only:
         return {

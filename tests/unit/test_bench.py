@@ -140,10 +140,28 @@ def test_cli_writes_json_and_plots(tmp_path: Path) -> None:
             "--repeats",
             "2",
             "--no-target-shapes",
+            "--headline-shapes",
+            "4,12,3",
         ]
     )
     data = json.loads((tmp_path / "bench_ops.json").read_text())
-    assert set(data) == {"machine", "settings", "seconds", "operator", "step", "targets"}
+    assert set(data) == {
+        "machine",
+        "settings",
+        "seconds",
+        "headline",
+        "operator",
+        "step",
+        "targets",
+    }
+    head = data["headline"]
+    assert [(r["B"], r["N"], r["k"], r["mode"]) for r in head] == [
+        (4, 12, 3, "forward"),
+        (4, 12, 3, "forward_backward"),
+    ]
+    for r in head:
+        assert set(r["ms"]) == {"dftopk", "authors_dftopk", "full_sort", "elementwise_floor"}
+        assert all(v > 0 for v in r["ms"].values()) and r["rounds"] >= 5
     for key in ("platform", "cpu_model", "cpu_cores", "torch", "torch_threads", "device_name"):
         assert key in data["machine"]
     assert data["settings"]["sizes"] == [10] and data["settings"]["extra_shapes"] == []
