@@ -39,6 +39,7 @@ from raytopk.train.config import (
     to_dict,
     validate,
 )
+from raytopk.train.driver import METRIC_KEYS
 
 __all__ = [
     "StudyConfig",
@@ -50,15 +51,7 @@ __all__ = [
     "RESULT_COLUMNS",
 ]
 
-METRICS = (
-    "joint_recall@10@20",
-    "retrieval_recall@10@30",
-    "prerank_recall@10@20",
-    "retrieval_ndcg@10",
-    "prerank_ndcg@10",
-    "retrieval_kendall_tau",
-    "prerank_kendall_tau",
-)
+METRICS = METRIC_KEYS  # the test-day metrics of metrics.json, one list for both
 RESULT_COLUMNS = (
     "trial",
     "op",

@@ -8,13 +8,10 @@ the study without redoing finished trials. Only the processes this test started 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ray_procs import free_port, stop_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -39,37 +37,6 @@ ENV.pop("RAY_ADDRESS", None)
 pytestmark = [pytest.mark.ray, pytest.mark.cluster]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ours(marker: str) -> list[int]:
-    """PIDs whose command line mentions ``marker`` (this test's temp dir)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd:
-            pids.append(int(d.name))
-    return pids
-
-
-def _stop(marker: str) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _ours(marker):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.time() + 10
-        while _ours(marker) and time.time() < deadline:
-            time.sleep(0.5)
-
-
 def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(
         cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout, check=False
@@ -79,19 +46,19 @@ def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
 @pytest.fixture
 def two_node_cluster() -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix="rtk")  # short: Ray's socket paths must stay < 108 chars
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     common = ["--disable-usage-stats", "--node-ip-address=127.0.0.1", "--num-cpus=2"]
 
     def own_ports() -> list[str]:
         # Two nodes on one machine: each node's agents need ports of their own (the defaults
         # would collide, and the head's job agent would never come up).
         return [
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--node-manager-port={_free_port()}",
-            f"--object-manager-port={_free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
         ]
 
     try:
@@ -107,7 +74,7 @@ def two_node_cluster() -> Iterator[str]:
                 f"--dashboard-port={dash}",
                 '--resources={"study_slot": 1}',
                 "--object-store-memory=300000000",
-                f"--ray-client-server-port={_free_port()}",
+                f"--ray-client-server-port={free_port()}",
                 *common,
                 *own_ports(),
             ],
@@ -130,7 +97,7 @@ def two_node_cluster() -> Iterator[str]:
         assert worker.returncode == 0, worker.stdout + worker.stderr
         yield f"http://127.0.0.1:{dash}"
     finally:
-        _stop(tmp)
+        stop_processes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -7,13 +7,11 @@ minutes on two cores; all runs share the session's ``ray_cluster`` cluster.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from ray_procs import free_port, pids_with, stop_processes
 
 from raytopk.train.checkpoint import STATE_FILE, CheckpointError, load_state
 from raytopk.train.config import ConfigError, TrainConfig, load_config
@@ -93,8 +92,10 @@ def _final_params(out: Path) -> dict[str, torch.Tensor]:
     ckpt = latest_checkpoint(out)
     assert ckpt is not None, f"no checkpoint in {out}"
     st = load_state(ckpt)
-    return {**{f"s.{k}": v for k, v in st["scorers"].items()},
-            **{f"l.{k}": v for k, v in st["loss"].items()}}
+    return {
+        **{f"s.{k}": v for k, v in st["scorers"].items()},
+        **{f"l.{k}": v for k, v in st["loss"].items()},
+    }
 
 
 def _steps(out: Path) -> list[dict[str, str]]:
@@ -159,8 +160,9 @@ def test_resume_gives_the_uninterrupted_parameters(
     and ends with exactly the parameters of the uninterrupted run (1 worker, CPU, seed 42)."""
     ref_out, ref = uninterrupted
     out = tmp_path / "resumed"
-    first = run(_cfg(tiny_data, out, "scaling.num_workers=1", f"data.train_days=[{DAYS[0]}]"),
-                verbose=False)
+    first = run(
+        _cfg(tiny_data, out, "scaling.num_workers=1", f"data.train_days=[{DAYS[0]}]"), verbose=False
+    )
     assert first["days_trained"] == [f"0:{DAYS[0]}"]
     m = run(_cfg(tiny_data, out, "scaling.num_workers=1"), verbose=False)
     assert m["days_trained"] == [f"0:{d}" for d in DAYS]
@@ -226,8 +228,7 @@ def test_worker_killed_restarts_from_checkpoint(
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     try:
-        m = run(_cfg(tiny_data, out, "scaling.num_workers=1", "run.max_failures=1"),
-                verbose=False)
+        m = run(_cfg(tiny_data, out, "scaling.num_workers=1", "run.max_failures=1"), verbose=False)
     finally:
         stop.set()
         t.join(timeout=5)
@@ -245,8 +246,16 @@ def test_nan_loss_stops_naming_the_step(ray_cluster: Any, tiny_data: Path, tmp_p
     step and the loss parts, and keeps the last good (finite) checkpoint."""
     out = tmp_path / "nan"
     with pytest.raises(TrainingStopped) as e:
-        run(_cfg(tiny_data, out, "scaling.num_workers=1", "optim.lr=1e30",
-                 "run.checkpoint_every_steps=1"), verbose=False)
+        run(
+            _cfg(
+                tiny_data,
+                out,
+                "scaling.num_workers=1",
+                "optim.lr=1e30",
+                "run.checkpoint_every_steps=1",
+            ),
+            verbose=False,
+        )
     msg = str(e.value)
     assert "non-finite loss at global step" in msg and "day 2024-01-1" in msg
     assert "total=" in msg and "stage0=" in msg and "joint=" in msg
@@ -309,38 +318,6 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pids_with(marker: str) -> list[int]:
-    """PIDs whose command line mentions ``marker`` (the cluster's private temp dir): exactly the
-    processes `ray start` launched for this test, nobody else's."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd:
-            pids.append(int(d.name))
-    return pids
-
-
-def _stop_cluster(marker: str) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _pids_with(marker):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + 10
-        while _pids_with(marker) and time.monotonic() < deadline:
-            time.sleep(0.5)
-
-
 @pytest.mark.cluster
 @pytest.mark.timeout(600)
 def test_ray_job_submit_quickstart(tmp_path: Path) -> None:
@@ -356,7 +333,7 @@ def test_ray_job_submit_quickstart(tmp_path: Path) -> None:
     }
     env.pop("RAY_ADDRESS", None)
     tmp = tempfile.mkdtemp(prefix="rtkjob")  # short: Ray's socket paths must stay < 108 chars
-    dash = _free_port()
+    dash = free_port()
     out = tmp_path / "out"
 
     def sh(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -370,7 +347,7 @@ def test_ray_job_submit_quickstart(tmp_path: Path) -> None:
                 str(BIN / "ray"),
                 "start",
                 "--head",
-                f"--port={_free_port()}",
+                f"--port={free_port()}",
                 f"--temp-dir={tmp}",
                 "--num-cpus=2",
                 "--node-ip-address=127.0.0.1",
@@ -380,10 +357,10 @@ def test_ray_job_submit_quickstart(tmp_path: Path) -> None:
                 "--object-store-memory=300000000",
                 "--disable-usage-stats",
                 # Own ports for every agent: the session's local Ray may hold the defaults.
-                f"--dashboard-agent-listen-port={_free_port()}",
-                f"--dashboard-agent-grpc-port={_free_port()}",
-                f"--runtime-env-agent-port={_free_port()}",
-                f"--metrics-export-port={_free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}",
+                f"--metrics-export-port={free_port()}",
             ],
             timeout=120,
         )
@@ -428,6 +405,6 @@ def test_ray_job_submit_quickstart(tmp_path: Path) -> None:
         assert m["num_workers"] == 2 and m["days_trained"] == [f"0:{d}" for d in DAYS]
         assert (out / "run" / "curves.png").is_file()
     finally:
-        _stop_cluster(tmp)
+        stop_processes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-    assert not _pids_with(tmp), "processes of the test cluster survived"
+    assert not pids_with(tmp), "processes of the test cluster survived"
