@@ -2,7 +2,7 @@
 Top-K Selection for Large-Scale Recommendation", arXiv 2510.11472).
 
 Notation: S stages (retrieval, pre-rank[, rank]), x^s ∈ R^N stage s's scores of one request,
-V = its valid slots, y ∈ {0,1}^N the ground-truth top-K (metrics.ground_truth, K = 10),
+V = its valid slots, y ∈ {0,1}^N the ground-truth top-K (data.labels.ground_truth, K = 10),
 p^s = op(x^s, k_s) the soft top-k_s membership, BCE(p, y) = −y log p − (1 − y) log(1 − p).
 
     L_s = mean_{j∈V} BCE(p^s_j, y_j)
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raytopk.data.batch import CascadeBatch
-from raytopk.metrics.cascade import ground_truth
+from raytopk.data.labels import ground_truth
 from raytopk.ops import get_op, get_spec
 
 __all__ = [

@@ -21,8 +21,8 @@ does: tied items receive equal (NeuralSort, SoftSort) or near-equal (DiffSort, w
 comparators swap with probability ½) shares of the ranks the tie block spans, so a tie block that
 straddles rank K gets fractional ŷ summing to the number of top-K ranks it covers. No artificial
 tie-break is added — the ground truth is ambiguous among tied items, and a slot-order tie-break
-would teach the model slot positions. (metrics.ground_truth and the BCE losses break the same ties
-by slot order, which changes which tied items count, not how many.)
+would teach the model slot positions. (data.labels.ground_truth, used by the BCE losses and the
+metrics, breaks the same ties by slot order, which changes which tied items count, not how many.)
 
 Masks: masked slots are passed to soft_permutation as the mask, and additionally given the
 priority −1 (below every valid priority, the lowest being 0) in the label relaxation; they are

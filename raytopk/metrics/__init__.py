@@ -5,7 +5,6 @@ full-corpus faiss retrieval (``raytopk.metrics.corpus``, imported on demand: fai
 from raytopk.metrics.cascade import (
     STAGE_NAMES,
     CascadeMetrics,
-    ground_truth,
     joint_recall_at,
     kendall_tau_b,
     ndcg_at,
@@ -15,7 +14,6 @@ from raytopk.metrics.cascade import (
 __all__ = [
     "STAGE_NAMES",
     "CascadeMetrics",
-    "ground_truth",
     "joint_recall_at",
     "kendall_tau_b",
     "ndcg_at",

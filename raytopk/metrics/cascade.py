@@ -3,9 +3,10 @@
 Notation: B = requests, N = candidates per request, V_b = request b's valid slots, K = |G| target
 (10), G_b = ground-truth top-K, π^s = stage s's scores.
 
-- ground truth: G_b = the K valid slots of highest priority. Priorities tie heavily (a request
-  with fewer than 10 rank_pos items fills G from the ten rank_neg slots, all of priority 7), so
-  ties are broken deterministically by slot order (lower slot index first), as a stable sort.
+- ground truth (raytopk.data.labels.ground_truth, shared with the losses): G_b = the K valid
+  slots of highest priority. Priorities tie heavily (a request with fewer than 10 rank_pos items
+  fills G from the ten rank_neg slots, all of priority 7), so ties are broken deterministically
+  by slot order (lower slot index first), as a stable sort.
 - Recall@K@M of one stage: |top-M of π^s over V_b ∩ G_b| / |G_b|.
 - joint Recall@K@M_S (cuts M_1 > … > M_S): stage 1 keeps its top M_1 of V_b, stage s keeps its
   top M_s of what stage s−1 kept; |F_b ∩ G_b| / |G_b| with F_b the last stage's survivors.
@@ -32,9 +33,9 @@ import torch
 import torch.distributed as dist
 
 from raytopk.data.batch import CascadeBatch
+from raytopk.data.labels import check_rows, ground_truth
 
 __all__ = [
-    "ground_truth",
     "recall_at",
     "joint_recall_at",
     "ndcg_at",
@@ -45,32 +46,6 @@ __all__ = [
 
 STAGE_NAMES = ("retrieval", "prerank", "rank")
 _KENDALL_BLOCK = 2**24  # elements of one (rows, N, N) pairwise block
-
-
-def _check_pair(scores: torch.Tensor, mask: torch.Tensor, name: str = "scores") -> None:
-    if scores.dim() != 2:
-        raise ValueError(f"'{name}' should have shape (B, N) but got {tuple(scores.shape)}")
-    if mask.dtype != torch.bool or tuple(mask.shape) != tuple(scores.shape):
-        raise ValueError(
-            f"'mask' should be a bool tensor of shape {tuple(scores.shape)} but got "
-            f"{mask.dtype} {tuple(mask.shape)}"
-        )
-
-
-@torch.no_grad()
-def ground_truth(priority: torch.Tensor, mask: torch.Tensor, k: int = 10) -> torch.Tensor:
-    """G: bool (B, N), the k valid slots of highest priority per row (all valid slots when a row
-    has fewer than k); ties broken by slot order (lower index wins)."""
-    _check_pair(priority, mask, "priority")
-    if k < 1:
-        raise ValueError(f"'k' should be >= 1 but got {k}")
-    key = priority.masked_fill(~mask, float("-inf"))
-    # A stable descending sort keeps equal priorities in slot order.
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # (B, N)
-    top = torch.zeros_like(mask)
-    kk = min(k, priority.shape[-1])
-    top.scatter_(-1, order[:, :kk], True)
-    return top & mask
 
 
 def _topk_idx(scores: torch.Tensor, mask: torch.Tensor, m: int) -> torch.Tensor:
@@ -89,7 +64,7 @@ def recall_at(
     scores: torch.Tensor, mask: torch.Tensor, truth: torch.Tensor, m: int
 ) -> torch.Tensor:
     """Per-request |top-m ∩ G| / |G| (float64, (B,)); 0 where G is empty."""
-    _check_pair(scores, mask)
+    check_rows(scores, mask)
     hits = truth.gather(-1, _topk_idx(scores, mask, m)).sum(-1).to(torch.float64)
     return hits / _truth_size(truth).clamp_min(1.0)
 
@@ -107,7 +82,7 @@ def joint_recall_at(
     kept = torch.arange(n, device=mask.device).expand(b, n)  # slot ids still alive, (B, n_s)
     alive = mask
     for s, (sc, m) in enumerate(zip(scores, cuts)):
-        _check_pair(sc, mask, f"scores[{s}]")
+        check_rows(sc, mask, f"scores[{s}]")
         sub = sc.gather(-1, kept)  # (B, n_s) this stage's scores of the survivors
         pick = _topk_idx(sub, alive, m)  # (B, n_{s+1}) positions within `kept`
         kept = kept.gather(-1, pick)
@@ -122,7 +97,7 @@ def ndcg_at(
 ) -> torch.Tensor:
     """Per-request NDCG@k over valid slots (float64, (B,)), equal to sklearn's ndcg_score on
     each request's valid slots (tie-averaged DCG; 0 when every gain is 0)."""
-    _check_pair(scores, mask)
+    check_rows(scores, mask)
     n = scores.shape[-1]
     s = scores.to(torch.float64)
     g = gains.to(torch.float64).masked_fill(~mask, 0.0)
@@ -149,7 +124,7 @@ def kendall_tau_b(
     """Per-request Kendall tau-b over valid slots: (tau (B,) float64, defined (B,) bool).
 
     tau is 0 where undefined (scipy gives NaN there); ``defined`` says which rows count."""
-    _check_pair(scores, mask)
+    check_rows(scores, mask)
     b, n = scores.shape
     rows = max(1, _KENDALL_BLOCK // max(1, n * n))
     taus, defined = [], []
@@ -219,7 +194,7 @@ class CascadeMetrics:
         prio = batch.priority
         scores = [s.detach() for s in scores]
         for name, s in zip(self.names, scores):
-            _check_pair(s, mask, f"{name} scores")
+            check_rows(s, mask, f"{name} scores")
             if not bool(torch.isfinite(s[mask]).all()):
                 raise ValueError(f"'{name}' scores are not finite at some valid slot")
         truth = ground_truth(prio, mask, self.k)

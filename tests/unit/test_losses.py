@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from raytopk.data.batch import CascadeBatch
+from raytopk.data.labels import ground_truth
 from raytopk.losses import (
     CascadeTopKLoss,
     LCRONLoss,
@@ -19,7 +20,6 @@ from raytopk.losses import (
 )
 from raytopk.losses.cascade import log1mexp
 from raytopk.losses.lcron import LABEL_PARAMS, soft_permutation_fn
-from raytopk.metrics import ground_truth
 from raytopk.ops import get_op, get_spec, list_ops
 
 OPS = list_ops()

@@ -16,9 +16,9 @@ from scipy.stats import kendalltau
 from sklearn.metrics import ndcg_score
 
 from raytopk.data.batch import CascadeBatch
+from raytopk.data.labels import ground_truth
 from raytopk.metrics import (
     CascadeMetrics,
-    ground_truth,
     joint_recall_at,
     kendall_tau_b,
     ndcg_at,
@@ -49,32 +49,6 @@ def recflow_like(b: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
     prio[:, 10:20], prio[:, 20:30], prio[:, 30:40] = 7.0, 6.0, 5.0
     mask = torch.rand(b, n, generator=g) > 0.25
     return prio, mask
-
-
-def test_ground_truth_ties_by_slot_order_and_masks() -> None:
-    prio = torch.tensor(
-        [
-            [5.0, 7.0, 7.0, 9.0, 7.0, 1.0],
-            [5.0, 7.0, 7.0, 9.0, 7.0, 1.0],
-            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-        ]
-    )
-    mask = torch.tensor(
-        [[True] * 6, [True, True, False, False, True, True], [False, True, False, True, True, True]]
-    )
-    g = ground_truth(prio, mask, k=3)
-    expect = torch.tensor(
-        [
-            [False, True, True, True, False, False],  # 9, then the first two 7s
-            [True, True, False, False, True, False],  # valid 5,7,7,1 -> 7,7,5
-            [False, True, False, True, True, False],  # all tied: first three valid slots
-        ]
-    )
-    assert torch.equal(g, expect)
-    few = ground_truth(prio[1:2], mask[1:2], k=10)  # fewer valid slots than k: all of them
-    assert torch.equal(few, mask[1:2])
-    with pytest.raises(ValueError, match="'mask' should be a bool tensor"):
-        ground_truth(prio, mask.float(), 3)
 
 
 def test_ndcg_matches_sklearn_with_ties_and_masks() -> None:
