@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from raytopk.losses.cascade import CascadeTopKLoss, topk_stage_loss
+from raytopk.losses.cascade import CascadeTopKLoss, combine, topk_stage_loss
 from raytopk.losses.lcron import LCRONLoss, lcron_single_stage_loss
 from raytopk.ops import get_spec
 
@@ -18,6 +18,7 @@ __all__ = [
     "CascadeTopKLoss",
     "LCRONLoss",
     "build_loss",
+    "combine",
     "lcron_single_stage_loss",
     "topk_stage_loss",
 ]

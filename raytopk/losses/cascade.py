@@ -50,13 +50,16 @@ from raytopk.ops import get_op, get_spec
 
 __all__ = [
     "CascadeTopKLoss",
+    "combine",
     "uncertainty_total",
     "log1mexp",
     "masked_mean",
     "stage_log_membership",
     "topk_stage_loss",
     "resolve_op_params",
+    "check_k",
     "check_ks",
+    "stage_log_weights",
 ]
 
 _LN2 = math.log(2.0)
@@ -88,16 +91,43 @@ def uncertainty_total(
     return total
 
 
+def combine(
+    stage_losses: Sequence[torch.Tensor], joint: torch.Tensor, log_w: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(total, parts) of a cascade loss from its per-stage terms L_s and joint term L_J.
+
+    total = uncertainty_total(stage_losses, joint, log_w); parts (detached, for logging):
+    stage{s} = L_s, joint = L_J, w{s} = exp(log_w[s]). Shared by CascadeTopKLoss and LCRONLoss.
+    """
+    if len(stage_losses) != log_w.numel():
+        raise ValueError(
+            f"'stage_losses' has {len(stage_losses)} stages but 'log_w' has {log_w.numel()}"
+        )
+    total = uncertainty_total(stage_losses, joint, log_w)
+    parts = {f"stage{s}": loss.detach() for s, loss in enumerate(stage_losses)}
+    parts["joint"] = joint.detach()
+    w = log_w.detach().exp()
+    parts.update({f"w{s}": w[s] for s in range(len(stage_losses))})
+    return total, parts
+
+
+def stage_log_weights(num_stages: int) -> nn.Parameter:
+    """ρ = log w, one learnable scalar per stage, initialised to 0 (w_s = exp(ρ_s) = 1)."""
+    return nn.Parameter(torch.zeros(num_stages))
+
+
+def check_k(k: object, name: str = "k") -> int:
+    """k as an int >= 1 (bools refused); the error names the argument ``name``."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"'{name}' should be an int >= 1 but got {k!r}")
+    return k
+
+
 def check_ks(ks: Sequence[int]) -> list[int]:
     """Per-stage k as a non-empty list of ints >= 1."""
     if isinstance(ks, (int, str)) or not isinstance(ks, Sequence) or len(ks) == 0:
         raise ValueError(f"'ks' should be a non-empty list of per-stage k but got {ks!r}")
-    out = []
-    for s, k in enumerate(ks):
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"'ks[{s}]' should be an int >= 1 but got {k!r}")
-        out.append(k)
-    return out
+    return [check_k(k, f"ks[{s}]") for s, k in enumerate(ks)]
 
 
 def resolve_op_params(op: str, op_params: Mapping[str, float] | None) -> dict[str, float]:
@@ -197,13 +227,11 @@ class CascadeTopKLoss(nn.Module):
             raise ValueError(
                 f"operator {op!r} is a permutation relaxation: use LCRONLoss (build_loss picks it)"
             )
-        if isinstance(k_truth, bool) or not isinstance(k_truth, int) or k_truth < 1:
-            raise ValueError(f"'k_truth' should be an int >= 1 but got {k_truth!r}")
+        self.k_truth = check_k(k_truth, "k_truth")
         self.op = op
         self.params = resolve_op_params(op, op_params)
         self.ks = check_ks(ks)
-        self.k_truth = k_truth
-        self.log_w = nn.Parameter(torch.zeros(len(self.ks)))  # ρ_s, w_s = exp(ρ_s)
+        self.log_w = stage_log_weights(len(self.ks))  # ρ_s, w_s = exp(ρ_s)
 
     @property
     def weights(self) -> torch.Tensor:
@@ -250,9 +278,4 @@ class CascadeTopKLoss(nn.Module):
         joint = masked_mean(
             torch.where(labels, -log_q, -log1mexp(log_q)), mask & ~all_decided.unsqueeze(-1)
         )
-        total = uncertainty_total(stage_losses, joint, self.log_w)
-        parts = {f"stage{s}": loss.detach() for s, loss in enumerate(stage_losses)}
-        parts["joint"] = joint.detach()
-        w = self.weights
-        parts.update({f"w{s}": w[s] for s in range(len(self.ks))})
-        return total, parts
+        return combine(stage_losses, joint, self.log_w)

@@ -41,7 +41,14 @@ import torch
 from torch import nn
 
 from raytopk.data.batch import CascadeBatch
-from raytopk.losses.cascade import check_ks, masked_mean, resolve_op_params, uncertainty_total
+from raytopk.losses.cascade import (
+    check_k,
+    check_ks,
+    combine,
+    masked_mean,
+    resolve_op_params,
+    stage_log_weights,
+)
 from raytopk.ops import get_spec
 
 __all__ = [
@@ -77,9 +84,7 @@ def _check_perm(perm: torch.Tensor, name: str) -> int:
 
 
 def _check_k(k: object, n: int, name: str) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"'{name}' should be an int >= 1 but got {k!r}")
-    return min(k, n)
+    return min(check_k(k, name), n)
 
 
 def soft_membership(
@@ -172,8 +177,7 @@ class LCRONLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.soft_permutation = soft_permutation_fn(op)
-        if isinstance(k_truth, bool) or not isinstance(k_truth, int) or k_truth < 1:
-            raise ValueError(f"'k_truth' should be an int >= 1 but got {k_truth!r}")
+        k_truth = check_k(k_truth, "k_truth")
         if label_param is None:
             if op not in LABEL_PARAMS:
                 raise ValueError(
@@ -188,7 +192,7 @@ class LCRONLoss(nn.Module):
         self.ks = check_ks(ks)
         self.k_truth = k_truth
         self.eps = float(eps)
-        self.log_w = nn.Parameter(torch.zeros(len(self.ks)))  # ρ_s, w_s = exp(ρ_s)
+        self.log_w = stage_log_weights(len(self.ks))  # ρ_s, w_s = exp(ρ_s)
 
     @property
     def weights(self) -> torch.Tensor:
@@ -241,9 +245,4 @@ class LCRONLoss(nn.Module):
             yh * torch.log(u_prod + eps) + (1.0 - yh) * torch.log(1.0 - keep_prod + eps)
         )
         joint = masked_mean(joint_terms, mask & ~all_decided.unsqueeze(-1))
-        total = uncertainty_total(stage_losses, joint, self.log_w)
-        parts = {f"stage{s}": loss.detach() for s, loss in enumerate(stage_losses)}
-        parts["joint"] = joint.detach()
-        w = self.weights
-        parts.update({f"w{s}": w[s] for s in range(len(self.ks))})
-        return total, parts
+        return combine(stage_losses, joint, self.log_w)

@@ -18,7 +18,7 @@ from raytopk.losses import (
     lcron_single_stage_loss,
     topk_stage_loss,
 )
-from raytopk.losses.cascade import log1mexp
+from raytopk.losses.cascade import combine, log1mexp, uncertainty_total
 from raytopk.losses.lcron import LABEL_PARAMS, soft_permutation_fn
 from raytopk.ops import get_op, get_spec, list_ops
 
@@ -402,3 +402,17 @@ def test_defaults_come_from_the_registry() -> None:
     for op in OPS:
         loss = build_loss(op, {}, [10, 10])
         assert loss.params == {get_spec(op).param: get_spec(op).default}
+
+
+def test_combine_is_the_weighted_total_and_the_logged_parts() -> None:
+    stage = [torch.tensor(0.8, requires_grad=True), torch.tensor(0.3, requires_grad=True)]
+    joint = torch.tensor(1.1, requires_grad=True)
+    log_w = torch.tensor([math.log(2.0), 0.0], requires_grad=True)
+    total, parts = combine(stage, joint, log_w)
+    assert total.item() == pytest.approx(0.8 / 8 + 0.3 / 2 + 1.1 + math.log(2.0))
+    assert torch.equal(total, uncertainty_total(stage, joint, log_w))
+    assert list(parts) == ["stage0", "stage1", "joint", "w0", "w1"]
+    assert parts["w0"].item() == pytest.approx(2.0) and parts["joint"].item() == pytest.approx(1.1)
+    assert not any(v.requires_grad for v in parts.values()) and total.requires_grad
+    with pytest.raises(ValueError, match="'stage_losses' has 1 stages but 'log_w' has 2"):
+        combine(stage[:1], joint, log_w)
