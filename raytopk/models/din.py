@@ -33,26 +33,17 @@ from torch.utils.checkpoint import checkpoint
 
 from raytopk.data import schema
 from raytopk.data.batch import CascadeBatch
-from raytopk.models.dssm import mlp
 from raytopk.models.embeddings import FeatureEmbeddings
+from raytopk.models.layers import mlp
+from raytopk.nn import masked_softmax
 
-__all__ = ["PrerankDIN", "masked_softmax"]
+__all__ = ["PrerankDIN"]
 
 # The candidate's first 5 features are the behaviour fields, in the same order; the last 3 are
 # its upload time. The attention pairs e_t with c field by field, so this must hold.
 _CAND_FIELDS = schema.ITEM_FIELDS[: len(schema.SEQ_FIELDS)]
 _UPLOAD_FIELDS = schema.ITEM_FIELDS[len(schema.SEQ_FIELDS) :]
 assert _CAND_FIELDS == schema.SEQ_FIELDS, (_CAND_FIELDS, schema.SEQ_FIELDS)
-
-
-def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim restricted to ``mask``; masked entries get exactly 0 and a row
-    with no valid entry gets all zeros (never NaN, in value or gradient)."""
-    neg = torch.finfo(logits.dtype).min
-    # finfo.min instead of -inf: an all-masked row then softmaxes to finite uniform weights,
-    # which the multiply by the mask sets to 0 with a finite gradient.
-    w = torch.softmax(logits.masked_fill(~mask, neg), dim=-1)
-    return w * mask.to(w.dtype)
 
 
 class PrerankDIN(nn.Module):
@@ -93,7 +84,8 @@ class PrerankDIN(nn.Module):
         """pe (B, L, H), pc (B, n, H), seq (B, L, 5d), seq_mask (B, L) -> interest (B, n, 5d)."""
         h = (pe.unsqueeze(1) + pc.unsqueeze(2)).relu_()  # (B, n, L, H); add's output is ours
         a = F.linear(h, self.attn_out.weight, self.attn_out.bias).squeeze(-1)  # (B, n, L)
-        alpha = masked_softmax(a, seq_mask.unsqueeze(1))  # (B, n, L)
+        # masked_softmax leaves an empty history finite and uniform; the mask zeroes it.
+        alpha = masked_softmax(a, seq_mask) * seq_mask.unsqueeze(1).to(a.dtype)  # (B, n, L)
         return torch.matmul(alpha, seq)  # (B, n, 5d)
 
     def interest(self, seq: torch.Tensor, seq_mask: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

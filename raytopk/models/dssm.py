@@ -24,22 +24,9 @@ from torch import nn
 from raytopk.data import schema
 from raytopk.data.batch import CascadeBatch
 from raytopk.models.embeddings import FeatureEmbeddings
+from raytopk.models.layers import mlp
 
-__all__ = ["RetrievalDSSM", "mlp"]
-
-
-def mlp(in_dim: int, widths: Sequence[int]) -> nn.Sequential:
-    """Linear-ReLU stack ending in a plain Linear of width widths[-1]."""
-    if not widths:
-        raise ValueError(f"'hidden' should name at least one layer width but got {widths!r}")
-    layers: list[nn.Module] = []
-    prev = in_dim
-    for i, w in enumerate(widths):
-        layers.append(nn.Linear(prev, int(w)))
-        if i < len(widths) - 1:
-            layers.append(nn.ReLU())
-        prev = int(w)
-    return nn.Sequential(*layers)
+__all__ = ["RetrievalDSSM"]
 
 
 class RetrievalDSSM(nn.Module):

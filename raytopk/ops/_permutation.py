@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from raytopk.nn import masked_softmax  # shared with raytopk.models.din; re-exported for the ops
 from raytopk.ops._validate import check_finite, check_mask, check_param, check_scores, prepare
 
 __all__ = [
@@ -45,19 +46,6 @@ def valid_counts(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
 def rank_mask(n: torch.Tensor, size: int) -> torch.Tensor:
     """(..., size) bool: rank r (0-based) exists in a row with n valid items, i.e. r < n."""
     return torch.arange(size, device=n.device) < n.unsqueeze(-1)
-
-
-def masked_softmax(logits: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
-    """softmax over the last dim restricted to the valid columns ``cols`` (..., N) (None = all).
-
-    Masked columns get exactly 0. A row without any valid column would be all −inf (softmax of
-    −inf − (−inf) = NaN, also in the backward); such rows are computed over all columns instead
-    and the caller zeroes them (they are ranks r >= n = 0).
-    """
-    if cols is None:
-        return torch.softmax(logits, dim=-1)
-    cols = cols | ~cols.any(-1, keepdim=True)  # empty rows: every column, zeroed by the caller
-    return torch.softmax(logits.masked_fill(~cols.unsqueeze(-2), float("-inf")), dim=-1)
 
 
 def compact_valid(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

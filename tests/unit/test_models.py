@@ -9,7 +9,7 @@ import torch
 from raytopk.data import schema
 from raytopk.data.batch import CascadeBatch
 from raytopk.models import PrerankDIN, RetrievalDSSM, build_scorer
-from raytopk.models.din import masked_softmax
+from raytopk.nn import masked_softmax
 
 TABLES = sorted(set(schema.EMBEDDING_TABLE.values()))
 VOCAB = {t: 30 for t in TABLES} | {"weekday": 9, "hour": 26, "minute": 62}
@@ -229,14 +229,30 @@ def test_din_chunked_attention_equals_unchunked_with_gradients() -> None:
 
 
 def test_masked_softmax() -> None:
-    logits = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 9.0]], requires_grad=True)
+    # raytopk.nn.masked_softmax serves DIN (logits (B, n, L), mask (B, L)) and the permutation
+    # ops (logits (..., N, N), mask (..., N)): one column mask shared by every row of a matrix.
+    logits = torch.tensor([[[1.0, 2.0, 3.0]], [[0.5, -1.0, 9.0]]], requires_grad=True)
     mask = torch.tensor([[True, False, True], [False, False, False]])
     w = masked_softmax(logits, mask)
     e1, e3 = torch.exp(torch.tensor(1.0)), torch.exp(torch.tensor(3.0))
     torch.testing.assert_close(
-        w[0], torch.stack([e1 / (e1 + e3), torch.tensor(0.0), e3 / (e1 + e3)])
+        w[0, 0], torch.stack([e1 / (e1 + e3), torch.tensor(0.0), e3 / (e1 + e3)])
     )
-    assert (w[1] == 0).all()
-    (w * torch.arange(3.0)).sum().backward()
+    # No valid column: finite uniform weights, zeroed by the caller (DIN: by the sequence mask).
+    torch.testing.assert_close(w[1, 0], torch.full((3,), 1 / 3))
+    zeroed = w * mask.unsqueeze(1)
+    assert (zeroed[1] == 0).all()
+    (zeroed * torch.arange(3.0)).sum().backward()
     assert torch.isfinite(logits.grad).all() and (logits.grad[1] == 0).all()
-    assert logits.grad[0, 1] == 0
+    assert logits.grad[0, 0, 1] == 0
+    torch.testing.assert_close(masked_softmax(logits, None), torch.softmax(logits, -1))
+
+
+def test_din_empty_history_has_zero_interest() -> None:
+    m = models()[1]
+    g = torch.Generator().manual_seed(0)
+    seq, c = torch.randn(2, L, 40, generator=g), torch.randn(2, N, 40, generator=g)
+    seq_mask = torch.ones(2, L, dtype=torch.bool)
+    seq_mask[0] = False
+    interest = m.interest(seq, seq_mask, c)
+    assert (interest[0] == 0).all() and (interest[1] != 0).any()
