@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from raytopk.data.batch import CascadeBatch
 from raytopk.data.labels import check_rows, ground_truth
+from raytopk.data.schema import K_TRUTH
 
 __all__ = [
     "recall_at",
@@ -42,9 +43,16 @@ __all__ = [
     "kendall_tau_b",
     "CascadeMetrics",
     "STAGE_NAMES",
+    "eval_cuts",
+    "stage_names",
+    "headline_key",
+    "metric_keys",
 ]
 
-STAGE_NAMES = ("retrieval", "prerank", "rank")
+# The names and evaluation cuts of a cascade's stages, first to last: every metric key is built
+# from them here (metric_keys), so a 3-stage run's headline is joint_recall@10@10 everywhere.
+STAGE_NAMES = ("retrieval", "prerank", "rank", "rerank")
+_EVAL_CUTS = (30, 20, 10, 5)  # survivors kept by each stage at evaluation (SPEC.md §4.5)
 _KENDALL_BLOCK = 2**24  # elements of one (rows, N, N) pairwise block
 
 
@@ -147,22 +155,73 @@ def kendall_tau_b(
     return torch.cat(taus), torch.cat(defined)
 
 
+def _check_num_stages(num_stages: int) -> int:
+    if (
+        isinstance(num_stages, bool)
+        or not isinstance(num_stages, int)
+        or not 1 <= num_stages <= len(STAGE_NAMES)
+    ):
+        raise ValueError(
+            f"'num_stages' should be an int in 1..{len(STAGE_NAMES)} but got {num_stages!r}"
+        )
+    return num_stages
+
+
+def eval_cuts(num_stages: int) -> tuple[int, ...]:
+    """Survivors kept by each stage at evaluation: retrieval 30, pre-rank 20 (SPEC.md §4.5);
+    a third (rank) stage keeps 10, a fourth 5. A 1-stage model keeps 20, so its headline is
+    Recall@10@20 like the 2-stage cascade's joint recall."""
+    n = _check_num_stages(num_stages)
+    return _EVAL_CUTS[:n] if n > 1 else (20,)
+
+
+def stage_names(num_stages: int) -> tuple[str, ...]:
+    """Names of the stages in the metric keys, first to last: retrieval, prerank, rank, rerank."""
+    return STAGE_NAMES[: _check_num_stages(num_stages)]
+
+
+def _keys(names: Sequence[str], cuts: Sequence[int], k: int) -> tuple[str, ...]:
+    """joint_recall@{k}@{cuts[-1]}, then per stage in cascade order {name}_recall@{k}@{cut},
+    {name}_ndcg@{k}, {name}_kendall_tau."""
+    out = [f"joint_recall@{k}@{cuts[-1]}"]
+    for name, cut in zip(names, cuts):
+        out += [f"{name}_recall@{k}@{cut}", f"{name}_ndcg@{k}", f"{name}_kendall_tau"]
+    return tuple(out)
+
+
+def metric_keys(num_stages: int, k: int = K_TRUTH) -> tuple[str, ...]:
+    """Every test-day metric ``CascadeMetrics(eval_cuts(num_stages), k).compute()`` returns,
+    except num_requests, in this order: the headline (headline_key), then for each stage in
+    cascade order its recall@k@cut, ndcg@k and kendall_tau. For 2 stages: joint_recall@10@20,
+    retrieval_recall@10@30, retrieval_ndcg@10, retrieval_kendall_tau, prerank_recall@10@20,
+    prerank_ndcg@10, prerank_kendall_tau."""
+    return _keys(stage_names(num_stages), eval_cuts(num_stages), k)
+
+
+def headline_key(num_stages: int, k: int = K_TRUTH) -> str:
+    """The headline metric of a num_stages cascade: joint Recall@k at the last stage's cut,
+    e.g. 'joint_recall@10@20' for 2 stages (and 1), 'joint_recall@10@10' for 3."""
+    return metric_keys(num_stages, k)[0]
+
+
 class CascadeMetrics:
     """Accumulates SPEC §4.5's metrics over evaluation batches; ``compute()`` all-reduces.
 
     Args:
         cuts: per-stage survivors (30, 20) for retrieval -> pre-rank; one cut per stage.
         k: |G|, the ground-truth top set size.
-        names: stage names used in the keys (default retrieval, prerank, rank).
+        names: stage names used in the keys (default stage_names(len(cuts))).
 
-    Keys: joint_recall@{k}@{cuts[-1]}, {name}_recall@{k}@{cut}, {name}_ndcg@{k},
-    {name}_kendall_tau per stage, and num_requests (requests with >= 1 valid slot).
+    Keys (``self.keys``, in this order, as metric_keys builds them): joint_recall@{k}@{cuts[-1]},
+    then per stage {name}_recall@{k}@{cut}, {name}_ndcg@{k}, {name}_kendall_tau; compute() adds
+    num_requests (requests with >= 1 valid slot). With cuts = eval_cuts(S) and the default names
+    they are exactly metric_keys(S, k).
     """
 
     def __init__(
         self,
         cuts: Sequence[int] = (30, 20),
-        k: int = 10,
+        k: int = K_TRUTH,
         names: Sequence[str] | None = None,
     ) -> None:
         cuts = tuple(int(c) for c in cuts)
@@ -172,10 +231,16 @@ class CascadeMetrics:
             raise ValueError(f"'cuts' should be non-increasing (a funnel) but got {cuts}")
         if k < 1:
             raise ValueError(f"'k' should be >= 1 but got {k}")
-        names = tuple(names) if names is not None else STAGE_NAMES[: len(cuts)]
+        if names is None and len(cuts) > len(STAGE_NAMES):
+            raise ValueError(
+                f"'names' should name each of the {len(cuts)} stages (the default names cover "
+                f"{len(STAGE_NAMES)}: {STAGE_NAMES})"
+            )
+        names = tuple(names) if names is not None else stage_names(len(cuts))
         if len(names) != len(cuts):
             raise ValueError(f"'names' {names} should name each of the {len(cuts)} stages")
         self.cuts, self.k, self.names = cuts, k, names
+        self.keys = _keys(names, cuts, k)
         # Layout of the sums vector: per stage (recall, ndcg, tau_sum, tau_count), then joint,
         # then the request count.
         self._size = 4 * len(cuts) + 2
@@ -235,13 +300,10 @@ class CascadeMetrics:
         def div(a: float, c: float) -> float:
             return a / c if c > 0 else float("nan")
 
-        out: dict[str, float] = {}
-        last = self.cuts[-1]
-        out[f"joint_recall@{self.k}@{last}"] = div(v[-2], count)
-        for i, (name, cut) in enumerate(zip(self.names, self.cuts)):
+        values = [div(v[-2], count)]  # in the order of self.keys
+        for i in range(len(self.cuts)):
             r, nd, ts, tc = v[4 * i : 4 * i + 4]
-            out[f"{name}_recall@{self.k}@{cut}"] = div(r, count)
-            out[f"{name}_ndcg@{self.k}"] = div(nd, count)
-            out[f"{name}_kendall_tau"] = div(ts, tc)
+            values += [div(r, count), div(nd, count), div(ts, tc)]
+        out = dict(zip(self.keys, values, strict=True))
         out["num_requests"] = float(count)
         return out

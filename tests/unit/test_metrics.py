@@ -19,10 +19,14 @@ from raytopk.data.batch import CascadeBatch
 from raytopk.data.labels import ground_truth
 from raytopk.metrics import (
     CascadeMetrics,
+    eval_cuts,
+    headline_key,
     joint_recall_at,
     kendall_tau_b,
+    metric_keys,
     ndcg_at,
     recall_at,
+    stage_names,
 )
 
 
@@ -279,3 +283,39 @@ def test_cascade_metrics_all_reduce_across_workers(tmp_path) -> None:
     assert got["num_requests"] == 35
     for key, val in expect.items():
         assert abs(got[key] - val) < 1e-12, key
+
+
+def test_metric_names_come_from_one_place() -> None:
+    from raytopk.train import loop
+    from raytopk.train.driver import METRIC_KEYS
+
+    assert [eval_cuts(s) for s in (1, 2, 3, 4)] == [(20,), (30, 20), (30, 20, 10), (30, 20, 10, 5)]
+    assert all(loop.eval_cuts(s) == eval_cuts(s) for s in (1, 2, 3, 4))  # the copy it replaces
+    assert stage_names(1) == ("retrieval",) and stage_names(3) == ("retrieval", "prerank", "rank")
+    assert headline_key(1) == "joint_recall@10@20" and headline_key(2) == "joint_recall@10@20"
+    assert headline_key(3) == "joint_recall@10@10" and headline_key(3, k=5) == "joint_recall@5@10"
+    assert metric_keys(2) == (
+        "joint_recall@10@20",
+        "retrieval_recall@10@30",
+        "retrieval_ndcg@10",
+        "retrieval_kendall_tau",
+        "prerank_recall@10@20",
+        "prerank_ndcg@10",
+        "prerank_kendall_tau",
+    )
+    assert set(metric_keys(2)) == set(METRIC_KEYS)
+    for s in (1, 2, 3, 4):
+        keys = metric_keys(s)
+        assert keys[0] == headline_key(s) and len(keys) == 1 + 3 * s == len(set(keys))
+        metric = CascadeMetrics(cuts=eval_cuts(s))
+        assert metric.names == stage_names(s) and metric.keys == keys
+        assert set(metric.compute()) - {"num_requests"} == set(keys)
+        (ret, pre), prio, mask = _random_eval(5, seed=s)
+        metric.update([ret, pre, pre - ret, ret + pre][:s], make_batch(prio, mask))
+        got = metric.compute()
+        assert list(got) == [*keys, "num_requests"] and got["num_requests"] == 5
+    for bad in (0, 5, 2.0, True):
+        with pytest.raises(ValueError, match="'num_stages' should be an int in 1..4"):
+            metric_keys(bad)
+    with pytest.raises(ValueError, match="'names' should name each of the 5 stages"):
+        CascadeMetrics(cuts=(30, 20, 10, 5, 2))
