@@ -8,6 +8,7 @@ narrow unsigned ints and ``collate`` widens them once per batch).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 
 from raytopk.data import schema
 
-__all__ = ["CascadeBatch", "collate"]
+__all__ = ["CascadeBatch", "collate", "random_batch"]
 
 
 @dataclass
@@ -107,4 +108,104 @@ def collate(np_batch: dict[str, np.ndarray]) -> CascadeBatch:
         cand_mask=_one(np_batch, schema.CAND_MASK, np.bool_),  # (B, N)
         priority=_one(np_batch, schema.CAND_PRIORITY, np.float32),  # (B, N)
         request_id=_one(np_batch, schema.REQUEST_ID, np.int64),  # (B,)
+    )
+
+
+def _default_vocab() -> dict[str, int]:
+    """Small tables for tests and benchmarks: 30 rows per id table, the real time tables."""
+    tables = sorted(set(schema.EMBEDDING_TABLE.values()))
+    return {t: schema.TIME_VOCAB.get(t, 30) for t in tables}
+
+
+def _recflow_priority(b: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """SPEC.md §4.3 priorities by slot: the four groups of GROUP_SIZE slots (rank_pos 30 −
+    rank_index with rank_index a random permutation, then rank_neg, coarse_neg, prerank_neg),
+    then sampled negatives (0). (B, N) float32."""
+    size = schema.GROUP_SIZE
+    rank_index = torch.rand(b, size, generator=g).argsort(-1)  # (B, GROUP_SIZE)
+    prio = torch.full((b, n), schema.SAMPLED_PRIORITY)
+    prio[:, : min(n, size)] = (schema.RANK_POS_BASE - rank_index[:, :n]).float()
+    for i, group in enumerate(schema.CAND_GROUPS[1:], start=1):
+        prio[:, i * size : (i + 1) * size] = schema.GROUP_PRIORITY[group]
+    return prio
+
+
+def _check_shape(name: str, t: torch.Tensor | None, shape: tuple[int, ...], bool_: bool) -> None:
+    if t is None:
+        return
+    if tuple(t.shape) != shape or (bool_ and t.dtype != torch.bool):
+        want = f"a bool tensor of shape {shape}" if bool_ else f"a tensor of shape {shape}"
+        raise ValueError(f"'{name}' should be {want} but got {t.dtype} {tuple(t.shape)}")
+
+
+def random_batch(
+    batch_size: int,
+    num_candidates: int,
+    vocab: Mapping[str, int] | None = None,
+    *,
+    seed: int = 0,
+    priority: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    seq_mask: torch.Tensor | None = None,
+    seq_len: int = schema.SEQ_LEN,
+) -> CascadeBatch:
+    """A valid random CascadeBatch for tests and benchmarks (as torchrec's RandomRecDataset).
+
+    Args:
+        batch_size: B requests.
+        num_candidates: N candidate slots per request.
+        vocab: embedding-table name -> rows (meta.json's "vocab"); every id of a feature lies in
+            [1, rows of its table) (0 = padding). Default: 30 rows per id table and the real
+            weekday/hour/minute tables.
+        seed: seeds the torch.Generator every random draw comes from (same seed, same batch).
+        priority: (B, N) priorities, used as given (dtype kept); default SPEC §4.3's by slot
+            (rank_pos 30 − rank_index, then 7, 6, 5, and 0 for slots past the 40 own ones).
+        mask: (B, N) bool candidate mask; default about 80% valid slots.
+        seq_mask: (B, L) bool behaviour mask; default about 60% valid positions.
+        seq_len: L, when seq_mask is not given.
+
+    Padded behaviours and masked candidate slots hold id 0 (as the converter writes them); the
+    default priority is 0 at masked slots. request_id = 0..B−1.
+    """
+    for name, v in (("batch_size", batch_size), ("num_candidates", num_candidates)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"'{name}' should be an int >= 1 but got {v!r}")
+    b, n = batch_size, num_candidates
+    vocab = _default_vocab() if vocab is None else dict(vocab)
+    for f, t in schema.EMBEDDING_TABLE.items():
+        if t not in vocab:
+            raise ValueError(f"'vocab' is missing table {t!r} (feature {f!r}); got {sorted(vocab)}")
+        if isinstance(vocab[t], bool) or not isinstance(vocab[t], int) or vocab[t] < 2:
+            raise ValueError(f"'vocab[{t!r}]' should be an int >= 2 but got {vocab[t]!r}")
+    _check_shape("priority", priority, (b, n), False)
+    _check_shape("mask", mask, (b, n), True)
+    if seq_mask is not None:
+        seq_len = seq_mask.shape[-1]
+    _check_shape("seq_mask", seq_mask, (b, seq_len), True)
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(fields: tuple[str, ...], *shape: int) -> torch.Tensor:
+        """(*shape, len(fields)) int64, each feature's ids in [1, rows of its table)."""
+        cols = [
+            torch.randint(1, vocab[schema.EMBEDDING_TABLE[f]], shape, generator=g) for f in fields
+        ]
+        return torch.stack(cols, dim=-1)
+
+    if seq_mask is None:
+        seq_mask = torch.rand(b, seq_len, generator=g) > 0.4
+    if mask is None:
+        mask = torch.rand(b, n, generator=g) > 0.2
+    seq = ids(schema.SEQ_FIELDS, b, seq_len).masked_fill(~seq_mask.unsqueeze(-1), 0)  # (B, L, 5)
+    items = ids(schema.ITEM_FIELDS, b, n).masked_fill(~mask.unsqueeze(-1), 0)  # (B, N, F)
+    if priority is None:
+        priority = _recflow_priority(b, n, g).masked_fill(~mask, 0.0)
+    return CascadeBatch(
+        context=ids(schema.CONTEXT_FIELDS, b),  # (B, 3)
+        user=ids(schema.USER_FIELDS, b),  # (B, 5)
+        seq=seq,
+        seq_mask=seq_mask,
+        items=items,
+        cand_mask=mask,
+        priority=priority,
+        request_id=torch.arange(b),
     )

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from raytopk.data.batch import CascadeBatch
+from raytopk.data.batch import CascadeBatch, random_batch
 from raytopk.data.labels import ground_truth
 from raytopk.losses import (
     CascadeTopKLoss,
@@ -28,18 +28,9 @@ PERM_OPS = [op for op in OPS if get_spec(op).permutation]
 EPS = 1e-8
 
 
-def make_batch(priority: torch.Tensor, mask: torch.Tensor) -> CascadeBatch:
-    b, n = priority.shape
-    return CascadeBatch(
-        context=torch.ones(b, 3, dtype=torch.long),
-        user=torch.ones(b, 5, dtype=torch.long),
-        seq=torch.ones(b, 2, 5, dtype=torch.long),
-        seq_mask=torch.ones(b, 2, dtype=torch.bool),
-        items=torch.ones(b, n, 8, dtype=torch.long),
-        cand_mask=mask,
-        priority=priority,
-        request_id=torch.arange(b),
-    )
+def batch_of(priority: torch.Tensor, mask: torch.Tensor) -> CascadeBatch:
+    """A random batch carrying these priorities and candidate mask."""
+    return random_batch(*priority.shape, priority=priority, mask=mask)
 
 
 # A small float64 example: 2 stages, 3 requests of 6 slots, masked slots holding junk, ties in
@@ -134,7 +125,7 @@ def test_cascade_loss_matches_slot_by_slot_reference(op: str) -> None:
     ks = [3, 2]
     loss = build_loss(op, params, ks, k_truth=2)
     assert isinstance(loss, CascadeTopKLoss)
-    total, parts = loss(SCORES, make_batch(PRIO, MASK))
+    total, parts = loss(SCORES, batch_of(PRIO, MASK))
     stages, joint = _reference_topk_loss(op, params, SCORES, PRIO, MASK, ks, 2)
     for s, ref in enumerate(stages):
         assert parts[f"stage{s}"].item() == pytest.approx(ref, rel=1e-9)
@@ -160,7 +151,7 @@ def test_dftopk_pinned_value() -> None:
 
 def test_weights_enter_as_uncertainty_terms() -> None:
     loss = build_loss("dftopk", {"tau": 1.0}, [3, 2], 2)
-    batch = make_batch(PRIO, MASK)
+    batch = batch_of(PRIO, MASK)
     total, parts = loss(SCORES, batch)
     total.backward()
     # dL/dρ_s = 1 - L_s / w_s² with w = exp(ρ) = 1 at initialisation.
@@ -183,16 +174,16 @@ def _with_junk_in_masked_slots(scores, prio, mask):
 @pytest.mark.parametrize("op", OPS)
 def test_masked_slots_do_not_change_the_loss(op: str) -> None:
     loss = build_loss(op, _params(op), [3, 2], k_truth=2)
-    total, parts = loss(SCORES, make_batch(PRIO, MASK))
+    total, parts = loss(SCORES, batch_of(PRIO, MASK))
     junk_scores, junk_prio = _with_junk_in_masked_slots(SCORES, PRIO, MASK)
-    total2, parts2 = loss(junk_scores, make_batch(junk_prio, MASK))
+    total2, parts2 = loss(junk_scores, batch_of(junk_prio, MASK))
     torch.testing.assert_close(total2, total)
     # One request alone equals the same request with its masked slots removed.
     keep = MASK[0]
     single = [s[:1] for s in SCORES]
-    t_masked, _ = loss(single, make_batch(PRIO[:1], MASK[:1]))
+    t_masked, _ = loss(single, batch_of(PRIO[:1], MASK[:1]))
     t_removed, _ = loss(
-        [s[:, keep] for s in single], make_batch(PRIO[:1, keep], torch.ones(1, 5, dtype=torch.bool))
+        [s[:, keep] for s in single], batch_of(PRIO[:1, keep], torch.ones(1, 5, dtype=torch.bool))
     )
     torch.testing.assert_close(t_masked, t_removed)
 
@@ -206,7 +197,7 @@ def test_rows_with_k_at_least_valid_are_finite(op: str) -> None:
     mask[2, 2] = True  # 1 valid: every stage keeps everything
     scores = [s.clone().requires_grad_(True) for s in SCORES]
     loss = build_loss(op, _params(op), [3, 2], k_truth=2)
-    total, parts = loss(scores, make_batch(prio, mask))
+    total, parts = loss(scores, batch_of(prio, mask))
     assert torch.isfinite(total) and all(torch.isfinite(v) for v in parts.values())
     total.backward()
     for s in scores:
@@ -215,10 +206,10 @@ def test_rows_with_k_at_least_valid_are_finite(op: str) -> None:
     assert (scores[0].grad[1:] == 0).all()  # stage 0 selects nothing in rows 1, 2
     assert (scores[1].grad[2] == 0).all()
     # The row where every stage keeps everything contributes nothing.
-    t_without, _ = loss([s[:2] for s in SCORES], make_batch(prio[:2], mask[:2]))
+    t_without, _ = loss([s[:2] for s in SCORES], batch_of(prio[:2], mask[:2]))
     torch.testing.assert_close(total.detach(), t_without)
     # k beyond every row: still finite (no selection anywhere, only the weight terms remain).
-    t_big, _ = build_loss(op, _params(op), [50, 50], k_truth=2)(scores, make_batch(prio, mask))
+    t_big, _ = build_loss(op, _params(op), [50, 50], k_truth=2)(scores, batch_of(prio, mask))
     assert t_big.item() == 0.0
 
 
@@ -229,7 +220,7 @@ def test_extreme_scores_stay_finite(op: str) -> None:
     for s in x:
         s.requires_grad_(True)
     loss = build_loss(op, _params(op, 1e-3), [3, 2], k_truth=2)
-    total, _ = loss(x, make_batch(PRIO, MASK))
+    total, _ = loss(x, batch_of(PRIO, MASK))
     total.backward()
     assert torch.isfinite(total)
     assert all(torch.isfinite(s.grad).all() for s in x)
@@ -322,7 +313,7 @@ def test_lcron_matches_slot_by_slot_reference(op: str) -> None:
     loss = build_loss(op, params, [3, 2], k_truth=2)
     assert isinstance(loss, LCRONLoss) and loss.label_param == LABEL_PARAMS[op]
     scores = [s.clone().requires_grad_(True) for s in SCORES]
-    total, parts = loss(scores, make_batch(PRIO.double(), MASK))
+    total, parts = loss(scores, batch_of(PRIO.double(), MASK))
     stages, joint = _reference_lcron(loss, SCORES, PRIO, MASK)
     for s, ref in enumerate(stages):
         assert parts[f"stage{s}"].item() == pytest.approx(ref, rel=1e-7)
@@ -360,7 +351,7 @@ def test_optimising_scores_decreases_loss(op: str) -> None:
     b, n = 4, 20
     prio = torch.rand(b, n) * 10
     mask = torch.rand(b, n) > 0.1
-    batch = make_batch(prio, mask)
+    batch = batch_of(prio, mask)
     scores = [torch.nn.Parameter(torch.randn(b, n)) for _ in range(2)]
     loss = build_loss(op, _params(op), [5, 5], k_truth=5)
     opt = torch.optim.Adam([*scores, *loss.parameters()], lr=0.1)
@@ -378,14 +369,14 @@ def test_optimising_scores_decreases_loss(op: str) -> None:
 def test_three_stages_and_errors() -> None:
     loss = build_loss("dftopk", {"tau": 1.0}, [4, 3, 2], k_truth=2)
     third = SCORES[0] - SCORES[1]
-    total, parts = loss([*SCORES, third], make_batch(PRIO, MASK))
+    total, parts = loss([*SCORES, third], batch_of(PRIO, MASK))
     assert {"stage2", "w2"} <= set(parts) and torch.isfinite(total)
     stages, joint = _reference_topk_loss(
         "dftopk", {"tau": 1.0}, [*SCORES, third], PRIO, MASK, [4, 3, 2], 2
     )
     assert parts["joint"].item() == pytest.approx(joint, rel=1e-9)
     with pytest.raises(ValueError, match="'scores' has 2 stages but ks"):
-        loss(SCORES, make_batch(PRIO, MASK))
+        loss(SCORES, batch_of(PRIO, MASK))
     with pytest.raises(ValueError, match="does not take; its parameter is 'tau'"):
         build_loss("dftopk", {"alpha": 5.0}, [10, 10])
     with pytest.raises(ValueError, match="unknown operator 'nope'"):

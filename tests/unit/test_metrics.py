@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from scipy.stats import kendalltau
 from sklearn.metrics import ndcg_score
 
-from raytopk.data.batch import CascadeBatch
+from raytopk.data.batch import CascadeBatch, random_batch
 from raytopk.data.labels import ground_truth
 from raytopk.metrics import (
     CascadeMetrics,
@@ -30,29 +30,16 @@ from raytopk.metrics import (
 )
 
 
-def make_batch(priority: torch.Tensor, mask: torch.Tensor) -> CascadeBatch:
-    b, n = priority.shape
-    return CascadeBatch(
-        context=torch.ones(b, 3, dtype=torch.long),
-        user=torch.ones(b, 5, dtype=torch.long),
-        seq=torch.ones(b, 2, 5, dtype=torch.long),
-        seq_mask=torch.ones(b, 2, dtype=torch.bool),
-        items=torch.ones(b, n, 8, dtype=torch.long),
-        cand_mask=mask,
-        priority=priority.float(),
-        request_id=torch.arange(b),
-    )
+def batch_of(priority: torch.Tensor, mask: torch.Tensor) -> CascadeBatch:
+    """A random batch carrying these priorities and candidate mask."""
+    return random_batch(*priority.shape, priority=priority, mask=mask)
 
 
 def recflow_like(b: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Priorities shaped like SPEC §4.3 (rank_pos 30 - rank_index, groups 7/6/5, sampled 0)
     with padded slots; ties everywhere but the rank_pos group."""
-    g = torch.Generator().manual_seed(seed)
-    prio = torch.zeros(b, n)
-    prio[:, :10] = 30 - torch.stack([torch.randperm(10, generator=g) for _ in range(b)]).float()
-    prio[:, 10:20], prio[:, 20:30], prio[:, 30:40] = 7.0, 6.0, 5.0
-    mask = torch.rand(b, n, generator=g) > 0.25
-    return prio, mask
+    batch = random_batch(b, n, seed=seed)
+    return batch.priority, batch.cand_mask
 
 
 def test_ndcg_matches_sklearn_with_ties_and_masks() -> None:
@@ -213,7 +200,7 @@ def test_cascade_metrics_match_reference_and_are_means_over_requests() -> None:
     batches = [_random_eval(b, seed) for b, seed in ((17, 0), (3, 1), (40, 2))]
     batches[1][2][0] = False  # a request without a valid slot is not counted
     for scores, prio, mask in batches:
-        metric.update(scores, make_batch(prio, mask))
+        metric.update(scores, batch_of(prio, mask))
     got = metric.compute()
     scores = [torch.cat([bt[0][s] for bt in batches]) for s in range(2)]
     prio = torch.cat([bt[1] for bt in batches])
@@ -236,7 +223,7 @@ def test_cascade_metrics_match_reference_and_are_means_over_requests() -> None:
     per_batch = []
     for scores_b, prio_b, mask_b in batches:
         m = CascadeMetrics()
-        m.update(scores_b, make_batch(prio_b, mask_b))
+        m.update(scores_b, batch_of(prio_b, mask_b))
         per_batch.append(m.compute()["joint_recall@10@20"])
     assert abs(np.mean(per_batch) - got["joint_recall@10@20"]) > 1e-6
     metric.reset()
@@ -247,11 +234,11 @@ def test_cascade_metrics_rejects_bad_input() -> None:
     (ret, pre), prio, mask = _random_eval(4, 0)
     m = CascadeMetrics()
     with pytest.raises(ValueError, match="has 1 stages but cuts"):
-        m.update([ret], make_batch(prio, mask))
+        m.update([ret], batch_of(prio, mask))
     bad = pre.clone()
     bad[mask] = float("nan")
     with pytest.raises(ValueError, match="'prerank' scores are not finite"):
-        m.update([ret, bad], make_batch(prio, mask))
+        m.update([ret, bad], batch_of(prio, mask))
     with pytest.raises(ValueError, match="non-increasing"):
         CascadeMetrics(cuts=(20, 30))
 
@@ -262,7 +249,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         metric = CascadeMetrics()
         # Uneven shards: rank 0 sees 30 requests, rank 1 sees 5.
         scores, prio, mask = _random_eval(30 if rank == 0 else 5, seed=10 + rank)
-        metric.update(scores, make_batch(prio, mask))
+        metric.update(scores, batch_of(prio, mask))
         res = metric.compute()
         if rank == 0:
             torch.save(res, out_file)
@@ -278,7 +265,7 @@ def test_cascade_metrics_all_reduce_across_workers(tmp_path) -> None:
     single = CascadeMetrics()
     for rank in range(2):
         scores, prio, mask = _random_eval(30 if rank == 0 else 5, seed=10 + rank)
-        single.update(scores, make_batch(prio, mask))
+        single.update(scores, batch_of(prio, mask))
     expect = single.compute()
     assert got["num_requests"] == 35
     for key, val in expect.items():
@@ -311,7 +298,7 @@ def test_metric_names_come_from_one_place() -> None:
         assert metric.names == stage_names(s) and metric.keys == keys
         assert set(metric.compute()) - {"num_requests"} == set(keys)
         (ret, pre), prio, mask = _random_eval(5, seed=s)
-        metric.update([ret, pre, pre - ret, ret + pre][:s], make_batch(prio, mask))
+        metric.update([ret, pre, pre - ret, ret + pre][:s], batch_of(prio, mask))
         got = metric.compute()
         assert list(got) == [*keys, "num_requests"] and got["num_requests"] == 5
     for bad in (0, 5, 2.0, True):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from raytopk.data import schema
-from raytopk.data.batch import CascadeBatch
+from raytopk.data.batch import CascadeBatch, random_batch
 from raytopk.models import PrerankDIN, RetrievalDSSM, build_scorer
 from raytopk.nn import masked_softmax
 
@@ -17,32 +17,12 @@ B, N, L = 4, 9, schema.SEQ_LEN
 
 
 def make_batch(seed: int = 0, b: int = B, n: int = N) -> CascadeBatch:
+    """A random batch whose row 0 has an empty history and row 1 a full one."""
     g = torch.Generator().manual_seed(seed)
-
-    def ids(*shape: int, hi: int = 30) -> torch.Tensor:
-        return torch.randint(1, hi, shape, generator=g)
-
     seq_mask = torch.rand(b, L, generator=g) > 0.4
     seq_mask[0] = False  # an empty history
     seq_mask[1] = True  # a full one
-    seq = ids(b, L, 5)
-    seq[~seq_mask] = 0  # padding is id 0, as the converter writes it
-    items = torch.cat(
-        [ids(b, n, 5), ids(b, n, 1, hi=9), ids(b, n, 1, hi=26), ids(b, n, 1, hi=62)], -1
-    )
-    cand_mask = torch.rand(b, n, generator=g) > 0.2
-    items[~cand_mask] = 0
-    context = torch.cat([ids(b, 1, hi=9), ids(b, 1, hi=26), ids(b, 1, hi=62)], -1)
-    return CascadeBatch(
-        context=context,
-        user=ids(b, 5),
-        seq=seq,
-        seq_mask=seq_mask,
-        items=items,
-        cand_mask=cand_mask,
-        priority=torch.rand(b, n, generator=g),
-        request_id=torch.arange(b),
-    )
+    return random_batch(b, n, VOCAB, seed=seed, seq_mask=seq_mask)
 
 
 def models() -> list[torch.nn.Module]:
