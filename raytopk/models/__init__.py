@@ -12,9 +12,17 @@ from raytopk.models.din import PrerankDIN
 from raytopk.models.dssm import RetrievalDSSM
 from raytopk.models.embeddings import FeatureEmbeddings
 
-__all__ = ["RetrievalDSSM", "PrerankDIN", "FeatureEmbeddings", "SCORERS", "build_scorer"]
+__all__ = [
+    "RetrievalDSSM",
+    "PrerankDIN",
+    "FeatureEmbeddings",
+    "SCORERS",
+    "SCORER_KINDS",
+    "build_scorer",
+]
 
 SCORERS: dict[str, type[nn.Module]] = {"dssm": RetrievalDSSM, "din": PrerankDIN}
+SCORER_KINDS: tuple[str, ...] = tuple(SCORERS)  # the config's model.stages values
 
 
 def build_scorer(kind: str, vocab: Mapping[str, int], dim: int = 8) -> nn.Module:

@@ -49,7 +49,7 @@ __all__ = [
     "dump_yaml",
 ]
 
-SCORER_KINDS = ("dssm", "din")  # raytopk.models.build_scorer kinds (DESIGN.md, Contract 3)
+from raytopk.models import SCORER_KINDS  # build_scorer kinds (DESIGN.md, Contract 3)
 
 
 class ConfigError(ValueError):

@@ -8,7 +8,7 @@ import torch
 
 from raytopk.data import schema
 from raytopk.data.batch import CascadeBatch, random_batch
-from raytopk.models import PrerankDIN, RetrievalDSSM, build_scorer
+from raytopk.models import SCORER_KINDS, SCORERS, PrerankDIN, RetrievalDSSM, build_scorer
 from raytopk.nn import masked_softmax
 
 TABLES = sorted(set(schema.EMBEDDING_TABLE.values()))
@@ -30,7 +30,13 @@ def models() -> list[torch.nn.Module]:
     return [RetrievalDSSM(VOCAB), PrerankDIN(VOCAB)]
 
 
-@pytest.mark.parametrize("kind", ["dssm", "din"])
+def test_scorer_kinds_are_the_registry() -> None:
+    from raytopk.train.config import SCORER_KINDS as config_kinds
+
+    assert SCORER_KINDS == ("dssm", "din") == tuple(SCORERS) and config_kinds is SCORER_KINDS
+
+
+@pytest.mark.parametrize("kind", SCORER_KINDS)
 def test_build_scorer_and_shapes(kind: str) -> None:
     model = build_scorer(kind, VOCAB, 8)
     batch = make_batch()
