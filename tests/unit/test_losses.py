@@ -383,6 +383,9 @@ def test_three_stages_and_errors() -> None:
         build_loss("nope", {}, [10, 10])
     with pytest.raises(ValueError, match="'ks\\[1\\]' should be an int >= 1"):
         build_loss("lapsum", {}, [10, 0])
+    for op in ("dftopk", PERM_OPS[0]):  # one k check for both losses
+        with pytest.raises(ValueError, match="'k_truth' should be an int >= 1 but got True"):
+            build_loss(op, {}, [10, 10], k_truth=True)
     with pytest.raises(ValueError, match="use LCRONLoss"):
         CascadeTopKLoss(PERM_OPS[0], {}, [10, 10])
     with pytest.raises(ValueError, match="not a permutation relaxation"):
