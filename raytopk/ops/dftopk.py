@@ -37,7 +37,11 @@ import torch
 from raytopk.ops._registry import register
 from raytopk.ops._validate import check_finite, check_param, prepare
 
-__all__ = ["dftopk", "dftopk_logits", "dftopk_threshold", "warmup"]
+__all__ = ["DEFAULT_TAU", "dftopk", "dftopk_logits", "dftopk_threshold", "step_bytes", "warmup"]
+
+# τ of the RecFlow protocol (SPEC.md §2.1; scores grow large under Adam, τ sets the margin
+# scale). The one default of every public function taking τ; the registry reads it from there.
+DEFAULT_TAU = 500.0
 
 # Selection primitive per device type when select="auto". CPU: the numba kernel (one selection,
 # measured faster than torch.topk and torch.kthvalue at every benchmarked size, see README).
@@ -413,7 +417,7 @@ def _check_select(select: object) -> str:
 def dftopk_logits(
     scores: torch.Tensor,
     k: int | torch.Tensor,
-    tau: float = 1.0,
+    tau: float = DEFAULT_TAU,
     mask: torch.Tensor | None = None,
     *,
     select: str = "auto",
@@ -454,20 +458,27 @@ def dftopk_threshold(
     return theta.to(x.device).reshape(shape[:-1])
 
 
+def step_bytes(batch: int, n: int, itemsize: int = 4) -> int:
+    """Peak bytes of one stage's training forward+backward (logits, the BCE-with-logits stage
+    loss and their gradients): about ten (B, N) tensors. The selection keeps only two int64
+    indices per row; the numba kernel's O(N) scratch per thread is not counted."""
+    return 10 * batch * n * itemsize
+
+
 @register(
     "dftopk",
     param="tau",
-    default=500.0,
     hard_limit=0.05,
     sums_to_k=False,
     complexity="O(N)",
+    step_bytes=step_bytes,
 )
 def dftopk(
     scores: torch.Tensor,
     k: int | torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
-    tau: float = 1.0,
+    tau: float = DEFAULT_TAU,
     select: str = "auto",
 ) -> torch.Tensor:
     """DFTopK soft top-k membership σ((x − θ_k(x)) / τ), SPEC.md §2.1.
