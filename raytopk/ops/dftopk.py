@@ -21,7 +21,8 @@ Implementation:
   boundary indices per row (int64, −1 for rows with k >= n) and the mask when one is given.
 - Masked slots never enter the selection; z = −∞ there (f = 0, no gradient). A row whose k is at
   least its number of valid slots selects all of them: θ = −∞, z = +∞, f = 1, zero gradient.
-- Ties at the k/k+1 boundary give θ = the tied value and f = ½ at the tied slots.
+- Ties at the k/k+1 boundary give θ = the tied value and f = ½ at the tied slots; π(k) and
+  π(k+1) are then two distinct tied slots, on every selection path.
 
 Deviations from the authors' code (read, not copied): they call a k-th-order-statistic routine
 twice and let autograd differentiate through it; they have no masks (padded slots take part in
@@ -343,7 +344,10 @@ def _threshold_torch(
         hi_val, hi_slot = torch.where(above, xm, float("inf")).min(-1)
         tied = above.sum(-1) < k0
         hi_val = torch.where(tied, v, hi_val)
-        hi_slot = torch.where(tied, lo_slot, hi_slot)
+        # At a tie π(k) and π(k+1) are two distinct slots holding v (each absorbs −½Σg):
+        # take the first slot equal to v other than the one kthvalue returned.
+        other = (xm == v.unsqueeze(-1)).scatter(-1, lo_slot.unsqueeze(-1), False)  # (R, N)
+        hi_slot = torch.where(tied, other.to(torch.uint8).argmax(-1), hi_slot)
     else:
         top = min(int(kk.max()) + 1, size)
         vals, slots = torch.topk(xm, top, dim=-1, sorted=True)  # (R, top) descending
