@@ -184,3 +184,20 @@ def test_cli_writes_json_and_plots(tmp_path: Path) -> None:
     assert (tmp_path / "bench_ops_operator.png").stat().st_size > 0
     assert (tmp_path / "bench_ops_step.png").stat().st_size > 0
     assert result["operator"] == data["operator"]
+
+
+def test_plain_throughput_counts_timed_steps_after_warmup() -> None:
+    # The baseline loop of jobs/bench_train.py on in-memory batches (no Ray, no data files).
+    from test_models import VOCAB, make_batch  # same folder; pytest puts it on sys.path
+
+    from raytopk.bench.train import plain_throughput
+    from raytopk.train.config import load_config
+
+    cfg = load_config(None, ["model.dim=8", "data.synthetic.enabled=true"])
+    batches = [make_batch(i, b=4, n=12) for i in range(3)]
+    one_pass = plain_throughput(cfg, VOCAB, batches, warmup=1)
+    assert one_pass["steps"] == 3  # one pass over the batches after one warm-up step
+    capped = plain_throughput(cfg, VOCAB, batches, warmup=1, max_steps=5)
+    assert capped["steps"] == 5
+    for r in (one_pass, capped):
+        assert r["samples_per_s"] > 0 and r["s_per_step"] > 0
