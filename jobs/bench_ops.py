@@ -10,7 +10,7 @@ Operator level: forward and forward+backward (BCE against a top-k label) timed s
 B ∈ {1, 1024}, N ∈ {10, 40, 200, 1000, 10⁴, 10⁵}, k ∈ {10, N//2} (clipped to N − 1), plus the
 issue's target shape (B=64, N=10⁵, k=100); peak extra memory of forward+backward. Definitions
 (what is timed, how memory is measured on CPU and CUDA, the skip rules) are in
-raytopk/bench/ops.py and raytopk/bench/step.py.
+raytopk/bench/sweeps.py, raytopk/bench/harness.py and raytopk/bench/step.py.
 
 Writes <out>/bench_ops.json (machine, settings, every record, target summary),
 <out>/bench_ops_operator.png and <out>/bench_ops_step.png; prints markdown tables. Imports
@@ -30,22 +30,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from raytopk.bench.ops import (  # noqa: E402
+from raytopk.bench.machine import machine_info  # noqa: E402
+from raytopk.bench.report import (  # noqa: E402
+    TARGET_SHAPES,
+    markdown_headline,
+    markdown_operator_tables,
+    plot,
+    targets,
+)
+from raytopk.bench.step import STEP_SIZES, bench_steps, markdown_step_table  # noqa: E402
+from raytopk.bench.sweeps import (  # noqa: E402
     HEADLINE_SHAPES,
     bench_operators,
     build_lines,
     headline,
-    machine_info,
-    markdown_headline,
-    markdown_operator_tables,
     measure_memory,
     operator_configs,
 )
-from raytopk.bench.step import STEP_SIZES, bench_steps, markdown_step_table  # noqa: E402
 
 __all__ = ["main", "parse_args", "settings", "run", "targets", "plot"]
-
-TARGET_SHAPES = ((1024, 200, 10), (64, 100_000, 100))
 
 FULL = {
     "batches": [1, 1024],
@@ -213,121 +216,6 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         "step": steps,
         "targets": targets(records, steps),
     }
-
-
-def _rec(records, line, b, n, k, mode="forward_backward"):
-    for r in records:
-        if (r["line"], r["B"], r["N"], r["k"], r["mode"]) == (line, b, n, k, mode):
-            return r if r["status"] == "ok" else None
-    return None
-
-
-def _ratio(a: dict | None, b: dict | None) -> float | None:
-    return None if a is None or b is None else round(a["median_ms"] / b["median_ms"], 3)
-
-
-def targets(records: list[dict[str, Any]], steps: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's targets as measured here (None where a shape was not measured)."""
-    out: dict[str, Any] = {}
-    for b, n, k in TARGET_SHAPES:
-        out[f"speedup_vs_authors_B{b}_N{n}_k{k}"] = _ratio(
-            _rec(records, "authors_dftopk", b, n, k), _rec(records, "dftopk", b, n, k)
-        )
-    worst = None
-    for r in records:
-        if r["line"] != "dftopk" or r["status"] != "ok":
-            continue
-        ref = _rec(records, "authors_dftopk", r["B"], r["N"], r["k"], r["mode"])
-        if ref is not None:
-            sp = ref["median_ms"] / r["median_ms"]
-            if worst is None or sp < worst[0]:
-                worst = (sp, r["B"], r["N"], r["k"], r["mode"])
-    if worst is not None:
-        out["min_speedup_vs_authors"] = {
-            "speedup": round(worst[0], 3),
-            "B": worst[1],
-            "N": worst[2],
-            "k": worst[3],
-            "mode": worst[4],
-        }
-    big = sorted({(r["B"], r["N"], r["k"]) for r in records if r["N"] >= 100_000})
-    for b, n, k in big:
-        d = _rec(records, "dftopk", b, n, k)
-        out[f"dftopk_over_floor_B{b}_N{n}_k{k}"] = _ratio(
-            d, _rec(records, "elementwise_floor", b, n, k)
-        )
-        out[f"lapsum_over_dftopk_B{b}_N{n}_k{k}"] = _ratio(_rec(records, "lapsum", b, n, k), d)
-    peaks = [
-        r["peak_over_scores"] for r in records if r["line"] == "dftopk" and "peak_over_scores" in r
-    ]
-    out["dftopk_max_peak_over_scores"] = round(max(peaks), 3) if peaks else None
-    at_or_below = {}
-    for r in steps:
-        if r.get("anchor_ms") is not None and r["status"] == "ok":
-            at_or_below[f"{r['line']}_n{r['n']}"] = r["mean_ms"] <= r["anchor_ms"]
-    out["step_at_or_below_authors_figure"] = at_or_below
-    return out
-
-
-def plot(result: dict[str, Any], out: Path) -> list[Path]:
-    """bench_ops_operator.png (forward+backward time vs N per B and k rule) and
-    bench_ops_step.png (step time vs n)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    recs = [
-        r
-        for r in result["operator"]
-        if r["mode"] == "forward_backward" and r["status"] == "ok" and r["k_rule"] != "fixed"
-    ]
-    batches = sorted({r["B"] for r in recs})
-    rules = sorted({r["k_rule"] for r in recs})
-    if recs:
-        fig, axes = plt.subplots(
-            len(batches), len(rules), figsize=(6 * len(rules), 4 * len(batches)), squeeze=False
-        )
-        lines = list(dict.fromkeys(r["line"] for r in result["operator"]))
-        for i, b in enumerate(batches):
-            for j, rule in enumerate(rules):
-                ax = axes[i][j]
-                for line in lines:
-                    pts = sorted(
-                        (r["N"], r["median_ms"])
-                        for r in recs
-                        if r["line"] == line and r["B"] == b and r["k_rule"] == rule
-                    )
-                    if pts:
-                        style = "--" if line in ("authors_dftopk", "elementwise_floor") else "-"
-                        ax.plot(*zip(*pts), style, marker="o", ms=3, label=line)
-                ax.set(xscale="log", yscale="log", xlabel="N", ylabel="ms (median)")
-                ax.set_title(f"forward+backward, B={b}, k={rule}")
-                ax.grid(True, which="both", alpha=0.3)
-        axes[0][0].legend(fontsize=7)
-        m = result["machine"]
-        fig.suptitle(f"raytopk operators on {m['device_name']} (torch {m['torch']})", fontsize=10)
-        fig.tight_layout()
-        paths.append(out / "bench_ops_operator.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    steps = [r for r in result["step"] if r["status"] == "ok"]
-    if steps:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for line in dict.fromkeys(r["line"] for r in steps):
-            pts = sorted((r["n"], r["mean_ms"]) for r in steps if r["line"] == line)
-            ax.plot(*zip(*pts), marker="o", ms=3, label=line)
-        ax.set(xscale="log", yscale="log", xlabel="n candidates (k = n//2, batch 1)")
-        ax.set(ylabel="ms per training step (mean)")
-        ax.set_title("step-level protocol (SPEC §5)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out / "bench_ops_step.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    return paths
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -8,10 +8,12 @@
    samples/s = the report windows after the first one, and the data-wait fraction of step time.
 2. Plain path: the same day's batches, produced by the same pipeline but materialised in memory
    first, fed to a plain single-process PyTorch loop (same model, operator, batch size, loss step,
-   optimiser and torch thread count as the Ray worker). Target: Ray >= 0.8x plain, wait < 10%.
+   optimiser and torch thread count as the Ray worker; ``raytopk.bench.train``). Target: Ray >=
+   0.8x plain, wait < 10%.
 3. Operator sweep: samples/s of a training step (forward, loss, backward, Adam) for every
    registered operator at sample_num 0 and 160 (N = 40 and 200 candidates), plain loop - the
-   input of the sample-scaling study.
+   input of the sample-scaling study. Points whose estimated memory (the operators' registry
+   ``step_bytes``, times the two stages) exceeds --mem-budget-gb are recorded as skipped.
 
 Writes ``bench_train.json`` (figures, targets, hardware and versions) and ``bench_train.png``.
 """
@@ -22,7 +24,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -33,106 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-__all__ = ["main", "plain_throughput", "materialise"]
+from raytopk.bench.machine import machine_info  # noqa: E402
+from raytopk.bench.train import materialise, plain_throughput  # noqa: E402
 
+__all__ = ["main"]
 
-def _hardware() -> dict[str, Any]:
-    import ray
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-    }
-
-
-def materialise(
-    path: str, day: str, *, sample_num: int, batch_size: int, seed: int, max_batches: int = 0
-) -> list:
-    """The CascadeBatches the Ray path would train on, built by the same pipeline, in memory."""
-    from raytopk.data.batch import collate
-    from raytopk.data.pipeline import build_dataset
-
-    ds = build_dataset(
-        path, [day], split="train", sample_num=sample_num, batch_size=batch_size, seed=seed
-    )
-    out = []
-    for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        out.append(collate(b))
-        if max_batches and len(out) >= max_batches:
-            break
-    return out
-
-
-def plain_throughput(
-    cfg: Any,
-    vocab: dict[str, int],
-    batches: list,
-    *,
-    warmup: int = 3,
-    max_steps: int = 0,
-    max_seconds: float = 0.0,
-    device: str = "cpu",
-) -> dict[str, float]:
-    """Samples/s of the plain single-process loop over in-memory ``batches`` (after warm-up)."""
-    from raytopk.train.loop import CascadeModel, _loss_step
-
-    torch.manual_seed(cfg.run.seed)
-    model = CascadeModel.from_config(cfg, vocab).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
-    rows = secs = 0.0
-    steps = 0
-    t_all = time.perf_counter()
-    i = 0
-    while True:
-        batch = batches[i % len(batches)].to(device)
-        t = time.perf_counter()
-        total, _ = _loss_step(model, batch)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        if device != "cpu":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t
-        if i >= warmup:
-            rows += batch.batch_size
-            secs += dt
-            steps += 1
-        i += 1
-        done_pass = i >= len(batches) + warmup if not max_steps else steps >= max_steps
-        if done_pass or (max_seconds and time.perf_counter() - t_all > max_seconds and steps):
-            break
-    return {
-        "samples_per_s": rows / max(secs, 1e-9),
-        "s_per_step": secs / max(steps, 1),
-        "steps": steps,
-    }
-
-
-def step_bytes_estimate(op: str, batch_size: int, n: int, stages: int = 2) -> int:
-    """Rough extra peak bytes of one training step for a permutation operator (0 otherwise):
-    per stage a few B x N x N float32 tensors (soft permutation, its gradient, the LCRON label
-    matrix); DiffSort's N-layer network also keeps a B x N/2 x N tensor per layer for backward.
-    Used to skip sweep points that would exhaust a small machine's memory."""
-    from raytopk.ops import get_spec
-
-    if not get_spec(op).permutation:
-        return 0
-    per_stage = 4 * 4 * batch_size * n * n
-    if op == "diffsort":
-        per_stage += 4 * batch_size * n * (n // 2) * n
-    return stages * per_stage
+STAGES = 2  # the cascade's stages: their graphs are alive together until backward
 
 
 def _ray_steady(progress_csv: Path) -> dict[str, float]:
@@ -262,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             for op in list_ops():
                 spec = get_spec(op)
-                need = step_bytes_estimate(op, args.batch_size, 40 + n)
+                need = STAGES * spec.step_bytes(args.batch_size, 40 + n)
                 if need > args.mem_budget_gb * 1e9:
                     sweep.setdefault(op, {})[f"N={40 + n}"] = {
                         "skipped": f"needs ~{need / 1e9:.1f} GB > --mem-budget-gb "
@@ -306,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             "data_wait_lt_0.1": ray_res["data_wait_frac"] < 0.1,
         },
         "ops_samples_per_s": sweep,
-        "hardware": _hardware(),
+        "machine": machine_info(),
     }
     (out / "bench_train.json").write_text(json.dumps(result, indent=2) + "\n")
     _plot(result, out / "bench_train.png")
@@ -347,8 +254,8 @@ def _plot(result: dict[str, Any], png: Path) -> None:
         axes[1].set_yscale("log")
         axes[1].set_ylabel("samples/s (plain loop)")
         axes[1].legend()
-    hw = result["hardware"]
-    fig.suptitle(f"{hw['cpu']} ({hw['cpu_count']} CPUs), torch {hw['torch']}, ray {hw['ray']}")
+    m = result["machine"]
+    fig.suptitle(f"{m['cpu_model']} ({m['cpu_cores']} CPUs), torch {m['torch']}, ray {m['ray']}")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)

@@ -1,28 +1,40 @@
-"""Benchmarks of the top-k operators: operator-level sweeps (``raytopk.bench.ops``) and the
-paper's step-level runtime protocol (``raytopk.bench.step``). Entry script: jobs/bench_ops.py.
+"""Benchmarks of the top-k operators, one module per job:
 
-Pure torch (+ matplotlib for plots): nothing here imports Ray or faiss, so the benchmark runs on
-a bare GPU machine with only torch, numba and matplotlib installed.
+- ``harness``: timing (``time_fn``, ``interleaved``) and peak memory of one call;
+- ``reference``: the formulations DFTopK is measured against (the authors' two-kthvalue
+  DFTopK, a full sort, the elementwise floor);
+- ``cost``: the skip rules' cost model (complexity exponents, time extrapolation; memory comes
+  from each operator's registry entry, ``get_spec(name).step_bytes``);
+- ``sweeps``: operator-level sweeps and the interleaved headline comparison;
+- ``step``: the DFTopK paper's step-level runtime protocol (SPEC.md §5);
+- ``report``: markdown tables, targets and plots;
+- ``machine``: the machine a benchmark ran on (``machine_info``, one set of keys);
+- ``train``: the plain single-process training loop that jobs/bench_train.py compares Ray with.
+
+Entry scripts: jobs/bench_ops.py, jobs/bench_train.py. Pure torch (+ matplotlib for plots):
+nothing here imports Ray or faiss at import time, so the operator benchmark runs on a bare GPU
+machine with only torch, numba and matplotlib installed.
 """
 
-from raytopk.bench.ops import (
+from raytopk.bench.harness import peak_memory, time_fn
+from raytopk.bench.machine import machine_info
+from raytopk.bench.reference import (
+    authors_dftopk,
     authors_dftopk_logits,
-    bench_operators,
     elementwise_floor_loss,
-    estimate_bytes,
-    machine_info,
-    peak_memory,
-    time_fn,
+    full_sort_logits,
 )
 from raytopk.bench.step import ToyDSSM, bench_steps
+from raytopk.bench.sweeps import bench_operators
 
 __all__ = [
     "ToyDSSM",
+    "authors_dftopk",
     "authors_dftopk_logits",
     "bench_operators",
     "bench_steps",
     "elementwise_floor_loss",
-    "estimate_bytes",
+    "full_sort_logits",
     "machine_info",
     "peak_memory",
     "time_fn",

@@ -40,7 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raytopk.bench.ops import authors_dftopk_logits, complexity_exponent, sync
+from raytopk.bench.cost import complexity_exponent
+from raytopk.bench.harness import sync
+from raytopk.bench.reference import authors_dftopk_logits
 
 __all__ = [
     "ToyDSSM",

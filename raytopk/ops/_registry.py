@@ -12,12 +12,13 @@ shaped like scores, exactly 0 at masked slots, which never influence any other s
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["OpSpec", "register", "get_op", "get_spec", "list_ops"]
+__all__ = ["OpSpec", "register", "get_op", "get_spec", "list_ops", "signature_default"]
 
 
 @dataclass(frozen=True)
@@ -25,13 +26,21 @@ class OpSpec:
     """What the framework, the tests and the benchmarks need to know about one operator.
 
     param: the operator's own parameter, named as in its paper (tau, alpha, l, steepness).
-    default: its RecFlow-protocol value (SPEC.md).
+    default: its RecFlow-protocol value (SPEC.md), read from the default of ``param`` in the
+        function's signature: one literal per parameter, so ``get_op(name)(x, k)`` is the
+        operator training uses.
     hard_limit: a value at which, for scores whose gaps are >= 1, the membership equals the
         hard top-k mask to within 1e-3 (used by the convergence test).
     sums_to_k: the paper guarantees sum(membership) == k over valid slots.
     permutation: the operator builds an (..., N, N) soft permutation (O(N^2) memory) and exposes
         soft_permutation(scores, <param>) in its module.
     complexity: time per row, for documentation and benchmarks.
+    step_bytes: ``step_bytes(batch, n, itemsize=4) -> int``, the peak bytes one stage's
+        training forward+backward through this operator holds for (batch, n) scores of
+        ``itemsize`` bytes (for a permutation op including the LCRON loss's label relaxation
+        matrix). Declared next to the operator; tests/unit/test_ops_memory.py checks it against
+        the peak of torch's CPU allocations. Used to skip benchmark and study points that would
+        not fit in memory.
     """
 
     name: str
@@ -42,6 +51,7 @@ class OpSpec:
     sums_to_k: bool
     permutation: bool
     complexity: str
+    step_bytes: Callable[..., int]
 
 
 _REGISTRY: dict[str, OpSpec] = {}
@@ -51,13 +61,17 @@ def register(
     name: str,
     *,
     param: str,
-    default: float,
     hard_limit: float,
     sums_to_k: bool,
     permutation: bool = False,
     complexity: str,
+    step_bytes: Callable[..., int],
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
-    """Class-less decorator registry (timm style): ``@register("dftopk", param="tau", ...)``."""
+    """Class-less decorator registry (timm style): ``@register("dftopk", param="tau", ...)``.
+
+    The parameter's default value is not an argument here: it is the default of ``param`` in
+    the decorated function's signature (ValueError if it has none).
+    """
 
     def deco(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
@@ -66,15 +80,24 @@ def register(
             name=name,
             fn=fn,
             param=param,
-            default=default,
+            default=signature_default(fn, param),
             hard_limit=hard_limit,
             sums_to_k=sums_to_k,
             permutation=permutation,
             complexity=complexity,
+            step_bytes=step_bytes,
         )
         return fn
 
     return deco
+
+
+def signature_default(fn: Callable[..., object], param: str) -> float:
+    """The default value of ``param`` in ``fn``'s signature (ValueError naming both if none)."""
+    p = inspect.signature(fn).parameters.get(param)
+    if p is None or p.default is inspect.Parameter.empty:
+        raise ValueError(f"{fn.__qualname__} should take {param!r} with a default value")
+    return float(p.default)
 
 
 def get_spec(name: str) -> OpSpec:

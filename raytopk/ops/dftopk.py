@@ -21,7 +21,8 @@ Implementation:
   boundary indices per row (int64, −1 for rows with k >= n) and the mask when one is given.
 - Masked slots never enter the selection; z = −∞ there (f = 0, no gradient). A row whose k is at
   least its number of valid slots selects all of them: θ = −∞, z = +∞, f = 1, zero gradient.
-- Ties at the k/k+1 boundary give θ = the tied value and f = ½ at the tied slots.
+- Ties at the k/k+1 boundary give θ = the tied value and f = ½ at the tied slots; π(k) and
+  π(k+1) are then two distinct tied slots, on every selection path.
 
 Deviations from the authors' code (read, not copied): they call a k-th-order-statistic routine
 twice and let autograd differentiate through it; they have no masks (padded slots take part in
@@ -37,7 +38,11 @@ import torch
 from raytopk.ops._registry import register
 from raytopk.ops._validate import check_finite, check_param, prepare
 
-__all__ = ["dftopk", "dftopk_logits", "dftopk_threshold", "warmup"]
+__all__ = ["DEFAULT_TAU", "dftopk", "dftopk_logits", "dftopk_threshold", "step_bytes", "warmup"]
+
+# τ of the RecFlow protocol (SPEC.md §2.1; scores grow large under Adam, τ sets the margin
+# scale). The one default of every public function taking τ; the registry reads it from there.
+DEFAULT_TAU = 500.0
 
 # Selection primitive per device type when select="auto". CPU: the numba kernel (one selection,
 # measured faster than torch.topk and torch.kthvalue at every benchmarked size, see README).
@@ -339,7 +344,10 @@ def _threshold_torch(
         hi_val, hi_slot = torch.where(above, xm, float("inf")).min(-1)
         tied = above.sum(-1) < k0
         hi_val = torch.where(tied, v, hi_val)
-        hi_slot = torch.where(tied, lo_slot, hi_slot)
+        # At a tie π(k) and π(k+1) are two distinct slots holding v (each absorbs −½Σg):
+        # take the first slot equal to v other than the one kthvalue returned.
+        other = (xm == v.unsqueeze(-1)).scatter(-1, lo_slot.unsqueeze(-1), False)  # (R, N)
+        hi_slot = torch.where(tied, other.to(torch.uint8).argmax(-1), hi_slot)
     else:
         top = min(int(kk.max()) + 1, size)
         vals, slots = torch.topk(xm, top, dim=-1, sorted=True)  # (R, top) descending
@@ -413,7 +421,7 @@ def _check_select(select: object) -> str:
 def dftopk_logits(
     scores: torch.Tensor,
     k: int | torch.Tensor,
-    tau: float = 1.0,
+    tau: float = DEFAULT_TAU,
     mask: torch.Tensor | None = None,
     *,
     select: str = "auto",
@@ -454,20 +462,27 @@ def dftopk_threshold(
     return theta.to(x.device).reshape(shape[:-1])
 
 
+def step_bytes(batch: int, n: int, itemsize: int = 4) -> int:
+    """Peak bytes of one stage's training forward+backward (logits, the BCE-with-logits stage
+    loss and their gradients): about ten (B, N) tensors. The selection keeps only two int64
+    indices per row; the numba kernel's O(N) scratch per thread is not counted."""
+    return 10 * batch * n * itemsize
+
+
 @register(
     "dftopk",
     param="tau",
-    default=500.0,
     hard_limit=0.05,
     sums_to_k=False,
     complexity="O(N)",
+    step_bytes=step_bytes,
 )
 def dftopk(
     scores: torch.Tensor,
     k: int | torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
-    tau: float = 1.0,
+    tau: float = DEFAULT_TAU,
     select: str = "auto",
 ) -> torch.Tensor:
     """DFTopK soft top-k membership σ((x − θ_k(x)) / τ), SPEC.md §2.1.

@@ -53,7 +53,10 @@ from raytopk.ops._permutation import (
 )
 from raytopk.ops._registry import register
 
-__all__ = ["soft_permutation", "diffsort"]
+__all__ = ["DEFAULT_STEEPNESS", "soft_permutation", "diffsort", "step_bytes"]
+
+# β of the RecFlow protocol (SPEC.md §2.4): the one default of every public function taking β.
+DEFAULT_STEEPNESS = 10.0
 
 
 def _interleave(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
@@ -122,7 +125,7 @@ def _soft_permutation(
 
 
 def soft_permutation(
-    scores: torch.Tensor, steepness: float = 10.0, mask: torch.Tensor | None = None
+    scores: torch.Tensor, steepness: float = DEFAULT_STEEPNESS, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """DiffSort P̂ of shape (..., N, N): rows = ranks (descending), columns = items.
 
@@ -136,21 +139,28 @@ def soft_permutation(
     return _soft_permutation(x.to(compute_dtype(x.dtype)), beta, mask_t).to(x.dtype)
 
 
+def step_bytes(batch: int, n: int, itemsize: int = 4) -> int:
+    """Peak bytes of one stage's training forward+backward through the LCRON loss: autograd
+    keeps one (B, N/2, N) difference per layer for the backward, N layers (B·N³/2 in all),
+    plus about six (B, N, N) tensors (P̂, the LCRON label relaxation Ŷ, their gradients)."""
+    return int(batch * n * n * itemsize * (n / 2 + 6))
+
+
 @register(
     "diffsort",
     param="steepness",
-    default=10.0,
     hard_limit=1e5,
     sums_to_k=False,
     permutation=True,
     complexity="O(N^3)",  # n layers × n/2 comparators × O(n) row mix
+    step_bytes=step_bytes,
 )
 def diffsort(
     scores: torch.Tensor,
     k: int | torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
-    steepness: float = 10.0,
+    steepness: float = DEFAULT_STEEPNESS,
 ) -> torch.Tensor:
     """Soft top-k membership u_j = Σ_{r<k} P̂[r,j] / Σ_r P̂[r,j] from the sorting network's P̂.
 

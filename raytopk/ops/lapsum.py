@@ -49,7 +49,10 @@ import torch
 from raytopk.ops._registry import register
 from raytopk.ops._validate import check_param, prepare
 
-__all__ = ["lapsum", "lapsum_threshold"]
+__all__ = ["DEFAULT_ALPHA", "lapsum", "lapsum_threshold", "step_bytes"]
+
+# α of the RecFlow protocol (SPEC.md §2.2): the one default of every public function taking α.
+DEFAULT_ALPHA = 5.0
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -220,7 +223,7 @@ def lapsum_threshold(
     k: int | torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
-    alpha: float = 1.0,
+    alpha: float = DEFAULT_ALPHA,
 ) -> torch.Tensor:
     """The threshold b (shape scores.shape[:-1], no gradient) with Σ_i F(x_i/α − b) = k over the
     valid slots; 0 for rows with k >= n (every valid slot selected)."""
@@ -234,20 +237,27 @@ def lapsum_threshold(
     return b.reshape(scores.shape[:-1]).to(scores.dtype)
 
 
+def step_bytes(batch: int, n: int, itemsize: int = 4) -> int:
+    """Peak bytes of one stage's training forward+backward: the sort (values and int64
+    indices), s, t, p, the saved t and active mask, the BCE stage loss and the gradients, about
+    twelve (B, N) tensors."""
+    return 12 * batch * n * itemsize
+
+
 @register(
     "lapsum",
     param="alpha",
-    default=5.0,
     hard_limit=1e-3,
     sums_to_k=True,
     complexity="O(N log N)",
+    step_bytes=step_bytes,
 )
 def lapsum(
     scores: torch.Tensor,
     k: int | torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
-    alpha: float = 1.0,
+    alpha: float = DEFAULT_ALPHA,
 ) -> torch.Tensor:
     """LapSum soft top-k membership p_i = F(x_i/α − b), Σ_{valid} p = k.
 

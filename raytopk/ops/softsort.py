@@ -33,7 +33,10 @@ from raytopk.ops._permutation import (
 )
 from raytopk.ops._registry import register
 
-__all__ = ["soft_permutation", "softsort"]
+__all__ = ["DEFAULT_TAU", "soft_permutation", "softsort", "step_bytes"]
+
+# τ of the RecFlow protocol (SPEC.md §2.4): the one default of every public function taking τ.
+DEFAULT_TAU = 50.0
 
 
 def _soft_permutation(x: torch.Tensor, tau: float, mask: torch.Tensor | None) -> torch.Tensor:
@@ -54,7 +57,7 @@ def _soft_permutation(x: torch.Tensor, tau: float, mask: torch.Tensor | None) ->
 
 
 def soft_permutation(
-    scores: torch.Tensor, tau: float = 1.0, mask: torch.Tensor | None = None
+    scores: torch.Tensor, tau: float = DEFAULT_TAU, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """SoftSort P̂ of shape (..., N, N): rows = ranks (descending), columns = items.
 
@@ -68,21 +71,28 @@ def soft_permutation(
     return _soft_permutation(x.to(compute_dtype(x.dtype)), tau_f, mask_t).to(x.dtype)
 
 
+def step_bytes(batch: int, n: int, itemsize: int = 4) -> int:
+    """Peak bytes of one stage's training forward+backward through the LCRON loss:
+    |x̂_r − x_j| and the masked logits, P̂ and the softmax's saved output, the LCRON label
+    relaxation Ŷ and the gradient of P̂: about six (B, N, N) tensors at the peak."""
+    return 6 * batch * n * n * itemsize
+
+
 @register(
     "softsort",
     param="tau",
-    default=50.0,
     hard_limit=1e-3,
     sums_to_k=False,
     permutation=True,
     complexity="O(N^2)",
+    step_bytes=step_bytes,
 )
 def softsort(
     scores: torch.Tensor,
     k: int | torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
-    tau: float = 1.0,
+    tau: float = DEFAULT_TAU,
 ) -> torch.Tensor:
     """Soft top-k membership u_j = Σ_{r<k} P̂[r,j] / Σ_r P̂[r,j] from SoftSort's P̂.
 

@@ -41,7 +41,10 @@ import torch
 from raytopk.ops._registry import register
 from raytopk.ops._validate import check_param, prepare
 
-__all__ = ["sparse_topk"]
+__all__ = ["DEFAULT_L", "sparse_topk", "step_bytes"]
+
+# l of the RecFlow protocol (SPEC.md §2.3): the one default of every public function taking l.
+DEFAULT_L = 1.0
 
 
 @numba.njit(cache=True, nogil=True)
@@ -150,20 +153,28 @@ class _SparseTopK(torch.autograd.Function):
         return gx, None, None, None
 
 
+def step_bytes(batch: int, n: int, itemsize: int = 4) -> int:
+    """Peak bytes of one stage's training forward+backward: about twelve (B, N) tensors of
+    the sort, the scatter, the BCE stage loss and the gradients, plus the PAV kernel's float64
+    membership and int64 block ids (16 bytes per slot, in numpy: not seen by torch's
+    allocator)."""
+    return batch * n * (12 * itemsize + 16)
+
+
 @register(
     "sparse_topk",
     param="l",
-    default=1.0,
     hard_limit=1e-3,
     sums_to_k=True,
     complexity="O(N log N)",
+    step_bytes=step_bytes,
 )
 def sparse_topk(
     scores: torch.Tensor,
     k: int | torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
-    l: float = 1.0,
+    l: float = DEFAULT_L,
 ) -> torch.Tensor:
     """Sparse soft top-k membership: the projection of x/l onto the permutahedron of (1_k, 0).
 

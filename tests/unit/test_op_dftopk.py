@@ -165,3 +165,66 @@ def test_non_finite_valid_scores_name_the_row(select: str, n: int) -> None:
         with pytest.raises(ValueError, match=rf"'scores' has a non-finite value .* row {row}"):
             dftopk_logits(y, k, 1.0, mask, select=select)
     dftopk_logits(x, 5, 1.0, mask, select=select)  # masked NaN alone is fine
+
+
+# ---- gradients with ties, on every selection path -----------------------------------------------
+
+ALL_SELECTS = ("auto", "numba", "topk", "kthvalue")
+
+
+def _assert_closed_form_grad(x, k, mask, tau, g, grad) -> None:
+    """grad = g/τ at valid slots, plus −½Σg/τ at two DISTINCT slots π(k), π(k+1) holding
+    x_[k] and x_[k+1] (SPEC §2.1; at a tie any two distinct tied slots); 0 at masked slots and
+    in rows with k >= n."""
+    for r in range(x.shape[0]):
+        valid = mask[r].nonzero().flatten().tolist()
+        kr = int(k[r])
+        assert (grad[r, ~mask[r]] == 0).all()
+        if kr >= len(valid):
+            assert (grad[r] == 0).all()
+            continue
+        s = torch.sort(x[r, valid], descending=True).values
+        hi, lo = float(s[kr - 1]), float(s[kr])
+        gv = g[r, valid] / tau
+        half = -0.5 * float(gv.sum())
+        resid = grad[r, valid] - gv
+        moved = (resid.abs() > 1e-9).nonzero().flatten().tolist()
+        assert len(moved) == 2, (r, resid)  # two distinct boundary slots, not one twice
+        torch.testing.assert_close(resid[moved], torch.full((2,), half, dtype=x.dtype))
+        got = sorted(float(x[r, valid[i]]) for i in moved)
+        assert got == sorted([hi, lo]), (r, got, hi, lo)
+
+
+@pytest.mark.parametrize("select", ALL_SELECTS)
+def test_gradient_at_a_boundary_tie_uses_two_slots(select: str) -> None:
+    x = torch.tensor([[3.0, 2.0, 2.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    dftopk_logits(x, 2, tau=1.0, select=select).sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[1.0, -1.0, -1.0, 1.0]], dtype=x.dtype))
+
+
+@pytest.mark.parametrize("select", ALL_SELECTS)
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 9])
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradient_with_ties_matches_closed_form(select: str, k: int, masked: bool) -> None:
+    # Integer scores in [-3, 3]: ties at the k/k+1 boundary and elsewhere in most rows. One k
+    # for every row, so select="kthvalue" runs its own path (per-row k falls back to topk).
+    x, _, mask = _case(12, 10, seed=100 + k, masked=masked, ties=True)
+    x[0] = torch.tensor([5.0, 5.0, 3.0, 2.0, 2.0, 0.0, 0.0, 0.0, -1.0, -1.0])
+    mask[0] = True
+    g = torch.rand(12, 10, generator=torch.Generator().manual_seed(k), dtype=x.dtype) + 0.5
+    xg = x.clone().requires_grad_()
+    dftopk_logits(xg, k, tau=0.7, mask=mask, select=select).backward(g)
+    _assert_closed_form_grad(x, torch.full((12,), k), mask, 0.7, g, xg.grad)
+
+
+@pytest.mark.parametrize("select", ALL_SELECTS)
+def test_gradient_with_ties_long_rows(select: str) -> None:
+    # >= 4096 valid slots: the numba kernel's sampled path; heavy ties everywhere.
+    g = torch.Generator().manual_seed(12)
+    x = (torch.randn(3, 5000, generator=g, dtype=torch.float64) * 3).round()
+    mask = torch.rand(3, 5000, generator=g) > 0.1
+    up = torch.rand(3, 5000, generator=g, dtype=torch.float64) + 0.5
+    for k in (1, 100, 2000):
+        xg = x.clone().requires_grad_()
+        dftopk_logits(xg, k, tau=2.0, mask=mask, select=select).backward(up)
+        _assert_closed_form_grad(x, torch.full((3,), k), mask, 2.0, up, xg.grad)

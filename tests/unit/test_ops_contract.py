@@ -6,6 +6,9 @@ independent slow reference lives in test_op_<name>.py.
 
 from __future__ import annotations
 
+import importlib
+import inspect
+
 import pytest
 import torch
 
@@ -41,6 +44,42 @@ def test_registry_names_every_op() -> None:
     assert OPS == ["dftopk", "lapsum", "sparse_topk", "neuralsort", "softsort", "diffsort"]
     with pytest.raises(ValueError, match="unknown operator 'nope'.*dftopk"):
         get_op("nope")
+
+
+# SPEC.md's RecFlow-protocol value of each operator's parameter (§2.1–2.4).
+RECFLOW = {
+    "dftopk": 500.0,
+    "lapsum": 5.0,
+    "sparse_topk": 1.0,
+    "neuralsort": 50.0,
+    "softsort": 50.0,
+    "diffsort": 10.0,
+}
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_one_default_per_parameter(name: str) -> None:
+    """The registry's default is the signature's, shared by every public function of the
+    operator's module that takes the parameter; calling without it is the RecFlow operator."""
+    spec = get_spec(name)
+    assert spec.default == RECFLOW[name]
+    module = importlib.import_module(spec.fn.__module__)
+    takers = []
+    for attr in module.__all__:
+        fn = getattr(module, attr)
+        if not inspect.isfunction(fn):
+            continue
+        param = inspect.signature(fn).parameters.get(spec.param)
+        if param is not None:
+            assert param.default == spec.default, f"{module.__name__}.{attr}"
+            takers.append(attr)
+    assert name in takers
+    x = torch.randn(3, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    op = get_op(name)
+    torch.testing.assert_close(op(x, 4), op(x, 4, **{spec.param: spec.default}), atol=0, rtol=0)
+    from raytopk.losses.cascade import resolve_op_params
+
+    assert resolve_op_params(name, None) == {spec.param: spec.default}
 
 
 @pytest.mark.parametrize("name", OPS)
