@@ -90,11 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     import ray
 
-    from jobs.train import init_ray
     from raytopk.data.synthetic import prepare_synthetic
     from raytopk.ops import get_spec, list_ops
+    from raytopk.ray_env import init_ray
     from raytopk.train.config import load_config
-    from raytopk.train.driver import prepare, resolve_resources, run
+    from raytopk.train.driver import run
+    from raytopk.train.prepare import prepare
+    from raytopk.train.resources import plan_resources
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     prep = prepare(cfg)
     day, vocab = prep.cfg.data.train_days[0], dict(prep.meta["vocab"])
-    _, cpus, threads = resolve_resources(cfg.scaling, ray.cluster_resources())
+    plan = plan_resources(
+        ray.cluster_resources(), num_workers=1, use_gpu=False, concurrent=1
+    )
+    cpus, threads = plan.cpus_per_worker, plan.threads
 
     t0 = time.perf_counter()
     ray_final = run(cfg, verbose=False)

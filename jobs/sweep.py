@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.train import init_ray  # noqa: E402
+from raytopk.ray_env import init_ray  # noqa: E402
 from raytopk.train.config import ConfigError  # noqa: E402
 
 __all__ = ["main"]

@@ -23,16 +23,17 @@ __all__ = ["materialise", "plain_throughput"]
 def materialise(
     path: str, day: str, *, sample_num: int, batch_size: int, seed: int, max_batches: int = 0
 ) -> list:
-    """The CascadeBatches the Ray path would train on, built by the same pipeline, in memory."""
+    """The CascadeBatches the Ray path would train on (the pipeline's own transforms, read by the
+    local backend's reader: the same batches as a 1-worker Ray run), in memory."""
     from raytopk.data.batch import collate
-    from raytopk.data.pipeline import build_dataset
+    from raytopk.data.local import iter_local_groups
 
-    ds = build_dataset(
-        path, [day], split="train", sample_num=sample_num, batch_size=batch_size, seed=seed
-    )
     out = []
-    for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        out.append(collate(b))
+    groups = iter_local_groups(
+        path, [day], train=True, sample_num=sample_num, batch_size=batch_size, seed=seed
+    )
+    for g in groups:
+        out.append(collate(g))
         if max_batches and len(out) >= max_batches:
             break
     return out
@@ -49,7 +50,8 @@ def plain_throughput(
     device: str = "cpu",
 ) -> dict[str, float]:
     """Samples/s of the plain single-process loop over in-memory ``batches`` (after warm-up)."""
-    from raytopk.train.loop import CascadeModel, _loss_step
+    from raytopk.train.loop import _loss_step
+    from raytopk.train.model import CascadeModel
 
     torch.manual_seed(cfg.run.seed)
     model = CascadeModel.from_config(cfg, vocab).to(device)

@@ -60,7 +60,8 @@ def _col(np_batch: dict[str, np.ndarray], name: str) -> np.ndarray:
         raise ValueError(
             f"collate: column '{name}' must be a numeric numpy array, got "
             f"{type(arr).__name__} of dtype {getattr(arr, 'dtype', None)} "
-            "(build the dataset with raytopk.data.pipeline.build_dataset)"
+            "(build the dataset with raytopk.data.pipeline's build_train_dataset or "
+            "build_eval_dataset)"
         )
     return arr
 

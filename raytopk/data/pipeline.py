@@ -1,16 +1,18 @@
 """Ray Data pipeline over the converted RecFlow parquet dataset (SPEC.md §4.2, §4.4, §4.5).
 
-One row = one request. ``build_dataset`` reads the requested days (only schema.REQUEST_COLUMNS),
-orders them by date, shuffles within each day for training, cuts the stream into groups of
-``batch_size`` consecutive requests and appends ``sample_num`` in-batch negatives to every request
-of a group in Ray Data workers (``raytopk.data.sampling.sample_negatives``: n extra candidates
-drawn uniformly without replacement from the other requests' valid slots, priority 0), so
-cand_* columns grow from 40 to N = 40 + n. ``split="test"`` is the evaluation protocol: no
-shuffle, n = schema.EVAL_SAMPLE_NUM = 160, N = 200 (SPEC.md §4.5).
+One row = one request. Two builders read the requested days (only schema.REQUEST_COLUMNS) in
+date order, cut the stream into groups of ``batch_size`` consecutive requests and append
+in-batch negatives to every request of a group in Ray Data workers
+(``raytopk.data.sampling.sample_negatives``: n extra candidates drawn uniformly without
+replacement from the other requests' valid slots, priority 0), so cand_* columns grow from 40 to
+N = 40 + n:
+- ``build_train_dataset``: shuffled within each day, n = ``sample_num`` (SPEC.md §4.2);
+- ``build_eval_dataset``: the evaluation protocol, no shuffle, n = schema.EVAL_SAMPLE_NUM = 160,
+  N = schema.N_EVAL = 200 (SPEC.md §4.5).
 
 Plan (train):  read_parquet(files of the days, date order) -> add key + narrow ids -> sort(key)
                -> repartition(g x batch_size rows per block) -> map_batches(convert + sample)
-Plan (test):   read_parquet(files, date order) -> narrow ids -> repartition(...) -> map_batches(...)
+Plan (eval):   read_parquet(files, date order) -> narrow ids -> repartition(...) -> map_batches(...)
 
 Narrow ids: right after the read (in the UDF fused with it), every id column is cast from the
 parquet's int64 to the narrowest unsigned type its vocabulary allows (``storage_types``, from
@@ -29,8 +31,8 @@ Determinism (same path, days, seed -> the same rows in the same order with the s
   only the dataset's last block smaller), whatever the layout after the sort; the sampling UDF
   cuts each block into runs of ``batch_size``, so the groups are the consecutive runs of
   ``batch_size`` requests of the whole dataset (the last one smaller; a group may span a day
-  boundary). Iterating with the same
-  ``batch_size`` (``iter_cascade_batches``) therefore yields exactly the sampling groups: each
+  boundary). Iterating with the same ``batch_size`` (``raytopk.data.batches.CascadeBatches``)
+  therefore yields exactly the sampling groups: each
   batch's negatives come from that very batch, as in the paper;
 - each group's generator is seeded by (seed, sample_num, the group's first request_id, its size).
   RecFlow's request ids are unique, so this identifies (day, group index) without needing the
@@ -38,11 +40,9 @@ Determinism (same path, days, seed -> the same rows in the same order with the s
   gives the same order and the same negatives; build it with another ``seed`` to vary them (the
   training driver passes seed + day index per day).
 
-Ray 2.60 pitfalls handled here (RAY_NOTES.md): the V2 parquet reader restarts footer-reader actors
-on every execution (we read with V1); ``read_parquet(columns=...)`` is deprecated (we use
-``select_columns``); 2.60's default SHUFFLE_V2 sort costs ~6 s of fixed overhead per
-execution on this machine (we use the task-based pull sort: ~0.5 s); Ray hands fixed_size_list
-columns to numpy UDFs as object arrays of rows,
+Ray 2.60 pitfalls (RAY_NOTES.md): the reader and sort flags are set in one place,
+``raytopk.ray_env.configure_data_context``; ``read_parquet(columns=...)`` is deprecated (we use
+``select_columns``); Ray hands fixed_size_list columns to numpy UDFs as object arrays of rows,
 so the sampling UDF takes pyarrow batches and converts list columns to (B, K) arrays in one
 vectorised step (flatten + reshape) instead of ``batch_format="numpy"``.
 """
@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,17 +61,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raytopk.data import schema
-from raytopk.data.batch import CascadeBatch, collate
 from raytopk.data.sampling import sample_negatives
+from raytopk.ray_env import configure_data_context
 
 __all__ = [
     "TARGET_BLOCK_BYTES",
     "groups_per_block",
-    "SPLITS",
     "arrow_to_numpy",
-    "build_dataset",
+    "build_eval_dataset",
+    "build_train_dataset",
     "day_files",
-    "iter_cascade_batches",
     "load_items",
     "add_shuffle_key",
     "prepare_block",
@@ -82,7 +81,6 @@ __all__ = [
     "storage_types",
 ]
 
-SPLITS = ("train", "test")
 TARGET_BLOCK_BYTES = 128 * 1024**2  # output block size aimed at (Ray's default maximum)
 _KEY = "__raytopk_shuffle_key"  # temporary sort column, dropped by prepare_group
 _DAY = "day"  # hive partition column of requests/day=YYYY-MM-DD/
@@ -288,34 +286,79 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 # ---- Ray Data ----------------------------------------------------------------------------
 
 
-def build_dataset(
+def build_train_dataset(
     path: str | os.PathLike,
     days: str | Sequence[str],
     *,
-    split: str,
     sample_num: int,
     batch_size: int,
     seed: int,
 ) -> Any:
-    """A ``ray.data.Dataset`` of requests of ``days`` (date order) with in-batch negatives.
+    """A ``ray.data.Dataset`` of the training requests of ``days``: date order, shuffled within
+    each day, ``sample_num`` in-batch negatives per request (N = 40 + sample_num).
 
     Args:
         path: converted dataset directory (OUT of ``jobs/prepare_data.py convert``).
         days: "YYYY-MM-DD" day(s); read in date order whatever order they are given in.
-        split: "train" (shuffled within each day, ``sample_num`` negatives) or "test" (file
-            order, schema.EVAL_SAMPLE_NUM negatives whatever ``sample_num`` says).
-        sample_num: negatives per request for training, >= 0.
+        sample_num: negatives per request, >= 0.
         batch_size: requests per sampling group (use the training batch size).
         seed: >= 0; fixes the shuffle and the negatives (see module doc).
     """
+    sample_num = _check_int("sample_num", sample_num, 0)
+    batch_size, seed = _check_int("batch_size", batch_size, 1), _check_int("seed", seed, 0)
+    ds, days, types = _read(path, days, [*schema.REQUEST_COLUMNS, _DAY])
+    ds = ds.map_batches(
+        add_shuffle_key,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={"seed": seed, "types": types},
+        zero_copy_batch=True,
+    )
+    # Explicit boundaries at the day starts: one sorted output block per day, so the block
+    # layout never depends on Ray's random boundary sampling.
+    ds = ds.sort(_KEY, boundaries=[_day_key(d) for d in days[1:]])
+    return _sample(ds, sample_num=sample_num, batch_size=batch_size, seed=seed, types=types)
+
+
+def build_eval_dataset(
+    path: str | os.PathLike,
+    days: str | Sequence[str],
+    *,
+    batch_size: int,
+    seed: int,
+    max_requests: int = 0,
+) -> Any:
+    """A ``ray.data.Dataset`` of the evaluation requests of ``days`` (SPEC.md §4.5): file order,
+    schema.EVAL_SAMPLE_NUM in-batch negatives per request, N = schema.N_EVAL = 200.
+
+    Args: as :func:`build_train_dataset`; ``batch_size`` is the evaluation batch size.
+        ``max_requests`` (> 0): only the first that many requests, limited right after the read,
+        so a capped evaluation reads, narrows and samples what it scores and not the whole day.
+    """
+    batch_size, seed = _check_int("batch_size", batch_size, 1), _check_int("seed", seed, 0)
+    max_requests = _check_int("max_requests", max_requests, 0)
+    ds, _, types = _read(path, days, list(schema.REQUEST_COLUMNS))
+    if max_requests:
+        ds = ds.limit(max_requests)
+    ds = ds.map_batches(
+        narrow_block,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={"types": types},
+        zero_copy_batch=True,
+    )
+    return _sample(
+        ds, sample_num=schema.EVAL_SAMPLE_NUM, batch_size=batch_size, seed=seed, types=types
+    )
+
+
+def _read(
+    path: str | os.PathLike, days: str | Sequence[str], columns: list[str]
+) -> tuple[Any, list[str], dict[str, pa.DataType]]:
+    """(dataset of ``columns`` of the days' files in date order, the sorted days, id types)."""
     import ray.data
     from ray.data.datasource import Partitioning
 
-    if split not in SPLITS:
-        raise ValueError(f"'split' must be one of {SPLITS}, got {split!r}")
-    sample_num = _check_int("sample_num", sample_num, 0)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    seed = _check_int("seed", seed, 0)
     if isinstance(days, str):
         days = [days]
     days = sorted(days)
@@ -324,51 +367,24 @@ def build_dataset(
     if len(set(days)) != len(days):
         raise ValueError(f"'days' has duplicates: {days}")
     files = [f for day in days for f in day_files(path, day)]  # date order, then file order
-    if split == "test":
-        sample_num = schema.EVAL_SAMPLE_NUM
-
     root, meta = _read_meta(path)
     types = storage_types(meta["vocab"])
-    ctx = ray.data.DataContext.get_current()
-    v2 = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = False  # decided at read time; the dataset keeps its own copy
-    try:
-        ds = ray.data.read_parquet(
-            files,
-            # the day comes from the hive folder name day=YYYY-MM-DD (the shuffle key needs it)
-            partitioning=Partitioning("hive", base_dir=str(root / "requests")),
-            file_extensions=["parquet"],
-            override_num_blocks=len(files),  # no split into tiny blocks: fewer tasks
-        )
-    finally:
-        ctx.use_datasource_v2 = v2
-    # The dataset's own context (a copy): block order = file order = date order, and the
-    # sampling groups do not depend on task completion order.
-    ds.context.execution_options.preserve_order = True
-    # 2.60's default SHUFFLE_V2 costs ~6 s of fixed overhead per execution here (every epoch);
-    # the task-based pull shuffle does the same sort in well under a second on small days.
-    ds.context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    if split == "train":
-        ds = ds.select_columns([*schema.REQUEST_COLUMNS, _DAY])
-        ds = ds.map_batches(
-            add_shuffle_key,
-            batch_format="pyarrow",
-            batch_size=None,
-            fn_kwargs={"seed": seed, "types": types},
-            zero_copy_batch=True,
-        )
-        # Explicit boundaries at the day starts: one sorted output block per day, so the block
-        # layout never depends on Ray's random boundary sampling.
-        ds = ds.sort(_KEY, boundaries=[_day_key(d) for d in days[1:]])
-    else:
-        ds = ds.select_columns(list(schema.REQUEST_COLUMNS))
-        ds = ds.map_batches(
-            narrow_block,
-            batch_format="pyarrow",
-            batch_size=None,
-            fn_kwargs={"types": types},
-            zero_copy_batch=True,
-        )
+    configure_data_context()  # the reader is chosen at read time; the dataset keeps a copy
+    ds = ray.data.read_parquet(
+        files,
+        # the day comes from the hive folder name day=YYYY-MM-DD (the shuffle key needs it)
+        partitioning=Partitioning("hive", base_dir=str(root / "requests")),
+        file_extensions=["parquet"],
+        override_num_blocks=len(files),  # no split into tiny blocks: fewer tasks
+    )
+    configure_data_context(ds.context)
+    return ds.select_columns(columns), days, types
+
+
+def _sample(
+    ds: Any, *, sample_num: int, batch_size: int, seed: int, types: dict[str, pa.DataType]
+) -> Any:
+    """Cut the ordered rows into sampling groups of ``batch_size`` and add the negatives."""
     # Blocks of exactly g * batch_size consecutive rows (only the last one smaller): the sampling
     # groups follow the row order only, not the block layout the reader or the sort produced.
     rows_per_block = groups_per_block(batch_size, sample_num, types) * batch_size
@@ -380,7 +396,7 @@ def build_dataset(
         fn_kwargs={"sample_num": sample_num, "seed": seed, "batch_size": batch_size},
         zero_copy_batch=True,
     )
-    ds.context.execution_options.preserve_order = True
+    configure_data_context(ds.context)
     return ds
 
 
@@ -417,32 +433,3 @@ def load_items(path: str | os.PathLike) -> dict[str, np.ndarray]:
         cols = list(schema.ITEM_TABLE_COLUMNS)
         raise ValueError(f"{p}: cannot read item columns {cols}: {e}") from e
     return {c: np.asarray(v, dtype=np.int64) for c, v in arrow_to_numpy(table).items()}
-
-
-def iter_cascade_batches(
-    ds_or_shard: Any,
-    batch_size: int,
-    device: Any = None,
-    *,
-    prefetch_batches: int = 2,
-    drop_last: bool = False,
-) -> Iterator[CascadeBatch]:
-    """CascadeBatches from a Dataset or a Train dataset shard (numpy batches -> ``collate``).
-
-    ``batch_size`` should equal the one the dataset was built with, so each batch is one
-    sampling group. ``device``: move each batch there (non_blocking from pinned memory on CUDA).
-    """
-    batch_size = _check_int("batch_size", batch_size, 1)
-    cuda = device is not None and str(device).startswith("cuda")
-    for np_batch in ds_or_shard.iter_batches(
-        batch_size=batch_size,
-        batch_format="numpy",
-        prefetch_batches=prefetch_batches,
-        drop_last=drop_last,
-    ):
-        batch = collate(np_batch)
-        if cuda:
-            batch = batch.pin_memory().to(device, non_blocking=True)
-        elif device is not None:
-            batch = batch.to(device)
-        yield batch

@@ -22,7 +22,8 @@ GROUP_SIZE = 10  # slots per candidate group
 CAND_GROUPS = ("rank_pos", "rank_neg", "coarse_neg", "prerank_neg")  # slot order in a row
 N_OWN = GROUP_SIZE * len(CAND_GROUPS)  # 40 own candidate slots per request
 K_TRUTH = 10  # |G|: the ground-truth top set
-EVAL_SAMPLE_NUM = 160  # negatives per request at evaluation (N = 200), SPEC.md §4.5
+EVAL_SAMPLE_NUM = 160  # negatives per request at evaluation, SPEC.md §4.5
+N_EVAL = N_OWN + EVAL_SAMPLE_NUM  # candidates per request at evaluation: 200
 
 # SPEC.md §4.3: priority of each slot kind (rank_pos slots: 30 - rank_index).
 RANK_POS_BASE = 30

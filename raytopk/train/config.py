@@ -5,26 +5,31 @@ optim, scaling, run). Defaults follow the paper's RecFlow protocol (SPEC.md §4.
 batch 1024 requests, Adam lr 1e-2 for the models and the loss weights, seed 42), so a YAML file
 only states what differs.
 
-Loading order: dataclass defaults <- YAML file <- command-line ``key=value`` overrides with dotted
-keys (``op.name=lapsum op.params.alpha=5 run.output_dir=/tmp/x``). Unknown keys are rejected with
-the list of valid ones; values are converted to the field's type (``"1e-2"`` -> 0.01,
-``"[1,2]"`` -> [1, 2], ``"true"`` -> True). :func:`validate` checks the values that need no data
+Loading (raytopk.train.typed_config): dataclass defaults <- YAML file <- command-line
+``key=value`` overrides with dotted keys (``op.name=lapsum op.params.alpha=5``), typed and checked
+key by key, unknown keys rejected with the closest valid one. :func:`validate` checks the values
+that need no data
 (operator registered, scorer kinds, per-stage k, sizes); checks against the dataset itself (path,
 days) happen in :mod:`raytopk.train.driver` before any training starts.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from raytopk.train.typed_config import (
+    ConfigError,
+    apply_overrides,
+    build,
+    dump_yaml,
+    load_schema,
+    parse_overrides,
+    to_dict,
+    valid_keys,
+)
 
 __all__ = [
     "ConfigError",
@@ -37,8 +42,8 @@ __all__ = [
     "ScalingConfig",
     "RunConfig",
     "TrainConfig",
-    "SCORER_KINDS",
     "load_config",
+    "load_schema",
     "from_dict",
     "to_dict",
     "apply_overrides",
@@ -48,27 +53,6 @@ __all__ = [
     "expand_days",
     "dump_yaml",
 ]
-
-from raytopk.models import SCORER_KINDS  # build_scorer kinds (DESIGN.md, Contract 3)
-
-
-class ConfigError(ValueError):
-    """A configuration key or value is invalid; the message names the key and the value."""
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that keeps dates as text: ``2024-13-01`` must reach the day check as a string
-    (PyYAML's timestamp resolver would raise a bare ValueError), and days are strings anyway."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
 
 
 @dataclass
@@ -148,6 +132,9 @@ class RunConfig:
     max_train_seconds: float = 0.0  # training-time budget per run; 0: none. Then evaluate.
     max_samples: int = 0  # training-sample budget (requests, all workers); 0: none
     eval_max_batches: int = 0  # cap on test batches per worker (quick checks); 0: whole day
+    # "ray": Ray Train workers + Ray Data (DDP); "local": this process, no Ray (one device; a
+    # debugger, a notebook, a lone GPU), the same loop, batches and outputs.
+    backend: str = "ray"
 
 
 @dataclass
@@ -161,217 +148,15 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-# ---- (de)serialisation ----------------------------------------------------------------------
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def valid_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
-    """Every dotted key of the schema, e.g. ``run.seed``; dict fields end in ``.<name>``."""
-    keys: list[str] = []
-    for name, tp in _hints(cls).items():
-        key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(tp):
-            keys += valid_keys(tp, key + ".")
-        elif typing.get_origin(tp) is dict:
-            keys.append(key + ".<name>")
-        else:
-            keys.append(key)
-    return keys
-
-
-def _unknown(key: str, cls: type, prefix: str) -> ConfigError:
-    names = list(_hints(cls))
-    leaf = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(leaf, names, n=1)
-    hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
-    return ConfigError(
-        f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid_keys(cls, prefix))}"
-    )
-
-
-def _convert(key: str, value: Any, tp: Any) -> Any:
-    """``value`` (from YAML or a command line) as type ``tp``; ConfigError naming key and value."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        # str last: "0.5" must become a float before it could stay a string.
-        for arm in sorted(typing.get_args(tp), key=lambda a: a is str):
-            try:
-                return _convert(key, value, arm)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: cannot use {value!r} ({' / '.join(errors)})")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, str):
-            if value.strip().startswith("["):
-                try:
-                    value = _yaml_load(value)
-                except yaml.YAMLError as e:
-                    raise ConfigError(f"{key}: {value!r} is not a YAML list: {e}") from e
-            else:
-                value = [value]
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_convert(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
-    if origin is dict:
-        _, val_tp = typing.get_args(tp)
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {str(k): _convert(f"{key}.{k}", v, val_tp) for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
-            return value.strip().lower() in ("true", "yes")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value)
-            except ValueError:
-                f = None
-            if f is not None and f.is_integer():
-                return int(f)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads "1e-2" as a string: accept it as a number here
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, _dt.date):  # YAML turns 2024-01-13 into a date
-            return value.isoformat()
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported field type {tp!r}")  # a schema bug, not a user error
-
-
-def _build(cls: type, data: dict[str, Any] | None, prefix: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = _hints(cls)
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        key = f"{prefix}{name}"
-        if name not in hints:
-            raise _unknown(key, cls, prefix)
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key + ".")
-        else:
-            kwargs[name] = _convert(key, value, tp)
-    return cls(**kwargs)
-
-
-def from_dict(data: dict[str, Any] | None) -> TrainConfig:
-    """A TrainConfig from a nested mapping (YAML); unknown keys raise ConfigError."""
-    return _build(TrainConfig, data, "")
-
-
-def to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """Plain nested dict (YAML/JSON-safe) of a config."""
-    return dataclasses.asdict(cfg)
-
-
-def dump_yaml(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
-
-
-def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
-    """``["a.b=1", ...]`` -> ``[("a.b", "1"), ...]``; a malformed item raises ConfigError."""
-    out = []
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {arg!r} is not of the form key=value (e.g. run.seed=1)")
-        out.append((key.strip(), value))
-    return out
-
-
-def _parse_value(text: str) -> Any:
-    """Command-line value -> Python via YAML (so lists/bools/numbers work); raw text on failure."""
-    try:
-        return _yaml_load(text) if text != "" else ""
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(cfg: TrainConfig, overrides: list[tuple[str, str]]) -> TrainConfig:
-    """Set dotted keys on a copy of ``cfg``; unknown keys raise ConfigError with the valid ones."""
-    data = to_dict(cfg)
-    for key, text in overrides:
-        parts = key.split(".")
-        cls: type = TrainConfig
-        node = data
-        prefix = ""
-        for i, part in enumerate(parts):
-            hints = _hints(cls)
-            if part not in hints:
-                raise _unknown(prefix + part, cls, prefix)
-            tp = hints[part]
-            last = i == len(parts) - 1
-            if dataclasses.is_dataclass(tp):
-                if last:
-                    raise ConfigError(
-                        f"{key!r} is a section; set one of its keys: "
-                        f"{', '.join(valid_keys(tp, key + '.'))}"
-                    )
-                node, cls, prefix = node[part], tp, prefix + part + "."
-                continue
-            if typing.get_origin(tp) is dict and not last:
-                if i != len(parts) - 2:
-                    raise ConfigError(f"{key!r}: {prefix + part} holds one level of names")
-                node[part] = dict(node[part] or {})
-                node[part][parts[-1]] = _parse_value(text)
-                break
-            if not last:
-                raise ConfigError(f"{key!r}: {prefix + part} is a value, not a section")
-            node[part] = _parse_value(text)
-    return from_dict(data)
+def from_dict(data: dict[str, Any] | None, cls: type | None = None) -> Any:
+    """A TrainConfig (or another schema dataclass ``cls``) from a nested mapping (YAML); unknown
+    keys raise ConfigError naming the closest valid key."""
+    return build(cls or TrainConfig, data)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Defaults <- YAML file ``path`` <- ``key=value`` overrides; then :func:`validate`."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            data = _yaml_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
-    try:
-        cfg = from_dict(data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from e
-    cfg = apply_overrides(cfg, parse_overrides(overrides or []))
-    return validate(cfg)
+    return validate(load_schema(TrainConfig, path, overrides))
 
 
 # ---- validation -----------------------------------------------------------------------------
@@ -409,7 +194,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     Returns a new, resolved TrainConfig; raises ConfigError naming the key and value.
     """
     cfg = from_dict(to_dict(cfg))  # a copy
-    from raytopk.ops import get_spec, list_ops  # registry import deferred: config stays light
+    # Deferred: importing the config (YAML, dataclasses) stays light; validation needs torch.
+    from raytopk.models import SCORER_KINDS  # build_scorer kinds (DESIGN.md, Contract 3)
+    from raytopk.ops import get_spec, list_ops
 
     if cfg.op.name not in list_ops():
         raise ConfigError(f"op.name: unknown operator {cfg.op.name!r}; registered: {list_ops()}")
@@ -482,6 +269,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _positive("run.max_train_seconds", r.max_train_seconds, allow_zero=True)
     _positive("run.max_samples", r.max_samples, allow_zero=True)
     _positive("run.eval_max_batches", r.eval_max_batches, allow_zero=True)
+    if r.backend not in ("ray", "local"):
+        raise ConfigError(f"run.backend must be ray or local, got {r.backend!r}")
     for i, m in enumerate(r.corpus_ms):
         _positive(f"run.corpus_ms[{i}]", m)
     return cfg

@@ -1,456 +1,122 @@
-"""The training driver: validate a run up front, build its datasets and a Ray Train TorchTrainer.
+"""The training driver: launch a validated run as a Ray Train TorchTrainer (or, with
+``run.backend: local``, in this process), collect its result.
 
 ``run(cfg)`` is what ``jobs/train.py`` (and the Tune study) call. In order:
 
-1. :func:`prepare` - no Ray needed: prepare synthetic data when configured, read the dataset's
-   ``meta.json``, resolve and check the training days and the test day (SPEC.md §4.4), check the
-   operator's parameters by building the loss once, and - when ``run.output_dir`` already holds a
-   run - load its latest checkpoint to make sure it is readable and fits this config. Each problem
-   fails fast with a message naming the path, day, key or value, before any worker starts.
-2. :func:`resolve_resources` - GPUs when the cluster has them (``scaling.use_gpu: auto``), else
-   CPU workers sized from ``ray.cluster_resources()`` so that at least one CPU stays free for Ray
-   Data (RAY_NOTES.md: Train workers holding every CPU starve Ray Data, and the run hangs with no
-   error).
-3. one Ray dataset per training day (read in date order by the loop), one per streaming-eval day
-   and one for the test day (``build_dataset``: in-batch negative sampling runs in Ray Data).
+1. ``raytopk.train.prepare.prepare`` - no Ray needed: data, days, operator parameters and an
+   existing checkpoint are checked before any worker starts;
+2. ``raytopk.train.resources.plan_resources`` - GPUs when the cluster has them
+   (``scaling.use_gpu: auto``), else CPU workers sized so that Ray Data keeps CPUs of its own;
+3. :func:`build_datasets` - one Ray dataset per training day (read in date order by the loop),
+   one per streaming-eval day and one for the test day (in-batch negative sampling runs in Ray
+   Data);
 4. ``TorchTrainer`` (Ray Train V2) with ``RunConfig(storage_path=run.output_dir,
    name="checkpoints", CheckpointConfig, FailureConfig(max_failures))``; Ray restores its latest
-   checkpoint when the same output_dir is run again, and after a worker failure.
-5. outputs in ``run.output_dir``: ``config.yaml`` (resolved), ``progress.csv`` (one row per report,
-   written live by a controller-side callback, which also prints progress to the console),
+   checkpoint when the same output_dir is run again, and after a worker failure;
+5. outputs in ``run.output_dir`` (raytopk.train.report): ``config.yaml`` (resolved),
+   ``progress.csv`` (written live from the controller, which also prints progress),
    ``checkpoints/``, ``metrics.json`` and ``curves.png``.
 """
 
 from __future__ import annotations
 
-import csv
-import datetime as _dt
 import json
-import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from raytopk.train.checkpoint import CheckpointError, Position, load_state
-from raytopk.train.config import ConfigError, TrainConfig, dump_yaml, from_dict, to_dict, validate
+from raytopk import ray_env
+from raytopk.train.config import TrainConfig, dump_yaml, from_dict, to_dict
+from raytopk.train.prepare import CHECKPOINTS, Prepared, latest_checkpoint, prepare
+from raytopk.train.report import LAST_REPORT, ProgressLog, plot_curves, read_last_report
+from raytopk.train.resources import plan_resources
 
 __all__ = [
-    "Prepared",
+    "DatasetSpec",
     "TrainingStopped",
-    "prepare",
-    "resolve_resources",
-    "latest_checkpoint",
     "build_datasets",
-    "run",
-    "plot_curves",
+    "dataset_specs",
     "load_run_config",
-    "METRIC_KEYS",
+    "loop_config",
+    "run",
 ]
-
-CHECKPOINTS = "checkpoints"  # RunConfig name: checkpoints live in <output_dir>/checkpoints/
-# The final (or non-finite-loss stop) report of rank 0, written by the controller-side callback.
-# Ray Train V2's Result.metrics holds the metrics of the latest *checkpoint*, not the latest
-# report, so the final evaluation (reported without a checkpoint) is handed over in this file.
-LAST_REPORT = "last_report.json"
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of reported checkpoints
-METRIC_KEYS = (
-    "joint_recall@10@20",
-    "prerank_recall@10@20",
-    "retrieval_recall@10@30",
-    "prerank_ndcg@10",
-    "retrieval_ndcg@10",
-    "prerank_kendall_tau",
-    "retrieval_kendall_tau",
-)
-# Settings that change what a checkpoint's tensors mean: a resumed run must match them.
-_MUST_MATCH = ("model", "op", "loss", "optim")
 
 
 class TrainingStopped(RuntimeError):
     """Training stopped on a non-finite loss; the message names the step and the loss parts."""
 
 
-@dataclass
-class Prepared:
-    cfg: TrainConfig  # resolved: data.path, train_days, test_day, output_dir filled in
-    meta: dict[str, Any]
-    output_dir: Path
-    next_day: dict[str, str] = field(default_factory=dict)  # streaming eval: day -> day + 1
-    items_path: str | None = None
-    checkpoint: Path | None = None  # the latest checkpoint Ray will resume from
-    position: Position | None = None
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset of a run, as both backends build it (Ray Data, or raytopk.data.local)."""
+
+    days: tuple[str, ...]
+    train: bool  # shuffled within each day, sample_num negatives; else the evaluation protocol
+    sample_num: int
+    batch_size: int
+    seed: int
+    max_requests: int = 0  # evaluation only: the first that many requests (0: all)
 
 
-# ---- validation -----------------------------------------------------------------------------
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The checkpoint Ray Train restores from ``output_dir`` (from its snapshot), or None."""
-    exp = Path(output_dir) / CHECKPOINTS
-    snap = exp / SNAPSHOT
-    if not snap.is_file():
-        return None
-    try:
-        latest = json.loads(snap.read_text()).get("latest_checkpoint_result")
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint record {str(snap)!r} is corrupt: {e}") from e
-    if not latest:
-        return None
-    return exp / latest["checkpoint_dir_name"]
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    from raytopk.data.convert import read_meta
-
-    if not path.exists():
-        raise FileNotFoundError(
-            f"data.path {str(path)!r} does not exist: convert RecFlow with "
-            "`python jobs/prepare_data.py convert ...` or set data.synthetic.enabled=true"
-        )
-    if not (path / "meta.json").is_file():
-        raise FileNotFoundError(
-            f"data.path {str(path)!r} has no meta.json: it is not a converted raytopk dataset "
-            "(point data.path at the output directory of `jobs/prepare_data.py convert`)"
-        )
-    return read_meta(path)
-
-
-def prepare(cfg: TrainConfig) -> Prepared:
-    """Validate everything that can be checked before Ray starts; resolve days and paths."""
-    cfg = validate(cfg)
-    d = cfg.data
-    if d.synthetic.enabled and not (d.path and (Path(d.path) / "meta.json").is_file()):
-        from raytopk.data.synthetic import prepare_synthetic
-
-        t0 = time.perf_counter()
-        out = prepare_synthetic(
-            Path(d.synthetic.root),
-            days=d.synthetic.days,
-            requests_per_day=d.synthetic.requests_per_day,
-            seed=d.synthetic.seed,
-        )
-        d.path = str(out)
-        print(f"[raytopk] synthetic dataset ready at {out} ({time.perf_counter() - t0:.1f} s)")
-    path = Path(d.path).resolve()
-    d.path = str(path)
-    meta = _read_meta(path)
-    present = list(meta["days"])
-    if not present:
-        raise ValueError(f"data.path {str(path)!r}: meta.json lists no days")
-
-    test_day = d.test_day or present[-1]
-    if test_day not in present:
-        raise ValueError(
-            f"data.test_day {test_day} is not in the dataset at {str(path)!r} "
-            f"(days present: {present[0]} .. {present[-1]}, {len(present)} days)"
-        )
-    train_days = d.train_days or [day for day in present if day < test_day]
-    missing = [day for day in train_days if day not in present]
-    if missing:
-        raise ValueError(
-            f"data.train_days: day(s) {missing} missing from the dataset at {str(path)!r} "
-            f"(days present: {present})"
-        )
-    if not train_days:
-        raise ValueError(f"no training day before test day {test_day} in {str(path)!r}")
-    if test_day in train_days:
-        raise ValueError(f"data.test_day {test_day} is also a training day")
-    d.train_days, d.test_day = train_days, test_day
-
-    next_day = {}
-    if cfg.run.stream_eval:
-        for day in train_days:
-            nxt = (_dt.date.fromisoformat(day) + _dt.timedelta(days=1)).isoformat()
-            if nxt in present:
-                next_day[day] = nxt
-
-    items_path = None
-    if cfg.run.corpus_ms and cfg.model.stages[0] == "dssm":
-        items_path = str(path)
-
-    # The operator's parameters are checked by the loss itself (names, ranges): build it once.
-    from raytopk.losses import build_loss
-
-    try:
-        build_loss(cfg.op.name, dict(cfg.op.params), list(cfg.loss.ks), k_truth=cfg.loss.k_truth)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"op {cfg.op.name} with params {cfg.op.params}: {e}") from e
-
-    out_dir = Path(cfg.run.output_dir).resolve()
-    cfg.run.output_dir = str(out_dir)
-    prep = Prepared(
-        cfg=cfg, meta=meta, output_dir=out_dir, next_day=next_day, items_path=items_path
-    )
-    ckpt = latest_checkpoint(out_dir)
-    if ckpt is not None:
-        if not cfg.run.resume:
-            raise ConfigError(
-                f"run.output_dir {str(out_dir)!r} already holds checkpoints of a previous run "
-                f"(latest {ckpt.name}); set run.resume=true to continue it, or choose another "
-                "run.output_dir"
-            )
-        _check_resumable(prep, ckpt)
-    return prep
-
-
-def _schedule(cfg: TrainConfig) -> list[str]:
-    return [f"{e}:{day}" for e in range(cfg.run.epochs) for day in cfg.data.train_days]
-
-
-def _check_resumable(prep: Prepared, ckpt: Path) -> None:
-    state = load_state(ckpt)  # CheckpointError naming the file when it is corrupt
-    old = state["config"]
-    new = to_dict(prep.cfg)
-    for section in _MUST_MATCH:
-        if old.get(section) != new[section]:
-            raise CheckpointError(
-                f"checkpoint {str(ckpt)!r} was trained with {section}={old.get(section)} but "
-                f"this run asks for {section}={new[section]}; use another run.output_dir"
-            )
-    pos = Position.from_dict(state["position"])
-    sched = _schedule(prep.cfg)
-    if pos.days_done != sched[: len(pos.days_done)]:
-        raise CheckpointError(
-            f"checkpoint {str(ckpt)!r} has trained {pos.days_done}, which is not how this run's "
-            f"schedule begins ({sched[: len(pos.days_done) + 1]}); use another run.output_dir"
-        )
-    prep.checkpoint, prep.position = ckpt, pos
-
-
-def resolve_resources(scaling: Any, cluster: dict[str, float]) -> tuple[bool, float, int]:
-    """(use_gpu, CPUs per worker, torch threads per worker) for ``scaling`` on ``cluster``
-    (``ray.cluster_resources()``); ValueError naming the setting when it cannot fit."""
-    total_cpu = float(cluster.get("CPU", 0.0))
-    gpus = float(cluster.get("GPU", 0.0))
-    n = scaling.num_workers
-    use_gpu = gpus > 0 if scaling.use_gpu == "auto" else bool(scaling.use_gpu)
-    if use_gpu and gpus < n:
-        raise ValueError(
-            f"scaling.use_gpu={scaling.use_gpu} with scaling.num_workers={n} needs {n} GPU(s); "
-            f"the cluster has {gpus:g}"
-        )
-    # Ray Data needs CPUs of its own for reading and negative sampling (RAY_NOTES.md).
-    reserve = max(1.0, 0.25 * total_cpu)
-    if scaling.cpus_per_worker == "auto":
-        per = (total_cpu - reserve) / n
-        if per < 0.05:
-            raise ValueError(
-                f"the cluster has {total_cpu:g} CPU(s): too few for {n} worker(s) plus >= 1 CPU "
-                "for Ray Data; lower scaling.num_workers"
-            )
-        per = math.floor(per * 100) / 100
-    else:
-        per = float(scaling.cpus_per_worker)
-        if n * per > total_cpu - 1.0 + 1e-9:
-            raise ValueError(
-                f"scaling.cpus_per_worker={per:g} x scaling.num_workers={n} leaves less than one "
-                f"of the cluster's {total_cpu:g} CPUs to Ray Data, and the run would hang "
-                "(RAY_NOTES.md); lower it or use cpus_per_worker=auto"
-            )
-    return use_gpu, per, max(1, int(per))
-
-
-# ---- datasets -------------------------------------------------------------------------------
-
-
-def build_datasets(prep: Prepared) -> dict[str, Any]:
-    """Ray datasets by name: one per training day, per streaming-eval day, and the test day."""
-    import ray.data
-
-    from raytopk.data.pipeline import build_dataset
+def dataset_specs(prep: Prepared, num_workers: int = 1) -> dict[str, DatasetSpec]:
+    """The run's datasets by name: one per training day, per streaming-eval day, and the test
+    day. With ``run.eval_max_batches`` the evaluation datasets hold only the requests that many
+    batches per worker score, so a capped evaluation costs what it evaluates."""
     from raytopk.train.loop import TEST_KEY, eval_key, train_key
-
-    ctx = ray.data.DataContext.get_current()
-    # RAY_NOTES.md: the V2 parquet reader starts footer-reader actors on every execution
-    # (11-14 s per day here); the V1 reader is ~4x faster on the same job.
-    ctx.use_datasource_v2 = False
-    # Same batches in the same order on a re-run: needed for an exact resume with one worker.
-    ctx.execution_options.preserve_order = True
 
     cfg, d = prep.cfg, prep.cfg.data
     seed = cfg.run.seed
-    out: dict[str, Any] = {}
     present = list(prep.meta["days"])
-    for day in d.train_days:
-        out[train_key(day)] = build_dataset(
-            d.path,
-            [day],
-            split="train",
-            sample_num=d.sample_num,
-            batch_size=d.batch_size,
-            # Per-day shuffle/negatives seed from the day's place in the dataset, not in this
-            # run's list: a resumed run with a longer list draws the same batches per day.
-            seed=seed + present.index(day),
+    out = {
+        # Per-day shuffle/negatives seed from the day's place in the dataset, not in this run's
+        # list: a resumed run with a longer list draws the same batches per day.
+        train_key(day): DatasetSpec(
+            (day,), True, d.sample_num, d.batch_size, seed + present.index(day)
         )
-    for day in sorted(set(prep.next_day.values())):
-        out[eval_key(day)] = build_dataset(
-            d.path, [day], split="test", sample_num=0, batch_size=d.eval_batch_size, seed=seed
-        )
-    out[TEST_KEY] = build_dataset(
-        d.path, [d.test_day], split="test", sample_num=0, batch_size=d.eval_batch_size, seed=seed
-    )
+        for day in d.train_days
+    }
+    cap = cfg.run.eval_max_batches * d.eval_batch_size * num_workers
+    evals = [(eval_key(day), day) for day in sorted(set(prep.next_day.values()))]
+    for key, day in [*evals, (TEST_KEY, d.test_day)]:
+        out[key] = DatasetSpec((day,), False, 0, d.eval_batch_size, seed, cap)
     return out
 
 
-# ---- progress -------------------------------------------------------------------------------
+def build_datasets(prep: Prepared, num_workers: int = 1) -> dict[str, Any]:
+    """Ray datasets of :func:`dataset_specs` (in-batch negative sampling runs in Ray Data)."""
+    from raytopk.data.pipeline import build_eval_dataset, build_train_dataset
 
-
-def _progress_callback_cls() -> type:
-    from ray.train import UserCallback
-
-    class ProgressCallback(UserCallback):
-        """Runs in the Ray Train controller: one progress.csv row and one console line per report
-        (throughput summed over workers, data wait averaged)."""
-
-        def __init__(self, csv_path: str, run_name: str, last_path: str, verbose: bool) -> None:
-            self.csv_path = csv_path
-            self.run_name = run_name
-            self.last_path = last_path
-            self.verbose = verbose
-            self.rows: list[dict[str, Any]] | None = None
-
-        def _load(self) -> list[dict[str, Any]]:
-            if self.rows is None:
-                self.rows = []
-                if os.path.isfile(self.csv_path):  # a resumed run appends to its history
-                    with open(self.csv_path, newline="") as f:
-                        self.rows = list(csv.DictReader(f))
-            return self.rows
-
-        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
-            if not metrics:
-                return
-            m0 = dict(metrics[0])
-            if m0.get("kind") in ("final", "non_finite_loss"):
-                tmp = self.last_path + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump(m0, f, default=str)
-                os.replace(tmp, self.last_path)
-            if "samples_per_s" in m0:
-                m0["samples_per_s"] = sum(float(m.get("samples_per_s", 0.0)) for m in metrics)
-                m0["data_wait_frac"] = sum(
-                    float(m.get("data_wait_frac", 0.0)) for m in metrics
-                ) / len(metrics)
-            m0["time"] = round(time.time(), 3)
-            m0["workers"] = len(metrics)
-            if checkpoint is not None:
-                m0["checkpoint"] = os.path.basename(str(checkpoint.path))
-            row = {k: v for k, v in m0.items() if isinstance(v, int | float | str | bool)}
-            rows = self._load()
-            rows.append(row)
-            header: list[str] = []
-            for r in rows:
-                header += [k for k in r if k not in header]
-            tmp = self.csv_path + ".tmp"
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=header)
-                w.writeheader()
-                w.writerows(rows)
-            os.replace(tmp, self.csv_path)
-            if self.verbose:
-                print(_progress_line(self.run_name, m0), flush=True)
-
-    return ProgressCallback
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def _progress_line(name: str, m: dict[str, Any]) -> str:
-    kind = m.get("kind")
-    where = f"day {m.get('day')} ({int(m.get('day_index', -1)) + 1}/{m.get('num_days')})"
-    if kind == "step":
-        parts = " ".join(
-            f"{k}={m[k]:.4f}"
-            for k in m
-            if k.startswith(("stage", "joint", "w")) and isinstance(m[k], float)
-        )
-        return (
-            f"[{name}] {where} step {m.get('global_step')} | loss {m.get('loss', float('nan')):.4f}"
-            f" ({parts}) | {m.get('samples_per_s', 0):,.0f} samples/s"
-            f" | data wait {m.get('data_wait_frac', 0):.1%}"
-        )
-    if kind == "day":
-        line = (
-            f"[{name}] {where} done: {m.get('day_samples')} samples in {m.get('day_seconds')} s,"
-            f" mean loss {m.get('day_loss', float('nan')):.4f}, checkpoint {m.get('checkpoint')}"
-        )
-        if "stream_joint_recall@10@20" in m:
-            line += (
-                f" | next day {m.get('stream_day')} joint Recall@10@20 "
-                f"{m['stream_joint_recall@10@20']:.4f}"
+    ray_env.configure_data_context()
+    path, out = prep.cfg.data.path, {}
+    for key, s in dataset_specs(prep, num_workers).items():
+        if s.train:
+            out[key] = build_train_dataset(
+                path, list(s.days), sample_num=s.sample_num, batch_size=s.batch_size, seed=s.seed
             )
-        return line
-    if kind == "final":
-        keys = [k for k in METRIC_KEYS if k in m]
-        return f"[{name}] test day {m.get('test_day')}: " + ", ".join(
-            f"{k}={_fmt(m[k])}" for k in keys
-        )
-    if kind == "non_finite_loss":
-        return f"[{name}] STOPPED: {m.get('reason')}"
-    return f"[{name}] {kind} at step {m.get('global_step')} ({where})"
+        else:
+            out[key] = build_eval_dataset(
+                path, list(s.days), batch_size=s.batch_size, seed=s.seed,
+                max_requests=s.max_requests,
+            )
+    return out
 
 
-def plot_curves(progress_csv: str | Path, png: str | Path, title: str = "") -> Path | None:
-    """Training curves from progress.csv: loss parts, throughput / data wait, streaming recall."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(progress_csv)
-    if not path.is_file():
-        return None
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    steps = [r for r in rows if r.get("kind") == "step"]
-    days = [r for r in rows if r.get("kind") == "day"]
-
-    def col(rs: list[dict[str, str]], key: str) -> list[float]:
-        out = []
-        for r in rs:
-            try:
-                out.append(float(r.get(key) or "nan"))
-            except ValueError:
-                out.append(float("nan"))
-        return out
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    x = col(steps, "samples_seen")
-    loss_keys = ["loss"] + sorted(
-        k for k in (steps[0] if steps else {}) if k.startswith("stage") or k == "joint"
-    )
-    for k in loss_keys:
-        axes[0].plot(x, col(steps, k), label=k)
-    axes[0].set_xlabel("training samples (requests)")
-    axes[0].set_ylabel("loss")
-    axes[0].legend()
-    axes[1].plot(x, col(steps, "samples_per_s"), color="tab:blue")
-    axes[1].set_xlabel("training samples (requests)")
-    axes[1].set_ylabel("samples/s (all workers)", color="tab:blue")
-    ax2 = axes[1].twinx()
-    ax2.plot(x, col(steps, "data_wait_frac"), color="tab:red")
-    ax2.set_ylabel("data-wait fraction", color="tab:red")
-    if days and "stream_joint_recall@10@20" in days[0]:
-        axes[2].plot(col(days, "samples_seen"), col(days, "stream_joint_recall@10@20"), "o-")
-        axes[2].set_ylabel("next-day joint Recall@10@20")
-    else:
-        axes[2].plot(col(days, "samples_seen"), col(days, "day_loss"), "o-")
-        axes[2].set_ylabel("mean loss of the day")
-    axes[2].set_xlabel("training samples (requests)")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return Path(png)
-
-
-# ---- the run --------------------------------------------------------------------------------
+def loop_config(prep: Prepared, threads: int) -> dict[str, Any]:
+    """What ``raytopk.train.loop.train_loop`` receives (the same for both backends)."""
+    cfg = prep.cfg
+    return {
+        "cfg": to_dict(cfg),
+        "vocab": dict(prep.meta["vocab"]),
+        "days": list(cfg.data.train_days),
+        "next_day": dict(prep.next_day),
+        "items_path": prep.items_path,
+        "threads": threads,
+        "test_day": cfg.data.test_day,
+    }
 
 
 def run(
@@ -459,52 +125,79 @@ def run(
     callbacks: list[Any] | None = None,
     verbose: bool = True,
 ) -> dict[str, Any]:
-    """Train and evaluate ``cfg`` on the connected Ray cluster; returns the final metrics (also
-    written to ``<output_dir>/metrics.json``). Raises :class:`TrainingStopped` on a non-finite
-    loss, and the validation errors of :func:`prepare` before any worker starts."""
+    """Train and evaluate ``cfg``: on the connected Ray cluster (an embedded local one when none
+    is), or in this process with ``run.backend: local``. Returns the final metrics (also written
+    to ``<output_dir>/metrics.json``). Raises :class:`TrainingStopped` on a non-finite loss, and
+    the validation errors of ``prepare`` before any worker starts."""
+    t_start = time.perf_counter()
+    prep = prepare(cfg)
+    cfg = prep.cfg
+    out = prep.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_yaml(cfg))
+    (out / LAST_REPORT).unlink(missing_ok=True)  # a previous run's final report is not ours
+    if cfg.run.backend == "local":
+        use_gpu = _run_local(prep, verbose)
+    else:
+        use_gpu = _run_ray(prep, callbacks, verbose)
+    return _finish(prep, use_gpu, time.perf_counter() - t_start)
+
+
+def _announce(prep: Prepared, where: str) -> None:
+    cfg = prep.cfg
+    print(
+        f"[raytopk] {cfg.run.name}: {where}, {len(cfg.data.train_days)} training day(s) "
+        f"{cfg.data.train_days[0]} .. {cfg.data.train_days[-1]}, test day {cfg.data.test_day}, "
+        f"output {prep.output_dir}",
+        flush=True,
+    )
+    if prep.checkpoint is not None:
+        print(f"[raytopk] resuming from {prep.checkpoint}", flush=True)
+
+
+def _run_local(prep: Prepared, verbose: bool) -> bool:
+    from raytopk.train.local import LocalSession, local_device
+    from raytopk.train.loop import train_loop
+
+    cfg = prep.cfg
+    device = local_device(cfg.scaling.use_gpu)
+    per = cfg.scaling.cpus_per_worker
+    threads = int(per) if per != "auto" else max(1, (os.cpu_count() or 2) - 1)  # 1 for data
+    if verbose:
+        _announce(prep, f"local backend on {device}, {threads} torch thread(s)")
+    session = LocalSession(prep, dataset_specs(prep), device, verbose)
+    train_loop(loop_config(prep, threads), session)
+    return device.type == "cuda"
+
+
+def _run_ray(prep: Prepared, callbacks: list[Any] | None, verbose: bool) -> bool:
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raytopk.train.loop import NAN_STOP, train_fn_per_worker
+    from raytopk.train.loop import train_fn_per_worker
 
-    t_start = time.perf_counter()
-    prep = prepare(cfg)
-    cfg = prep.cfg
-    if not ray.is_initialized():
-        ray.init()
-    use_gpu, cpus, threads = resolve_resources(cfg.scaling, ray.cluster_resources())
-    out = prep.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_yaml(cfg))
+    cfg, out = prep.cfg, prep.output_dir
+    ray_env.init_ray()
+    plan = plan_resources(
+        ray.cluster_resources(),
+        num_workers=cfg.scaling.num_workers,
+        cpus_per_worker=cfg.scaling.cpus_per_worker,
+        use_gpu=cfg.scaling.use_gpu,
+        concurrent=1,
+    )
     if verbose:
-        where = "GPU" if use_gpu else "CPU"
-        print(
-            f"[raytopk] {cfg.run.name}: {cfg.scaling.num_workers} {where} worker(s) x {cpus:g} CPU,"
-            f" {len(cfg.data.train_days)} training day(s) {cfg.data.train_days[0]} .. "
-            f"{cfg.data.train_days[-1]}, test day {cfg.data.test_day}, output {out}",
-            flush=True,
-        )
-        if prep.checkpoint is not None:
-            print(f"[raytopk] resuming from {prep.checkpoint}", flush=True)
-
-    last_path = out / LAST_REPORT
-    last_path.unlink(missing_ok=True)  # a previous run's final report must not be read as ours
-    resources = {"CPU": cpus, **({"GPU": 1} if use_gpu else {})}
+        kind = "GPU" if plan.use_gpu else "CPU"
+        workers = f"{cfg.scaling.num_workers} {kind} worker(s)"
+        _announce(prep, f"{workers} x {plan.cpus_per_worker:g} CPU")
+    resources = {"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})}
+    progress = ProgressLog(out, cfg.run.name, len(cfg.model.stages), verbose)
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={
-            "cfg": to_dict(cfg),
-            "vocab": dict(prep.meta["vocab"]),
-            "days": list(cfg.data.train_days),
-            "next_day": dict(prep.next_day),
-            "items_path": prep.items_path,
-            "threads": threads,
-            "test_day": cfg.data.test_day,
-        },
+        train_loop_config=loop_config(prep, plan.threads),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
-            use_gpu=use_gpu,
+            use_gpu=plan.use_gpu,
             resources_per_worker=resources,
         ),
         run_config=ray.train.RunConfig(
@@ -512,21 +205,25 @@ def run(
             storage_path=str(out),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            callbacks=[
-                _progress_callback_cls()(
-                    str(out / "progress.csv"), cfg.run.name, str(last_path), verbose
-                ),
-                *(callbacks or []),
-            ],
+            callbacks=[ray_env.progress_callback(progress), *(callbacks or [])],
         ),
-        datasets=build_datasets(prep),
+        datasets=build_datasets(prep, cfg.scaling.num_workers),
     )
     trainer.fit()  # raises ray.train.TrainingFailedError when the workers fail for good
-    if not last_path.is_file():
+    return plan.use_gpu
+
+
+def _finish(prep: Prepared, use_gpu: bool, wall_seconds: float) -> dict[str, Any]:
+    """The final report → metrics.json (atomically) and curves.png; the result of ``run``."""
+    from raytopk.train.loop import NAN_STOP
+
+    cfg, out = prep.cfg, prep.output_dir
+    final = read_last_report(out)
+    if final is None:
         raise RuntimeError(
-            f"training ended without a final report in {str(last_path)!r} (see the log above)"
+            f"training ended without a final report in {str(out / LAST_REPORT)!r} "
+            "(see the log above)"
         )
-    final = json.loads(last_path.read_text())
     if final.get("kind") == NAN_STOP:
         last = latest_checkpoint(out)
         raise TrainingStopped(
@@ -539,15 +236,19 @@ def run(
             "op": cfg.op.name,
             "op_params": dict(cfg.op.params),
             "sample_num": cfg.data.sample_num,
-            "num_workers": cfg.scaling.num_workers,
+            "num_workers": cfg.scaling.num_workers if cfg.run.backend == "ray" else 1,
+            "backend": cfg.run.backend,
             "use_gpu": use_gpu,
-            "wall_seconds": round(time.perf_counter() - t_start, 3),
+            "wall_seconds": round(wall_seconds, 3),
             "output_dir": str(out),
             "checkpoint": str(latest_checkpoint(out) or ""),
         }
     )
-    (out / "metrics.json").write_text(json.dumps(final, indent=2, default=str) + "\n")
-    plot_curves(out / "progress.csv", out / "curves.png", title=f"{cfg.run.name} ({cfg.op.name})")
+    tmp = out / "metrics.json.tmp"  # never a half-written metrics.json
+    tmp.write_text(json.dumps(final, indent=2, default=str) + "\n")
+    tmp.replace(out / "metrics.json")
+    stages = len(cfg.model.stages)
+    plot_curves(out / "progress.csv", out / "curves.png", f"{cfg.run.name} ({cfg.op.name})", stages)
     return final
 
 

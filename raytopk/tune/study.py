@@ -23,36 +23,29 @@ import csv
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from raytopk import ray_env
 from raytopk.data import schema
-from raytopk.train.config import (
-    ConfigError,
-    TrainConfig,
-    apply_overrides,
-    from_dict,
-    parse_overrides,
-    to_dict,
-    validate,
-)
-from raytopk.train.driver import METRIC_KEYS
+from raytopk.metrics import headline_key, metric_keys
+from raytopk.train.config import ConfigError, TrainConfig, from_dict, load_schema, to_dict, validate
+from raytopk.train.resources import plan_resources
 
 __all__ = [
     "StudyConfig",
     "load_study",
     "trial_configs",
-    "permutation_bytes",
+    "step_bytes",
     "run_study",
     "write_reports",
     "RESULT_COLUMNS",
 ]
 
-METRICS = METRIC_KEYS  # the test-day metrics of metrics.json, one list for both
-RESULT_COLUMNS = (
+_TRIAL_COLUMNS = (
     "trial",
     "op",
     "sample_num",
@@ -63,11 +56,17 @@ RESULT_COLUMNS = (
     "train_seconds",
     "samples_per_second",
     "budget_seconds",
-    *METRICS,
-    "corpus_recall",  # filled per M below as corpus_recall@10@<M>
-    "node",
-    "wall_seconds",
 )
+_TAIL_COLUMNS = ("node", "wall_seconds")
+
+
+def result_columns(num_stages: int = 2) -> tuple[str, ...]:
+    """results.csv's columns before the corpus_recall@10@<M> ones: the trial's identity and
+    budget, then the test-day metrics of a ``num_stages`` cascade (raytopk.metrics)."""
+    return (*_TRIAL_COLUMNS, *metric_keys(num_stages))
+
+
+RESULT_COLUMNS = result_columns(2)
 
 
 @dataclass
@@ -93,8 +92,13 @@ class StudyConfig:
     name: str = "sample_scaling"
 
 
-def _study_keys() -> list[str]:
-    return [f"study.{f.name}" for f in fields(StudyConfig)]
+@dataclass
+class StudyFile:
+    """A study YAML: ``study:`` (StudyConfig) and ``train:`` (the base TrainConfig of every
+    trial), loaded by the training config's typed loader (raytopk.train.config.load_schema)."""
+
+    study: StudyConfig = field(default_factory=StudyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def load_study(
@@ -102,39 +106,10 @@ def load_study(
 ) -> tuple[StudyConfig, TrainConfig]:
     """(study, base training config) from a study YAML with ``study:`` and ``train:`` sections,
     then ``study.<key>=value`` / ``train.<key>=value`` overrides. Unknown keys raise ConfigError
-    with the valid ones."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"study config {str(p)!r} does not exist")
-    raw = yaml.safe_load(p.read_text()) or {}
-    unknown = sorted(set(raw) - {"study", "train"})
-    if unknown:
-        raise ConfigError(f"{str(p)!r}: unknown top-level key(s) {unknown}; valid: study, train")
-    study_raw = dict(raw.get("study") or {})
-    valid = {f.name for f in fields(StudyConfig)}
-    for key in study_raw:
-        if key not in valid:
-            raise ConfigError(f"unknown study key 'study.{key}'; valid keys: {_study_keys()}")
-    base = from_dict(raw.get("train") or {})
-    train_over: list[tuple[str, str]] = []
-    for key, value in parse_overrides(list(overrides or [])):
-        if key.startswith("study."):
-            name = key[len("study.") :]
-            if name not in valid:
-                raise ConfigError(f"unknown study key {key!r}; valid keys: {_study_keys()}")
-            study_raw[name] = yaml.safe_load(value)
-        elif key.startswith("train."):
-            train_over.append((key[len("train.") :], value))
-        else:
-            raise ConfigError(
-                f"override {key!r} should start with 'study.' or 'train.' "
-                "(e.g. study.budget_seconds=30 train.data.batch_size=256)"
-            )
-    if train_over:
-        base = apply_overrides(base, train_over)
-    study = StudyConfig(**{**asdict(StudyConfig()), **study_raw})
-    _check_study(study)
-    return study, base
+    naming the closest valid one; values are typed as the schema says."""
+    f = load_schema(StudyFile, path, overrides)
+    _check_study(f.study)
+    return f.study, f.train
 
 
 def _check_study(s: StudyConfig) -> None:
@@ -159,18 +134,20 @@ def _check_study(s: StudyConfig) -> None:
         raise ConfigError(f"study.workers_per_trial should be >= 1 but got {s.workers_per_trial}")
 
 
+_TRIAL_CPU = 0.1  # the CPU of a trial's own function (Tune rejects 0), beside its workers
+
+
 def trial_name(op: str, sample_num: int, seed: int) -> str:
     return f"{op}-n{sample_num}-s{seed}"
 
 
-def permutation_bytes(op: str, batch_size: int, num_candidates: int) -> int:
-    """Rough peak bytes of an O(N²) operator's training step: per stage a B×N×N float32 soft
-    permutation, its gradient and the LCRON label matrix (≈ 4 such tensors), two stages."""
+def step_bytes(op: str, batch_size: int, num_candidates: int, num_stages: int = 2) -> int:
+    """Peak bytes of one training step's operator work: every stage runs the operator and its
+    loss on (batch_size, num_candidates) scores (the operator's own estimate, declared with it in
+    the registry). Evaluation never builds soft permutations, so it needs no such estimate."""
     from raytopk.ops import get_spec
 
-    if not get_spec(op).permutation:
-        return 0
-    return 2 * 4 * 4 * batch_size * num_candidates * num_candidates
+    return num_stages * get_spec(op).step_bytes(batch_size, num_candidates)
 
 
 def trial_configs(study: StudyConfig, base: TrainConfig) -> list[dict[str, Any]]:
@@ -202,38 +179,9 @@ def trial_configs(study: StudyConfig, base: TrainConfig) -> list[dict[str, Any]]
     return trials
 
 
-def _plan_resources(
-    study: StudyConfig, cluster: dict[str, float], use_gpu: bool
-) -> tuple[float, int]:
-    """(CPUs per Train worker, concurrent trials) for ``cluster``: Ray Data keeps a quarter of
-    the CPUs (at least one), each trial's workers share the rest equally."""
-    total = float(cluster.get("CPU", 0.0))
-    reserve = max(1.0, 0.25 * total)
-    w = study.workers_per_trial
-    if study.cpus_per_worker > 0:
-        per = float(study.cpus_per_worker)
-    else:
-        per = max(0.25, min(1.0, (total - reserve - 0.1) / w))  # 0.1: the trial function
-    if study.max_concurrent > 0:
-        conc = study.max_concurrent
-    elif use_gpu:
-        conc = max(1, int(float(cluster.get("GPU", 0.0)) // w))
-    else:
-        conc = max(1, int((total - reserve) // (w * per + 0.1)))
-    if conc * (w * per + 0.1) > total - 1.0 + 1e-9:
-        raise ValueError(
-            f"study: {conc} concurrent trial(s) x {w} worker(s) x {per:g} CPU leave less than one "
-            f"of the cluster's {total:g} CPUs to Ray Data (the run would hang, RAY_NOTES.md); "
-            "lower study.max_concurrent or study.cpus_per_worker"
-        )
-    return per, conc
-
-
 def _trial_fn(config: dict[str, Any]) -> None:
     """Tune function trainable: one training run under the study's budget."""
-    import ray
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from raytopk.train.driver import run
 
@@ -247,23 +195,22 @@ def _trial_fn(config: dict[str, Any]) -> None:
         "num_candidates": schema.N_OWN + config["sample_num"],
         "seed": config["seed"],
         "budget_seconds": cfg.run.max_train_seconds,
-        "node": ray.get_runtime_context().get_node_id(),
+        "node": ray_env.node_id(),
     }
-    need = permutation_bytes(cfg.op.name, cfg.data.batch_size, base["num_candidates"])
-    need_eval = permutation_bytes(cfg.op.name, cfg.data.eval_batch_size, schema.N_OWN + 160)
-    budget = config["mem_budget_gb"] * 1024**3
-    if max(need, need_eval) > budget:
+    stages = len(cfg.model.stages)
+    need = step_bytes(cfg.op.name, cfg.data.batch_size, base["num_candidates"], stages)
+    if need > config["mem_budget_gb"] * 1024**3:
         ray.tune.report(
             {
                 **base,
-                "status": f"skipped: needs ~{max(need, need_eval) / 1024**3:.1f} GiB of soft "
-                f"permutation matrices > study.mem_budget_gb={config['mem_budget_gb']:g}",
+                "status": f"skipped: a training step needs ~{need / 1024**3:.1f} GiB for "
+                f"{cfg.op.name} > study.mem_budget_gb={config['mem_budget_gb']:g}",
                 "wall_seconds": round(time.perf_counter() - t0, 3),
             }
         )
         return
     try:
-        final = run(cfg, callbacks=[TuneReportCallback()], verbose=False)
+        final = run(cfg, callbacks=[ray_env.tune_report_callback()], verbose=False)
         status = "ok"
     except Exception as e:  # recorded per trial: the study goes on
         final, status = {}, f"failed: {type(e).__name__}: {str(e)[:300]}"
@@ -278,7 +225,7 @@ def _trial_fn(config: dict[str, Any]) -> None:
         "wall_seconds": round(time.perf_counter() - t0, 3),
     }
     for key, value in final.items():
-        if key in METRICS or key.startswith("corpus_recall@"):
+        if key in metric_keys(stages) or key.startswith("corpus_recall@"):
             row[key] = value
     ray.tune.report(row)
 
@@ -305,11 +252,21 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
     base.data.train_days = prep.cfg.data.train_days
     base.data.test_day = prep.cfg.data.test_day
 
+    stages = len(base.model.stages)
     cluster = ray.cluster_resources()
     use_gpu = base.scaling.use_gpu is True or (
         base.scaling.use_gpu == "auto" and cluster.get("GPU", 0) > 0
     )
-    per, conc = _plan_resources(study, cluster, use_gpu)
+    plan = plan_resources(
+        cluster,
+        num_workers=study.workers_per_trial,
+        cpus_per_worker=study.cpus_per_worker if study.cpus_per_worker > 0 else "auto",
+        use_gpu=use_gpu,
+        trial_cpu=_TRIAL_CPU,
+        concurrent=study.max_concurrent,
+        max_cpus_per_worker=1.0,
+    )
+    per, conc = plan.cpus_per_worker, plan.concurrent
     base.scaling.cpus_per_worker = per
     trials = trial_configs(study, base)
     for t in trials:  # every trial config must be valid before anything runs
@@ -328,7 +285,9 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
 
     storage = Path(study.storage_path).resolve() if study.storage_path else out / "tune"
     exp_dir = storage / study.name
-    trainable = ray.tune.with_resources(_trial_fn, {"cpu": 0.1, **study.trial_resources})
+    trainable = ray.tune.with_resources(
+        _trial_fn, {"cpu": _TRIAL_CPU, **study.trial_resources}
+    )
     if Tuner.can_restore(str(exp_dir)):
         if verbose:
             print(f"[raytopk] continuing the study in {exp_dir}", flush=True)
@@ -354,26 +313,21 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
                 "seed": t.get("seed", ""),
                 "status": f"failed: {err}",
             }
-        rows.append({k: v for k, v in m.items() if k in _row_keys(m)})
+        keep = set(_columns([m], stages))
+        rows.append({k: v for k, v in m.items() if k in keep})
     rows.sort(
         key=lambda r: (str(r.get("op")), int(r.get("sample_num") or 0), int(r.get("seed") or 0))
     )
-    write_reports(rows, out)
+    write_reports(rows, out, stages)
     return rows
 
 
-def _row_keys(m: dict[str, Any]) -> set[str]:
-    return set(RESULT_COLUMNS) | {k for k in m if k.startswith("corpus_recall@")}
-
-
-def _columns(rows: list[dict[str, Any]]) -> list[str]:
+def _columns(rows: list[dict[str, Any]], num_stages: int = 2) -> list[str]:
     corpus = sorted(
         {k for r in rows for k in r if k.startswith("corpus_recall@")},
         key=lambda k: int(k.rsplit("@", 1)[-1]),
     )
-    cols = [c for c in RESULT_COLUMNS if c != "corpus_recall"]
-    at = cols.index("node")
-    return cols[:at] + corpus + cols[at:]
+    return [*result_columns(num_stages), *corpus, *_TAIL_COLUMNS]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -382,10 +336,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return m, s
 
 
-def write_reports(rows: list[dict[str, Any]], out: str | Path) -> dict[str, Path]:
-    """results.csv, results.md and the plots from the trial rows; written atomically."""
+def write_reports(
+    rows: list[dict[str, Any]], out: str | Path, num_stages: int = 2
+) -> dict[str, Path]:
+    """results.csv, results.md and the plots from the trial rows; written atomically. The
+    headline is the joint recall of a ``num_stages`` cascade (raytopk.metrics.headline_key)."""
     out = Path(out)
-    cols = _columns(rows)
+    cols = _columns(rows, num_stages)
+    head = headline_key(num_stages)
     tmp = out / "results.csv.tmp"
     with tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
@@ -400,7 +358,7 @@ def write_reports(rows: list[dict[str, Any]], out: str | Path) -> dict[str, Path
         md += [
             f"## sample_num = {n} (N = {schema.N_OWN + n} candidates per request)",
             "",
-            "| rank | op | joint Recall@10@20 | samples seen | samples/s | seeds |",
+            f"| rank | op | {head} | samples seen | samples/s | seeds |",
             "|---:|---|---:|---:|---:|---:|",
         ]
         by_op: dict[str, list[dict[str, Any]]] = {}
@@ -409,7 +367,7 @@ def write_reports(rows: list[dict[str, Any]], out: str | Path) -> dict[str, Path
                 by_op.setdefault(str(r["op"]), []).append(r)
         stats = []
         for op, rs in by_op.items():
-            jm, js = _mean_std([float(r["joint_recall@10@20"]) for r in rs])
+            jm, js = _mean_std([float(r[head]) for r in rs])
             sm, ss = _mean_std([float(r["samples_seen"]) for r in rs])
             tp, _ = _mean_std([float(r["samples_per_second"]) for r in rs])
             stats.append((jm, js, sm, ss, tp, op, len(rs)))
@@ -424,11 +382,11 @@ def write_reports(rows: list[dict[str, Any]], out: str | Path) -> dict[str, Path
         md.append("")
     (out / "results.md").write_text("\n".join(md))
     paths = {"csv": out / "results.csv", "md": out / "results.md"}
-    paths.update(_plots(ok, out))
+    paths.update(_plots(ok, out, head))
     return paths
 
 
-def _plots(rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
+def _plots(rows: list[dict[str, Any]], out: Path, head: str) -> dict[str, Path]:
     if not rows:
         return {}
     import matplotlib
@@ -447,7 +405,7 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
 
         axes[0].plot(
             [float(r["samples_seen"]) for r in rs],
-            [float(r["joint_recall@10@20"]) for r in rs],
+            [float(r[head]) for r in rs],
             "o",
             label=op,
         )
@@ -457,10 +415,10 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
             "o-",
             label=op,
         )
-        axes[2].plot(ns, [avg("joint_recall@10@20", n) for n in ns], "o-", label=op)
+        axes[2].plot(ns, [avg(head, n) for n in ns], "o-", label=op)
     axes[0].set(
         xlabel="training requests seen",
-        ylabel="joint Recall@10@20",
+        ylabel=head,
         title="joint recall vs samples seen",
     )
     axes[1].set(
@@ -471,7 +429,7 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
     )
     axes[2].set(
         xlabel="sampled negatives per request",
-        ylabel="joint Recall@10@20",
+        ylabel=head,
         title="joint recall at equal budget",
     )
     for ax in axes:

@@ -1,5 +1,7 @@
-"""One local Ray instance (127.0.0.1) shared by the whole test session (RAY_NOTES.md: each init
-costs 6-8 s here). Sized num_cpus=4 so Ray Data always has CPUs left next to Train workers."""
+"""One local Ray instance shared by the whole test session (RAY_NOTES.md: each init costs 6-8 s
+here), started as the project starts one (``raytopk.ray_env.init_ray``: 127.0.0.1, no dashboard,
+token authentication on). Sized num_cpus=4 so Ray Data always has CPUs left next to Train
+workers."""
 
 from __future__ import annotations
 
@@ -15,13 +17,10 @@ def ray_cluster() -> Iterator[Any]:
 
     if ray.is_initialized():  # a test that started its own instance must not leak it here
         ray.shutdown()
-    ctx = ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=512 * 1024**2,
-        address="local",
-        _node_ip_address="127.0.0.1",  # tests never listen beyond this machine
+    from raytopk.ray_env import init_ray
+
+    ctx = init_ray(
+        num_cpus=4, log_to_driver=False, object_store_memory=512 * 1024**2, address="local"
     )
     try:
         yield ctx

@@ -38,16 +38,16 @@ def _raw_day(data: Path, day: str) -> dict[int, dict[str, np.ndarray]]:
 
 
 def _batches(ds: Any) -> list[CascadeBatch]:
-    from raytopk.data.pipeline import iter_cascade_batches
+    from raytopk.data.batches import CascadeBatches  # the iterator training reads with
 
-    return list(iter_cascade_batches(ds, BS))
+    return list(CascadeBatches(ds, BS))
 
 
 def test_train_split_order_rows_and_in_batch_negatives(ray_cluster: Any, data: Path) -> None:
-    from raytopk.data.pipeline import build_dataset
+    from raytopk.data.pipeline import build_train_dataset
 
     n = 24
-    ds = build_dataset(data, DAYS[::-1], split="train", sample_num=n, batch_size=BS, seed=7)
+    ds = build_train_dataset(data, DAYS[::-1], sample_num=n, batch_size=BS, seed=7)
     batches = _batches(ds)
     rid = np.concatenate([b.request_id.numpy() for b in batches])
     raw = [_raw_day(data, d) for d in DAYS]
@@ -87,10 +87,10 @@ def _valid_items(row: dict[str, np.ndarray]) -> set[tuple]:
 
 
 def test_deterministic_for_a_seed(ray_cluster: Any, data: Path) -> None:
-    from raytopk.data.pipeline import build_dataset
+    from raytopk.data.pipeline import build_train_dataset
 
     def run(seed: int) -> tuple[np.ndarray, np.ndarray]:
-        ds = build_dataset(data, DAYS[:1], split="train", sample_num=8, batch_size=BS, seed=seed)
+        ds = build_train_dataset(data, DAYS[:1], sample_num=8, batch_size=BS, seed=seed)
         bs = _batches(ds)
         return (
             np.concatenate([b.request_id.numpy() for b in bs]),
@@ -105,13 +105,12 @@ def test_deterministic_for_a_seed(ray_cluster: Any, data: Path) -> None:
     assert not np.array_equal(r1, r3)
 
 
-def test_test_split_uses_200_candidates_in_file_order(ray_cluster: Any, data: Path) -> None:
-    from raytopk.data.pipeline import build_dataset
+def test_eval_dataset_uses_200_candidates_in_file_order(ray_cluster: Any, data: Path) -> None:
+    from raytopk.data.pipeline import build_eval_dataset
 
-    ds = build_dataset(data, DAYS[1], split="test", sample_num=0, batch_size=BS, seed=0)
+    ds = build_eval_dataset(data, DAYS[1], batch_size=BS, seed=0)
     batches = _batches(ds)
-    n = schema.N_OWN + schema.EVAL_SAMPLE_NUM
-    assert all(b.num_candidates == n == 200 for b in batches)
+    assert all(b.num_candidates == schema.N_EVAL == 200 for b in batches)
     rid = np.concatenate([b.request_id.numpy() for b in batches])
     t = pq.read_table(sorted((data / "requests" / f"day={DAYS[1]}").glob("*.parquet")))
     np.testing.assert_array_equal(rid, t.column(schema.REQUEST_ID).to_numpy())
@@ -121,14 +120,16 @@ def test_test_split_uses_200_candidates_in_file_order(ray_cluster: Any, data: Pa
 def test_missing_day_and_bad_path_name_the_culprit(
     ray_cluster: Any, data: Path, tmp_path: Path
 ) -> None:
-    from raytopk.data.pipeline import build_dataset, load_items
+    from raytopk.data.pipeline import build_eval_dataset, build_train_dataset, load_items
 
     with pytest.raises(ValueError, match="2024-03-01.*missing"):
-        build_dataset(data, ["2024-03-01"], split="train", sample_num=0, batch_size=BS, seed=0)
+        build_train_dataset(data, ["2024-03-01"], sample_num=0, batch_size=BS, seed=0)
     with pytest.raises(ValueError, match=str(tmp_path)):
-        build_dataset(tmp_path, DAYS, split="train", sample_num=0, batch_size=BS, seed=0)
-    with pytest.raises(ValueError, match="split"):
-        build_dataset(data, DAYS, split="valid", sample_num=0, batch_size=BS, seed=0)
+        build_train_dataset(tmp_path, DAYS, sample_num=0, batch_size=BS, seed=0)
+    with pytest.raises(ValueError, match="'sample_num' must be >= 0"):
+        build_train_dataset(data, DAYS, sample_num=-1, batch_size=BS, seed=0)
+    with pytest.raises(ValueError, match="'max_requests' must be >= 0"):
+        build_eval_dataset(data, DAYS, batch_size=BS, seed=0, max_requests=-5)
     items = load_items(data)
     assert set(items) == set(schema.ITEM_TABLE_COLUMNS)
     assert all(v.dtype == np.int64 and v.shape == items["video_id"].shape for v in items.values())

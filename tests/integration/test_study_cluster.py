@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 ENV = {
     **os.environ,
-    "RAY_AUTH_MODE": "disabled",
+    "RAY_AUTH_MODE": "token",  # on both sides; the same ~/.ray/auth_token
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     # `python` inside the submitted job must be this environment's interpreter.

@@ -24,15 +24,13 @@ import pytest
 import torch
 from ray_procs import free_port, pids_with, stop_processes
 
+from raytopk.metrics import headline_key, metric_keys
 from raytopk.train.checkpoint import STATE_FILE, CheckpointError, load_state
 from raytopk.train.config import ConfigError, TrainConfig, load_config
-from raytopk.train.driver import (
-    METRIC_KEYS,
-    TrainingStopped,
-    latest_checkpoint,
-    prepare,
-    run,
-)
+from raytopk.train.driver import TrainingStopped, run
+from raytopk.train.prepare import latest_checkpoint, prepare
+
+METRIC_KEYS = metric_keys(2)
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -135,7 +133,8 @@ def test_ddp_two_workers(ray_cluster: Any, tiny_data: Path, tmp_path: Path) -> N
     for key in (*METRIC_KEYS, "corpus_recall@10@20", "samples_seen", "train_seconds"):
         assert key in m, key
     assert 0.0 <= m["joint_recall@10@20"] <= 1.0
-    assert m["samples_seen"] == sum(int(r["day_samples"]) for r in _rows(out, "day"))
+    # Every request of the training days was trained once (counted against the dataset itself).
+    assert m["samples_seen"] == _requests(tiny_data, DAYS)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["joint_recall@10@20"] == m["joint_recall@10@20"]
     assert (out / "config.yaml").is_file() and (out / "curves.png").stat().st_size > 0
@@ -146,6 +145,67 @@ def test_ddp_two_workers(ray_cluster: Any, tiny_data: Path, tmp_path: Path) -> N
     # A checkpoint per day, the latest one after the last day.
     last = load_state(latest_checkpoint(out))
     assert last["position"]["days_done"] == [f"0:{d}" for d in DAYS]
+
+
+def _requests(data: Path, days: list[str]) -> int:
+    import pyarrow.parquet as pq
+
+    from raytopk.data.pipeline import day_files
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for d in days for f in day_files(data, d))
+
+
+def test_three_stage_cascade_trains_evaluates_and_reports(
+    ray_cluster: Any, tiny_data: Path, tmp_path: Path
+) -> None:
+    """model.stages: [dssm, din, din]: the headline is joint_recall@10@10 (cuts 30, 20, 10), in
+    metrics.json, in the progress line and in the table."""
+    from raytopk.train.report import metrics_table
+
+    out = tmp_path / "three"
+    cfg = _cfg(
+        tiny_data, out, "scaling.num_workers=1", "model.stages=[dssm,din,din]",
+        f"data.train_days=[{DAYS[0]}]",
+    )
+    m = run(cfg, verbose=False)
+    assert headline_key(3) == "joint_recall@10@10"
+    for key in (*metric_keys(3), "random_joint_recall@10@10", "random_rank_recall@10@10"):
+        assert key in m and 0.0 <= m[key] <= 1.0, key
+    assert "| joint_recall@10@10 |" in metrics_table(m, 3)
+    assert m["samples_seen"] == _requests(tiny_data, DAYS[:1])
+
+
+def test_capped_evaluation_reads_only_what_it_scores(
+    ray_cluster: Any, tiny_data: Path
+) -> None:
+    """run.eval_max_batches bounds the pipeline's work, not only what the model scores: a cap of
+    2 batches of 16 prepares about 32 requests of the 240-request day, not the day."""
+    from raytopk.data.batches import CascadeBatches
+    from raytopk.data.pipeline import build_eval_dataset
+
+    ds = build_eval_dataset(tiny_data, [TEST_DAY], batch_size=16, seed=0, max_requests=2 * 16)
+    batches = list(CascadeBatches(ds, 16, max_batches=2))
+    assert [b.batch_size for b in batches] == [16, 16]
+    assert ds.count() == 32  # the dataset itself holds the cap, not the whole day
+
+
+def test_local_backend_matches_ray_on_one_worker(
+    tiny_data: Path, tmp_path: Path, uninterrupted: tuple[Path, dict]
+) -> None:
+    """run.backend=local (no Ray) trains on the very batches a 1-worker Ray run trains on, so the
+    parameters after the same steps are bit-identical, and so are the capped test metrics. (The
+    Ray run's plan on the 4-CPU test cluster gives its worker 3 CPUs, so 3 torch threads: the
+    local run uses as many, since the thread count can change float reductions.)"""
+    _, ref = uninterrupted
+    m = run(
+        _cfg(tiny_data, tmp_path / "local", "scaling.num_workers=1", "run.backend=local",
+             "scaling.cpus_per_worker=3"),
+        verbose=False,
+    )
+    assert m["backend"] == "local" and m["samples_seen"] == ref["samples_seen"]
+    assert m["param_digest"] == ref["param_digest"]
+    for key in METRIC_KEYS:
+        assert m[key] == ref[key], key
 
 
 def _rows(out: Path, kind: str) -> list[dict[str, str]]:
@@ -322,11 +382,12 @@ BIN = Path(sys.executable).parent
 @pytest.mark.timeout(600)
 def test_ray_job_submit_quickstart(tmp_path: Path) -> None:
     """The quickstart command, unchanged, submitted with `ray job submit` to a head node started
-    with `ray start --head` on 127.0.0.1 (auth disabled on both sides), on a smaller synthetic
-    dataset. Only the processes this test started are stopped, also when it fails."""
+    with `ray start --head` on 127.0.0.1, token authentication on both sides (the job server
+    refuses a request without the token), on a smaller synthetic dataset. Only the processes this
+    test started are stopped, also when it fails."""
     env = {
         **os.environ,
-        "RAY_AUTH_MODE": "disabled",
+        "RAY_AUTH_MODE": "token",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `python`
@@ -365,6 +426,7 @@ def test_ray_job_submit_quickstart(tmp_path: Path) -> None:
             timeout=120,
         )
         assert head.returncode == 0, head.stdout + head.stderr
+        _assert_refused_without_token(f"http://127.0.0.1:{dash}/api/jobs/")
         submit = [
             str(BIN / "ray"),
             "job",
@@ -408,3 +470,24 @@ def test_ray_job_submit_quickstart(tmp_path: Path) -> None:
         stop_processes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
     assert not pids_with(tmp), "processes of the test cluster survived"
+
+
+def _assert_refused_without_token(url: str) -> None:
+    """The dashboard's job API (what `ray job submit` talks to) answers 401/403 to a request
+    without the cluster's token (it listens on 127.0.0.1 here; the GCS on every interface)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=10)
+        except urllib.error.HTTPError as e:
+            assert e.code in (401, 403), f"{url}: HTTP {e.code} without a token"
+            return
+        except (urllib.error.URLError, ConnectionError):  # the server is still starting
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+            continue
+        raise AssertionError(f"{url} answered a request that carried no token")

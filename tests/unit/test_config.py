@@ -141,7 +141,7 @@ def test_unknown_keys_list_the_valid_ones(override: str, needle: str, section: s
         load_config(None, ["data.path=/d", override])
     msg = str(e.value)
     assert needle in msg and "valid keys" in msg
-    valid_here = [k for k in valid_keys() if k.startswith(section)]
+    valid_here = [k for k in valid_keys(TrainConfig) if k.startswith(section)]
     assert len(valid_here) >= 5
     for key in valid_here:
         assert key in msg
@@ -230,39 +230,39 @@ def _scaling(*overrides: str):
     return load_config(None, ["data.path=/d", *overrides]).scaling
 
 
-def test_auto_cpus_leave_one_cpu_to_ray_data() -> None:
-    from raytopk.train.driver import resolve_resources
+def _plan(scaling, cluster: dict[str, float]):
+    from raytopk.train.resources import plan_resources
 
+    p = plan_resources(
+        cluster, num_workers=scaling.num_workers, cpus_per_worker=scaling.cpus_per_worker,
+        use_gpu=scaling.use_gpu, concurrent=1,
+    )
+    return p.use_gpu, p.cpus_per_worker, p.threads
+
+
+def test_auto_cpus_leave_one_cpu_to_ray_data() -> None:
     # 2 cores, 2 workers: 0.5 CPU each, 1 CPU stays with Ray Data; torch gets 1 thread.
-    assert resolve_resources(_scaling(), {"CPU": 2.0}) == (False, 0.5, 1)
+    assert _plan(_scaling(), {"CPU": 2.0}) == (False, 0.5, 1)
     # A bigger machine keeps a quarter of it for Ray Data.
-    assert resolve_resources(_scaling(), {"CPU": 16.0}) == (False, 6.0, 6)
+    assert _plan(_scaling(), {"CPU": 16.0}) == (False, 6.0, 6)
     # GPUs when the cluster has them (use_gpu: auto), one per worker.
-    assert resolve_resources(_scaling(), {"CPU": 8.0, "GPU": 2.0})[0] is True
-    no_gpu = _scaling("scaling.use_gpu=false")
-    assert resolve_resources(no_gpu, {"CPU": 8.0, "GPU": 2.0})[0] is False
+    assert _plan(_scaling(), {"CPU": 8.0, "GPU": 2.0})[0] is True
+    assert _plan(_scaling("scaling.use_gpu=false"), {"CPU": 8.0, "GPU": 2.0})[0] is False
 
 
 def test_resources_that_would_starve_ray_data_are_refused() -> None:
-    from raytopk.train.driver import resolve_resources
-
-    with pytest.raises(ValueError, match=r"scaling\.cpus_per_worker=1 x scaling\.num_workers=2"):
-        resolve_resources(_scaling("scaling.cpus_per_worker=1"), {"CPU": 2.0})
+    with pytest.raises(ValueError, match=r"2 worker\(s\) x cpus_per_worker=1\) leave less"):
+        _plan(_scaling("scaling.cpus_per_worker=1"), {"CPU": 2.0})
     with pytest.raises(ValueError, match="too few for 2 worker"):
-        resolve_resources(_scaling(), {"CPU": 1.0})
+        _plan(_scaling(), {"CPU": 1.0})
     with pytest.raises(ValueError, match=r"needs 2 GPU\(s\); the cluster has 1"):
-        resolve_resources(_scaling("scaling.use_gpu=true"), {"CPU": 8.0, "GPU": 1.0})
+        _plan(_scaling("scaling.use_gpu=true"), {"CPU": 8.0, "GPU": 1.0})
 
 
 def test_metrics_table_prints_the_random_baseline() -> None:
-    import importlib.util
+    from raytopk.train.report import metrics_table
 
-    spec = importlib.util.spec_from_file_location(
-        "train_job", CONFIGS[0].parents[1] / "train.py"
-    )
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    table = job.metrics_table(
+    table = metrics_table(
         {
             "joint_recall@10@20": 0.42,
             "random_joint_recall@10@20": 0.1,
@@ -277,3 +277,19 @@ def test_metrics_table_prints_the_random_baseline() -> None:
     assert "| joint_recall@10@20 | 0.4200 | 0.1000 |" in table
     assert "| corpus_recall@10@100 | 0.2000 | 0.0250 |" in table
     assert "1,000 training samples" in table
+
+
+def test_three_stage_names_reach_every_report() -> None:
+    """A 3-stage cascade's headline (joint_recall@10@10) is in the console line and the table."""
+    from raytopk.metrics import headline_key, metric_keys
+    from raytopk.train.report import metrics_table, progress_line
+
+    assert headline_key(3) == "joint_recall@10@10"
+    m = {key: 0.25 for key in metric_keys(3)}
+    m.update({"kind": "final", "test_day": "2024-01-16", "random_joint_recall@10@10": 0.05})
+    line = progress_line("r", m, 3)
+    table = metrics_table(m, 3)
+    for key in metric_keys(3):
+        assert f"{key}=0.2500" in line
+        assert f"| {key} | 0.2500 |" in table
+    assert "| joint_recall@10@10 | 0.2500 | 0.0500 |" in table

@@ -31,9 +31,14 @@ def models() -> list[torch.nn.Module]:
 
 
 def test_scorer_kinds_are_the_registry() -> None:
-    from raytopk.train.config import SCORER_KINDS as config_kinds
+    from raytopk.train.config import ConfigError, load_config
 
-    assert SCORER_KINDS == ("dssm", "din") == tuple(SCORERS) and config_kinds is SCORER_KINDS
+    assert SCORER_KINDS == ("dssm", "din") == tuple(SCORERS)
+    # The config accepts exactly the registered kinds (it has no list of its own).
+    for kind in SCORER_KINDS:
+        load_config(None, ["data.path=/d", f"model.stages=[{kind}]", "loss.ks=[10]"])
+    with pytest.raises(ConfigError, match=r"unknown scorer 'mlp'; valid: \('dssm', 'din'\)"):
+        load_config(None, ["data.path=/d", "model.stages=[dssm,mlp]"])
 
 
 @pytest.mark.parametrize("kind", SCORER_KINDS)

@@ -10,10 +10,11 @@ import pytest
 
 from raytopk.ops import list_ops
 from raytopk.train.config import ConfigError, validate
+from raytopk.train.resources import plan_resources
 from raytopk.tune.study import (
-    _plan_resources,
+    _TRIAL_CPU,
     load_study,
-    permutation_bytes,
+    step_bytes,
     trial_configs,
     write_reports,
 )
@@ -52,17 +53,22 @@ def test_overrides_and_unknown_keys(tmp_path: Path) -> None:
     )
     assert study.budget_seconds == 3 and study.ops == ["dftopk", "lapsum"]
     assert base.data.batch_size == 64
-    with pytest.raises(ConfigError, match="unknown study key 'study.budget'.*study.budget_seconds"):
-        load_study(path, ["study.budget=3"])
-    with pytest.raises(ConfigError, match="should start with 'study.' or 'train.'"):
-        load_study(path, ["budget_seconds=3"])
+    # The training config's typed loader: the closest valid key, typed values.
+    def fails(override: str, match: str) -> None:
+        with pytest.raises(ConfigError, match=match):
+            load_study(path, [override])
+
+    fails("study.budget_second=3", r"'study\.budget_second' \(did you mean 'study\.budget_seconds'")
+    fails("train.data.batch_sise=3", r"'train\.data\.batch_sise' \(did you mean 'train\.data\.b")
+    fails("study.budget_seconds=soon", r"study\.budget_seconds: expected a number, got 'soon'")
+    fails("budget_seconds=3", r"unknown config key 'budget_seconds'.*study\.budget_seconds")
     with pytest.raises(ConfigError, match="unknown operator 'nope'"):
         load_study(path, ["study.ops=[nope]"])
     with pytest.raises(ConfigError, match="set at least one budget"):
         load_study(path, ["study.budget_seconds=0"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("study: {}\ntrain: {}\nextra: 1\n")
-    with pytest.raises(ConfigError, match="unknown top-level key"):
+    with pytest.raises(ConfigError, match="unknown config key 'extra'"):
         load_study(bad)
 
 
@@ -75,22 +81,35 @@ def test_op_params_reset_per_operator() -> None:
     assert by_op == {"dftopk": {}, "lapsum": {"alpha": 2.0}}
 
 
+def _trial_plan(cluster: dict[str, float], concurrent: int = 0):
+    # How run_study plans its trials: the one planner the training driver uses too.
+    return plan_resources(
+        cluster, num_workers=1, use_gpu=False, trial_cpu=_TRIAL_CPU, concurrent=concurrent,
+        max_cpus_per_worker=1.0,
+    )
+
+
 def test_resource_plan_leaves_cpus_to_ray_data() -> None:
-    study, _ = load_study(CONFIGS / "sample_scaling_quick.yaml", ["study.max_concurrent=0"])
-    per, conc = _plan_resources(study, {"CPU": 2.0}, use_gpu=False)
-    assert conc == 1 and per * conc + 0.1 <= 1.0 + 1e-9
-    per, conc = _plan_resources(study, {"CPU": 16.0}, use_gpu=False)
-    assert conc >= 8 and conc * (per + 0.1) <= 16 - 4 + 1e-9
-    study.max_concurrent = 4
+    plan = _trial_plan({"CPU": 2.0})
+    assert plan.concurrent == 1 and plan.cpus_per_worker == 0.9  # 2 - 1 (Ray Data) - 0.1
+    plan = _trial_plan({"CPU": 16.0})
+    per, conc = plan.cpus_per_worker, plan.concurrent
+    assert per == 1.0 and conc >= 8 and conc * (per + 0.1) <= 16 - 4 + 1e-9
     with pytest.raises(ValueError, match="leave less than one"):
-        _plan_resources(study, {"CPU": 2.0}, use_gpu=False)
+        _trial_plan({"CPU": 2.0}, concurrent=4)
 
 
-def test_permutation_memory_estimate() -> None:
-    assert permutation_bytes("dftopk", 1024, 10_000) == 0
-    need = permutation_bytes("neuralsort", 1024, 680)
-    assert need == 2 * 4 * 4 * 1024 * 680 * 680  # ~15 GB: skipped under an 8 GB budget
-    assert permutation_bytes("diffsort", 256, 200) < 8 * 1024**3
+def test_step_memory_comes_from_the_registry() -> None:
+    from raytopk.ops import get_spec
+
+    # Two stages, each running the operator and its loss: twice the registry's per-stage bytes.
+    for op in list_ops():
+        assert step_bytes(op, 64, 200) == 2 * get_spec(op).step_bytes(64, 200)
+    assert step_bytes("dftopk", 64, 200, num_stages=3) == 3 * get_spec("dftopk").step_bytes(64, 200)
+    # DiffSort's autograd keeps ~N layers of B x N x N: at N = 680 far beyond any budget,
+    # while an O(N) operator stays small.
+    assert step_bytes("diffsort", 1024, 680) > 100 * 1024**3
+    assert step_bytes("dftopk", 1024, 680) < 1024**3
 
 
 def test_reports_rank_ops_and_keep_failed_trials(tmp_path: Path) -> None:

@@ -1,0 +1,166 @@
+"""Everything about a training run that can be checked before Ray starts (no Ray needed).
+
+:func:`prepare` prepares synthetic data when configured, reads the dataset's ``meta.json``,
+resolves and checks the training days and the test day (SPEC.md §4.4), checks the operator's
+parameters by building the loss once, and - when ``run.output_dir`` already holds a run - loads
+its latest checkpoint to make sure it is readable and fits this config. Each problem fails fast
+with a message naming the path, day, key or value, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raytopk import ray_env
+from raytopk.train.checkpoint import CheckpointError, Position, load_state
+from raytopk.train.config import ConfigError, TrainConfig, to_dict, validate
+
+__all__ = ["CHECKPOINTS", "Prepared", "prepare", "latest_checkpoint"]
+
+CHECKPOINTS = "checkpoints"  # RunConfig name: checkpoints live in <output_dir>/checkpoints/
+# Settings that change what a checkpoint's tensors mean: a resumed run must match them.
+_MUST_MATCH = ("model", "op", "loss", "optim")
+
+
+@dataclass
+class Prepared:
+    cfg: TrainConfig  # resolved: data.path, train_days, test_day, output_dir filled in
+    meta: dict[str, Any]
+    output_dir: Path
+    next_day: dict[str, str] = field(default_factory=dict)  # streaming eval: day -> day + 1
+    items_path: str | None = None
+    checkpoint: Path | None = None  # the latest checkpoint Ray will resume from
+    position: Position | None = None
+
+
+# ---- validation -----------------------------------------------------------------------------
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint Ray Train restores from ``output_dir`` (from its snapshot), or None."""
+    try:
+        return ray_env.latest_checkpoint(Path(output_dir) / CHECKPOINTS)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    from raytopk.data.convert import read_meta
+
+    if not path.exists():
+        raise FileNotFoundError(
+            f"data.path {str(path)!r} does not exist: convert RecFlow with "
+            "`python jobs/prepare_data.py convert ...` or set data.synthetic.enabled=true"
+        )
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(
+            f"data.path {str(path)!r} has no meta.json: it is not a converted raytopk dataset "
+            "(point data.path at the output directory of `jobs/prepare_data.py convert`)"
+        )
+    return read_meta(path)
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Validate everything that can be checked before Ray starts; resolve days and paths."""
+    cfg = validate(cfg)
+    d = cfg.data
+    if d.synthetic.enabled and not (d.path and (Path(d.path) / "meta.json").is_file()):
+        from raytopk.data.synthetic import prepare_synthetic
+
+        t0 = time.perf_counter()
+        out = prepare_synthetic(
+            Path(d.synthetic.root),
+            days=d.synthetic.days,
+            requests_per_day=d.synthetic.requests_per_day,
+            seed=d.synthetic.seed,
+        )
+        d.path = str(out)
+        print(f"[raytopk] synthetic dataset ready at {out} ({time.perf_counter() - t0:.1f} s)")
+    path = Path(d.path).resolve()
+    d.path = str(path)
+    meta = _read_meta(path)
+    present = list(meta["days"])
+    if not present:
+        raise ValueError(f"data.path {str(path)!r}: meta.json lists no days")
+
+    test_day = d.test_day or present[-1]
+    if test_day not in present:
+        raise ValueError(
+            f"data.test_day {test_day} is not in the dataset at {str(path)!r} "
+            f"(days present: {present[0]} .. {present[-1]}, {len(present)} days)"
+        )
+    train_days = d.train_days or [day for day in present if day < test_day]
+    missing = [day for day in train_days if day not in present]
+    if missing:
+        raise ValueError(
+            f"data.train_days: day(s) {missing} missing from the dataset at {str(path)!r} "
+            f"(days present: {present})"
+        )
+    if not train_days:
+        raise ValueError(f"no training day before test day {test_day} in {str(path)!r}")
+    if test_day in train_days:
+        raise ValueError(f"data.test_day {test_day} is also a training day")
+    d.train_days, d.test_day = train_days, test_day
+
+    next_day = {}
+    if cfg.run.stream_eval:
+        for day in train_days:
+            nxt = (_dt.date.fromisoformat(day) + _dt.timedelta(days=1)).isoformat()
+            if nxt in present:
+                next_day[day] = nxt
+
+    items_path = None
+    if cfg.run.corpus_ms and cfg.model.stages[0] == "dssm":
+        items_path = str(path)
+
+    # The operator's parameters are checked by the loss itself (names, ranges): build it once.
+    from raytopk.losses import build_loss
+
+    try:
+        build_loss(cfg.op.name, dict(cfg.op.params), list(cfg.loss.ks), k_truth=cfg.loss.k_truth)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"op {cfg.op.name} with params {cfg.op.params}: {e}") from e
+
+    out_dir = Path(cfg.run.output_dir).resolve()
+    cfg.run.output_dir = str(out_dir)
+    prep = Prepared(
+        cfg=cfg, meta=meta, output_dir=out_dir, next_day=next_day, items_path=items_path
+    )
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is not None:
+        if not cfg.run.resume:
+            raise ConfigError(
+                f"run.output_dir {str(out_dir)!r} already holds checkpoints of a previous run "
+                f"(latest {ckpt.name}); set run.resume=true to continue it, or choose another "
+                "run.output_dir"
+            )
+        _check_resumable(prep, ckpt)
+    return prep
+
+
+def _schedule(cfg: TrainConfig) -> list[str]:
+    return [f"{e}:{day}" for e in range(cfg.run.epochs) for day in cfg.data.train_days]
+
+
+def _check_resumable(prep: Prepared, ckpt: Path) -> None:
+    state = load_state(ckpt)  # CheckpointError naming the file when it is corrupt
+    old = state["config"]
+    new = to_dict(prep.cfg)
+    for section in _MUST_MATCH:
+        if old.get(section) != new[section]:
+            raise CheckpointError(
+                f"checkpoint {str(ckpt)!r} was trained with {section}={old.get(section)} but "
+                f"this run asks for {section}={new[section]}; use another run.output_dir"
+            )
+    pos = Position.from_dict(state["position"])
+    sched = _schedule(prep.cfg)
+    if pos.days_done != sched[: len(pos.days_done)]:
+        raise CheckpointError(
+            f"checkpoint {str(ckpt)!r} has trained {pos.days_done}, which is not how this run's "
+            f"schedule begins ({sched[: len(pos.days_done) + 1]}); use another run.output_dir"
+        )
+    prep.checkpoint, prep.position = ckpt, pos

@@ -1,0 +1,117 @@
+"""The training loop without Ray (``run.backend: local``): the same loop, batches and outputs as
+the Ray backend, in this process. No Ray is started here: these run in the unit suite.
+
+(Equality with the Ray backend on 1 worker is tests/integration/test_train.py's
+``test_local_backend_matches_ray_on_one_worker``.)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from raytopk.data import schema
+from raytopk.metrics import metric_keys
+from raytopk.train.config import TrainConfig, load_config
+from raytopk.train.driver import run
+from raytopk.train.prepare import latest_checkpoint
+
+DAYS = ["2024-01-13", "2024-01-14"]
+TEST_DAY = "2024-01-15"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from raytopk.data.synthetic import prepare_synthetic
+
+    root = tmp_path_factory.mktemp("local_backend_data")
+    return Path(prepare_synthetic(root, days=3, requests_per_day=120, seed=1))
+
+
+def _cfg(data: Path, out: Path, *extra: str) -> TrainConfig:
+    return load_config(
+        None,
+        [
+            f"data.path={data}",
+            f"data.train_days=[{DAYS[0]}..{DAYS[-1]}]",
+            f"data.test_day={TEST_DAY}",
+            "data.batch_size=32",
+            "data.eval_batch_size=40",
+            "data.sample_num=8",
+            "scaling.use_gpu=false",
+            "scaling.cpus_per_worker=1",
+            "run.backend=local",
+            "run.report_every_steps=2",
+            "run.corpus_ms=[20]",
+            f"run.output_dir={out}",
+            "run.name=local",
+            *extra,
+        ],
+    )
+
+
+def _requests(data: Path, days: list[str]) -> int:
+    from raytopk.data.pipeline import day_files
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for d in days for f in day_files(data, d))
+
+
+def test_local_run_trains_evaluates_and_writes_the_ray_outputs(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    m = run(_cfg(tiny, out), verbose=False)
+    assert m["backend"] == "local" and m["num_workers"] == 1 and m["use_gpu"] is False
+    assert m["days_trained"] == [f"0:{d}" for d in DAYS]
+    assert m["samples_seen"] == _requests(tiny, DAYS)  # every request once, counted vs the data
+    for key in (*metric_keys(2), "corpus_recall@10@20", "random_joint_recall@10@20"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert m["num_requests"] == _requests(tiny, [TEST_DAY])  # the whole test day was scored
+    with open(out / "progress.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    losses = [float(r["loss"]) for r in rows if r["kind"] == "step"]
+    assert len(losses) >= 3 and all(np.isfinite(losses))
+    assert [r["kind"] for r in rows if r["kind"] == "day"] == ["day", "day"]
+    assert json.loads((out / "metrics.json").read_text())["param_digest"] == m["param_digest"]
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and ckpt.name.endswith(f"{DAYS[-1]}_day")
+    assert (ckpt / "state.pt").is_file()
+
+
+def test_local_resume_and_capped_evaluation(tiny: Path, tmp_path: Path) -> None:
+    """Stopped after day 1 and run again: continues at day 2 with the uninterrupted run's exact
+    parameters; a 1-batch cap scores one batch of the test day."""
+    ref = run(_cfg(tiny, tmp_path / "ref", "run.eval_max_batches=1"), verbose=False)
+    out = tmp_path / "resumed"
+    first = run(
+        _cfg(tiny, out, f"data.train_days=[{DAYS[0]}]", "run.eval_max_batches=1"), verbose=False
+    )
+    assert first["days_trained"] == [f"0:{DAYS[0]}"]
+    m = run(_cfg(tiny, out, "run.eval_max_batches=1"), verbose=False)
+    assert m["starts"] == 2 and m["days_trained"] == [f"0:{d}" for d in DAYS]
+    assert m["param_digest"] == ref["param_digest"]
+    assert m["num_requests"] == ref["num_requests"] == 40  # one evaluation batch, not the day
+
+
+def test_local_batches_are_the_pipeline_groups(tiny: Path) -> None:
+    """The local reader's training groups: the day's every request once, shuffled, 40 + n
+    candidates, negatives drawn from the same group (sampled slots have priority 0)."""
+    from raytopk.data.batch import collate
+    from raytopk.data.local import iter_local_groups
+
+    groups = [
+        collate(g)
+        for g in iter_local_groups(tiny, [DAYS[0]], train=True, sample_num=8, batch_size=32, seed=3)
+    ]
+    rid = np.concatenate([g.request_id.numpy() for g in groups])
+    assert len(rid) == len(set(rid.tolist())) == _requests(tiny, [DAYS[0]])
+    assert not np.array_equal(rid, np.sort(rid))
+    assert all(g.num_candidates == schema.N_OWN + 8 for g in groups)
+    assert all((g.priority[:, schema.N_OWN :] == 0).all() for g in groups)
+    again = [collate(g).request_id for g in iter_local_groups(
+        tiny, [DAYS[0]], train=True, sample_num=8, batch_size=32, seed=3
+    )]
+    assert all((a == g.request_id).all() for a, g in zip(again, groups))  # seeded: repeatable
