@@ -158,19 +158,20 @@ def test_day_without_requests(raw, tmp_path):
 
 
 def test_time_features_match_zoneinfo():
+    """The fixed-offset fast path (1992..2100) and the tz-database path agree with the old code."""
     rng = np.random.default_rng(0)
-    ts = np.concatenate([
-        rng.integers(0, 4_102_444_800, 2000),  # 1970 .. 2100, DST years of Shanghai included
-        rng.integers(1_600_000_000, 1_800_000_000, 2000),
-        np.array([0, 515_520_000, 684_900_000, 4_102_444_799]),
-    ])  # fmt: skip
-    want = oracle.time_features(ts, "s")
-    got = conv.time_features(ts, "s")
-    for k in want:
-        np.testing.assert_array_equal(got[k], want[k])
-    ms = ts * 1000 + rng.integers(0, 1000, ts.size)
-    for k, v in oracle.time_features(ms, "ms").items():
-        np.testing.assert_array_equal(conv.time_features(ms, "ms")[k], v)
+    cases = [
+        rng.integers(0, 4_102_444_800, 2000),  # 1970 .. 2100: Shanghai's DST years -> tz path
+        rng.integers(694_224_000, 4_102_444_800, 2000),  # fast path
+        np.array([694_224_000, 1_700_000_000, 4_102_444_799]),
+        np.zeros(0, np.int64),
+    ]
+    for ts in cases:
+        for unit, x in (("s", ts), ("ms", ts * 1000 + rng.integers(0, 1000, ts.size))):
+            want, got = oracle.time_features(x, unit), conv.time_features(x, unit)
+            for k in want:
+                np.testing.assert_array_equal(got[k], want[k])
+                assert got[k].dtype == want[k].dtype
 
 
 # ---- real-density generator ----------------------------------------------------------------------
