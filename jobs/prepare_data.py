@@ -4,7 +4,10 @@
         [--requests-per-day 1500] [--users 400] [--items 4000] [--seed 0]
         [--density default|recflow]
     python jobs/prepare_data.py convert --src data/recflow --out data/recflow_parquet
-        [--days 2024-01-13 2024-01-14 ...] [--overwrite]
+        [--days 2024-01-13 2024-01-14 ...] [--overwrite] [--strict]
+
+convert converts every complete day; days missing a file are named in one message at the end
+(stderr), and make the exit status non-zero only with --strict.
 
 Layouts: SPEC.md §4.1 (raw) and raytopk/data/convert.py (converted); see data/README.md.
 """
@@ -16,7 +19,7 @@ import json
 import sys
 import time
 
-from raytopk.data.convert import convert
+from raytopk.data.convert import convert, incomplete_message
 from raytopk.data.synthetic import DENSITIES, generate
 
 __all__ = ["main", "build_parser"]
@@ -50,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="days YYYY-MM-DD (space- or comma-separated; default: all found)",
     )
     c.add_argument("--overwrite", action="store_true", help="re-convert days already present")
+    c.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit non-zero if a day lacks one of its files (default: convert the complete days, "
+        "name the incomplete ones, exit 0)",
+    )
     return p
 
 
@@ -90,6 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
             {k: counts[k] for k in ("requests", "requests_per_day", "rank_pos_missing_rank_index")}
         )
     )
+    if counts["days_incomplete"]:
+        print(incomplete_message(args.src, counts["days_incomplete"]), file=sys.stderr)
+        if args.strict:
+            raise SystemExit(1)
     return {**counts, "seconds": dt}
 
 

@@ -46,7 +46,14 @@ import pyarrow.parquet as pq
 
 from raytopk.data import schema
 
-__all__ = ["convert", "read_meta", "time_features", "MISSING_RANK_PRIORITY"]
+__all__ = [
+    "convert",
+    "read_meta",
+    "missing_days",
+    "incomplete_message",
+    "time_features",
+    "MISSING_RANK_PRIORITY",
+]
 
 MISSING_RANK_PRIORITY = schema.GROUP_PRIORITY["rank_neg"] + 1.0
 ROWS_PER_PART = 100_000  # requests per parquet file
@@ -195,23 +202,46 @@ def _days_in(folder: Path, ext: str) -> set[str]:
     return {p.name[: -len(ext)] for p in folder.glob(f"*{ext}") if not p.name.startswith(".")}
 
 
-def _discover_days(src: Path, days: list[str] | None) -> list[str]:
+def _discover_days(src: Path, days: list[str] | None) -> tuple[list[str], dict[str, list[str]]]:
+    """(complete days, {incomplete day: its missing files relative to src}), both sorted.
+
+    A day is every date found in any of the needed folders (or asked for in ``days``); it is
+    complete when all three of its files exist."""
     found = {}
     for folder, ext in _NEEDED_FOLDERS.items():
         if not (src / folder).is_dir():
             raise ValueError(f"{src / folder}: folder missing from the RecFlow layout")
         found[folder] = _days_in(src / folder, ext)
     wanted = set().union(*found.values()) if days is None else set(days)
-    for day in sorted(wanted):
-        for folder, ext in _NEEDED_FOLDERS.items():
-            if day not in found[folder]:
-                raise ValueError(
-                    f"{src / folder / (day + ext)}: day {day} missing from {folder}/ "
-                    f"(present in {[f for f in found if day in found[f]]})"
-                )
     if not wanted:
         raise ValueError(f"{src}: no days found in {list(_NEEDED_FOLDERS)}")
-    return sorted(wanted)
+    complete, incomplete = [], {}
+    for day in sorted(wanted):
+        missing = [f"{f}/{day}{ext}" for f, ext in _NEEDED_FOLDERS.items() if day not in found[f]]
+        if missing:
+            incomplete[day] = missing
+        else:
+            complete.append(day)
+    return complete, incomplete
+
+
+def incomplete_message(src: str | os.PathLike, incomplete: dict[str, list[str]]) -> str:
+    """One message naming every incomplete day and the file(s) it lacks."""
+    parts = [f"{day} (missing {', '.join(files)})" for day, files in sorted(incomplete.items())]
+    msg = f"{src}: {len(incomplete)} incomplete day(s) not converted: " + "; ".join(parts)
+    if any(f == f"all_stage/{schema.FIRST_DAY}.feather" for fs in incomplete.values() for f in fs):
+        msg += " (RecFlow's Hugging Face copy is known to lack this file)"
+    return msg
+
+
+def missing_days(meta_or_path: dict | str | os.PathLike, wanted_days: list[str]) -> list[str]:
+    """The days of ``wanted_days`` ("YYYY-MM-DD", ranges already expanded) absent from a
+    converted dataset, in the order given. ``meta_or_path``: read_meta's dict, the dataset
+    directory or its meta.json. Pure (reads meta.json only): the training driver can call it
+    before any worker starts and name the missing days."""
+    meta = meta_or_path if isinstance(meta_or_path, dict) else read_meta(meta_or_path)
+    present = set(meta["days"])
+    return [d for d in wanted_days if d not in present]
 
 
 # ---- loading the pickles -----------------------------------------------------------------------
@@ -706,19 +736,23 @@ def convert(
     *,
     days: list[str] | None = None,
     overwrite: bool = False,
+    strict: bool = False,
 ) -> dict:
     """Convert the RecFlow layout at ``src`` into the parquet dataset at ``out``.
 
     days: "YYYY-MM-DD" strings (default: every day found). Days already converted are skipped
-    unless ``overwrite``. Returns the counts (also written to OUT/meta.json): totals, per-day
-    counts, and the days converted/skipped by this call. Raises ValueError naming the file and
-    field on invalid input.
+    unless ``overwrite``. A day lacking one of its files (RecFlow's public copy lacks some) is
+    not converted: every complete day is, and the incomplete ones are returned under
+    "days_incomplete" ({day: missing files}) and recorded in meta.json; with ``strict`` a
+    ValueError naming them all is raised after the complete days are converted. Returns the
+    counts (also written to OUT/meta.json): totals, per-day counts, and the days
+    converted/skipped by this call. Raises ValueError naming the file and field on invalid input.
     """
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise ValueError(f"'src' should be a RecFlow directory but got {str(src)!r}")
     vocab = _vocab(_read_id_cnt(src))
-    wanted = _discover_days(src, list(days) if days is not None else None)
+    wanted, incomplete = _discover_days(src, list(days) if days is not None else None)
     (out / "requests").mkdir(parents=True, exist_ok=True)
     (out / "_per_day").mkdir(exist_ok=True)
     done, skipped = [], []
@@ -772,9 +806,17 @@ def convert(
         "counts": counts,
         "num_items": int(items_tbl.num_rows),
         "source": str(src.resolve()),
+        "days_incomplete": incomplete,  # of the last convert call: {day: missing files}
     }
     _atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
-    return {**counts, "days_converted": done, "days_skipped": skipped}
+    if incomplete and strict:
+        raise ValueError(incomplete_message(src, incomplete))
+    return {
+        **counts,
+        "days_converted": done,
+        "days_skipped": skipped,
+        "days_incomplete": incomplete,
+    }
 
 
 def read_meta(path: str | os.PathLike) -> dict:

@@ -206,3 +206,53 @@ def test_default_density_unchanged():
         stage_sizes("dense", rng_a, 3)
     with pytest.raises(ValueError, match="'items' should be >= 4900"):
         generate("unused", days=1, requests_per_day=3, items=1000, density="recflow")
+
+
+# ---- incomplete days ----------------------------------------------------------------------------
+def _prepare_cli():
+    return _import("prepare_data_cli", ROOT / "jobs" / "prepare_data.py").main
+
+
+@pytest.mark.parametrize("gone", ["all_stage/2024-01-13.feather", "request_id_dict/2024-01-14.pkl"])
+def test_incomplete_day_named_and_the_others_converted(raw, tmp_path, capsys, gone):
+    src = tmp_path / "raw"
+    shutil.copytree(raw, src)
+    (src / gone).unlink()
+    day = gone.split("/")[1].split(".")[0]
+    other = [d for d in DAYS if d != day]
+    main = _prepare_cli()
+    res = main(["convert", "--src", str(src), "--out", str(tmp_path / "pq")])  # exit 0
+    err = capsys.readouterr().err
+    assert res["days_converted"] == other and res["days_incomplete"] == {day: [gone]}
+    assert f"1 incomplete day(s) not converted: {day} (missing {gone})" in err
+    assert ("Hugging Face" in err) == (day == "2024-01-13")
+    meta = conv.read_meta(tmp_path / "pq")
+    assert meta["days"] == other and meta["days_incomplete"] == {day: [gone]}
+    assert conv.missing_days(meta, DAYS) == [day]
+    assert conv.missing_days(tmp_path / "pq", DAYS[::-1]) == [day]
+    assert conv.missing_days(tmp_path / "pq" / "meta.json", other) == []
+
+    with pytest.raises(SystemExit) as e:  # --strict: same conversion, non-zero exit
+        main(["convert", "--src", str(src), "--out", str(tmp_path / "pq2"), "--strict"])
+    assert e.value.code == 1
+    assert gone in capsys.readouterr().err
+    assert conv.read_meta(tmp_path / "pq2")["days"] == other
+
+
+def test_every_incomplete_day_in_one_message(raw, tmp_path):
+    src = tmp_path / "raw"
+    shutil.copytree(raw, src)
+    (src / "all_stage" / f"{DAYS[0]}.feather").unlink()
+    (src / "seq_effective_50_dict" / f"{DAYS[1]}.pkl").unlink()
+    (src / "request_id_dict" / f"{DAYS[1]}.pkl").unlink()
+    with pytest.raises(ValueError) as e:
+        conv.convert(src, tmp_path / "pq", strict=True, days=[*DAYS, "2024-01-15"])
+    msg = str(e.value)
+    assert "3 incomplete day(s)" in msg
+    assert f"{DAYS[0]} (missing all_stage/{DAYS[0]}.feather)" in msg
+    assert (
+        f"{DAYS[1]} (missing request_id_dict/{DAYS[1]}.pkl, seq_effective_50_dict/{DAYS[1]}.pkl)"
+        in msg
+    )
+    assert "2024-01-15 (missing all_stage/2024-01-15.feather, request_id_dict" in msg
+    assert conv.read_meta(tmp_path / "pq")["days"] == []
