@@ -208,7 +208,7 @@ def test_default_density_unchanged():
         generate("unused", days=1, requests_per_day=3, items=1000, density="recflow")
 
 
-# ---- incomplete days ----------------------------------------------------------------------------
+# ---- incomplete days -----------------------------------------------------------------------------
 def _prepare_cli():
     return _import("prepare_data_cli", ROOT / "jobs" / "prepare_data.py").main
 
@@ -256,3 +256,27 @@ def test_every_incomplete_day_in_one_message(raw, tmp_path):
     )
     assert "2024-01-15 (missing all_stage/2024-01-15.feather, request_id_dict" in msg
     assert conv.read_meta(tmp_path / "pq")["days"] == []
+
+
+# ---- bench_scale ---------------------------------------------------------------------------------
+def test_bench_scale_quick_generate_and_convert(tmp_path):
+    bench = _import("bench_scale", ROOT / "jobs" / "bench_scale.py")
+    argv = ["--quick", "--phases", "generate,convert",
+            "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]  # fmt: skip
+    res = bench.main(argv)
+    saved = json.loads((tmp_path / "out" / "bench_scale.json").read_text())
+    assert saved["phases"].keys() == {"generate", "convert"} == res["phases"].keys()
+    gen = saved["phases"]["generate"]
+    assert gen["reused"] is False and gen["returncode"] == 0 and gen["peak_rss_gb"] > 0
+    per_day = saved["phases"]["convert"]["per_day"]
+    assert [d["day"] for d in per_day] == DAYS
+    for d in per_day:
+        assert d["requests"] == bench.QUICK["requests_per_day"]
+        assert d["seconds"] > 0 and d["requests_per_s"] > 0 and d["peak_rss_gb"] > 0
+    assert saved["machine"]["cpu_count"] >= 1
+    meta = conv.read_meta(tmp_path / "data" / "parquet")
+    assert meta["days"] == DAYS
+    # A second run reuses the raw data of the same size and converts again.
+    again = bench.main(argv)
+    assert again["phases"]["generate"]["reused"] is True
+    assert [d["day"] for d in again["phases"]["convert"]["per_day"]] == DAYS
