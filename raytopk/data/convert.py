@@ -35,6 +35,7 @@ import os
 import pickle
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -684,25 +685,33 @@ def _convert_day(src: Path, day: str, vocab: dict[str, int], tmp: Path) -> dict:
     for k in zero_keys:
         counts[k] = 0  # the previous converter's key order
     (tmp / "requests").mkdir(parents=True)
-    writer, part = None, -1
-    try:
-        for lo in range(0, max(R, 1), CHUNK_REQUESTS):
-            hi = min(R, lo + CHUNK_REQUESTS)
-            table = _chunk_table(
-                ids_np[lo:hi], lo, {c: v[lo:hi] for c, v in req.items()}, rid_dict, seq_dict,
-                rank, items, vocab, (a_path, r_path, q_path), counts,
-            )  # fmt: skip
-            if lo // ROWS_PER_PART != part:  # a new part file every ROWS_PER_PART requests
-                if writer is not None:
-                    writer.close()
-                part = lo // ROWS_PER_PART
-                writer = pq.ParquetWriter(
-                    tmp / "requests" / f"part-{part:05d}.parquet", table.schema
-                )
-            writer.write_table(table)
-    finally:
-        if writer is not None:
-            writer.close()
+    writer, part, pending = None, -1, None
+    # Parquet encoding releases the GIL: chunk k is written on a thread while chunk k + 1 is
+    # built (at most one chunk in flight, so memory stays bounded).
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            for lo in range(0, max(R, 1), CHUNK_REQUESTS):
+                hi = min(R, lo + CHUNK_REQUESTS)
+                table = _chunk_table(
+                    ids_np[lo:hi], lo, {c: v[lo:hi] for c, v in req.items()}, rid_dict,
+                    seq_dict, rank, items, vocab, (a_path, r_path, q_path), counts,
+                )  # fmt: skip
+                if pending is not None:
+                    pending.result()
+                if lo // ROWS_PER_PART != part:  # a new part file every ROWS_PER_PART requests
+                    if writer is not None:
+                        writer.close()
+                    part = lo // ROWS_PER_PART
+                    path = tmp / "requests" / f"part-{part:05d}.parquet"
+                    writer = pq.ParquetWriter(path, table.schema)
+                pending = pool.submit(writer.write_table, table)
+            if pending is not None:
+                pending.result()
+        finally:
+            if pending is not None:
+                pending.exception()  # wait for it either way before closing
+            if writer is not None:
+                writer.close()
     del rid_dict, seq_dict
 
     items_raw = items.rows()
