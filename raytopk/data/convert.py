@@ -370,7 +370,10 @@ def _feather_batches(path: Path, columns: tuple[str, ...]):
     """Record batches of ``columns`` (feather v2: one at a time, memory-mapped; v1: whole file)."""
     try:
         source = pa.memory_map(str(path))
-        reader = pa.ipc.open_file(source)
+        names = pa.ipc.open_file(source).schema.names
+        # Decode only the needed columns of each batch (all_stage has 30; we read 10).
+        opts = pa.ipc.IpcReadOptions(included_fields=[names.index(c) for c in columns])
+        reader = pa.ipc.open_file(source, options=opts)
     except Exception:
         yield from _read_feather(path, columns).to_batches()  # v1 / damaged: old path + errors
         return
