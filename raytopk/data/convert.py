@@ -30,6 +30,8 @@ an empty sequence (counted). The realshow/ folder is not needed and not read.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import pickle
@@ -637,7 +639,26 @@ def _chunk_table(
     return pa.table({c: cols[c] for c in schema.REQUEST_COLUMNS})
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause the cyclic garbage collector: unpickling a day creates millions of container objects
+    (dicts, tuples), each batch of which would trigger a full-heap scan (this halves the load
+    time); nothing here creates reference cycles."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _convert_day(src: Path, day: str, vocab: dict[str, int], tmp: Path) -> dict:
+    with _gc_paused():
+        return _convert_day_inner(src, day, vocab, tmp)
+
+
+def _convert_day_inner(src: Path, day: str, vocab: dict[str, int], tmp: Path) -> dict:
     """Convert one day into ``tmp`` (requests/ + items.parquet + counts.json); returns counts.
 
     Bounded memory: all_stage is scanned batch by batch for the needed columns only; the two
