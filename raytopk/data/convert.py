@@ -60,8 +60,12 @@ __all__ = [
 
 MISSING_RANK_PRIORITY = schema.GROUP_PRIORITY["rank_neg"] + 1.0
 ROWS_PER_PART = 100_000  # requests per parquet file
-CHUNK_REQUESTS = 10_000  # requests converted (and written as one row group) at once
-assert ROWS_PER_PART % CHUNK_REQUESTS == 0  # part files stay ROWS_PER_PART requests
+ROW_GROUP_REQUESTS = 10_000  # requests per parquet row group, written as soon as it is ready
+# Requests converted at once. Small enough that a chunk's buffers (~30 MB at real density) stay
+# under glibc's largest mmap threshold and are reused from the heap rather than page-faulted in
+# afresh for every chunk (a third fewer page faults than chunks of 10,000).
+CHUNK_REQUESTS = 2_500
+assert ROWS_PER_PART % ROW_GROUP_REQUESTS == 0 and ROW_GROUP_REQUESTS % CHUNK_REQUESTS == 0
 _NEEDED_FOLDERS = {
     "all_stage": ".feather",
     "request_id_dict": ".pkl",
@@ -663,8 +667,8 @@ def _convert_day_inner(src: Path, day: str, vocab: dict[str, int], tmp: Path) ->
 
     Bounded memory: all_stage is scanned batch by batch for the needed columns only; the two
     pickles are loaded once (request_id_dict with its arrays kept as raw bytes), then requests
-    are converted in chunks of CHUNK_REQUESTS, each chunk's dict entries freed as it is done and
-    its rows written as a parquet row group at once."""
+    are converted in chunks of CHUNK_REQUESTS, each chunk's dict entries freed as it is done,
+    and every ROW_GROUP_REQUESTS rows are written as a parquet row group at once."""
     a_path = src / "all_stage" / f"{day}.feather"
     r_path = src / "request_id_dict" / f"{day}.pkl"
     q_path = src / "seq_effective_50_dict" / f"{day}.pkl"
@@ -709,23 +713,30 @@ def _convert_day_inner(src: Path, day: str, vocab: dict[str, int], tmp: Path) ->
     for k in zero_keys:
         counts[k] = 0  # the previous converter's key order
     (tmp / "requests").mkdir(parents=True)
-    writer, part, pending = None, -1, None
-    # Parquet encoding releases the GIL: chunk k is written on a thread while chunk k + 1 is
-    # built (at most one chunk in flight, so memory stays bounded).
+    writer, part, pending, group = None, -1, None, []
+    # Parquet encoding releases the GIL: row group k is written on a thread while the next one
+    # is built (at most one in flight, so memory stays bounded).
     with ThreadPoolExecutor(1) as pool:
         try:
             for lo in range(0, max(R, 1), CHUNK_REQUESTS):
                 hi = min(R, lo + CHUNK_REQUESTS)
-                table = _chunk_table(
-                    ids_np[lo:hi], lo, {c: v[lo:hi] for c, v in req.items()}, rid_dict,
-                    seq_dict, rank, items, vocab, (a_path, r_path, q_path), counts,
+                group.append(
+                    _chunk_table(
+                        ids_np[lo:hi], lo, {c: v[lo:hi] for c, v in req.items()}, rid_dict,
+                        seq_dict, rank, items, vocab, (a_path, r_path, q_path), counts,
+                    )
                 )  # fmt: skip
+                if hi % ROW_GROUP_REQUESTS and hi < R:
+                    continue
+                table = pa.concat_tables(group)
+                first = hi - table.num_rows  # the row group's first request
+                group = []
                 if pending is not None:
                     pending.result()
-                if lo // ROWS_PER_PART != part:  # a new part file every ROWS_PER_PART requests
+                if first // ROWS_PER_PART != part:  # a new part file every ROWS_PER_PART
                     if writer is not None:
                         writer.close()
-                    part = lo // ROWS_PER_PART
+                    part = first // ROWS_PER_PART
                     path = tmp / "requests" / f"part-{part:05d}.parquet"
                     writer = pq.ParquetWriter(path, table.schema)
                 pending = pool.submit(writer.write_table, table)

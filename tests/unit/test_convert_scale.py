@@ -123,6 +123,7 @@ def test_same_output_as_previous_converter(raw, tmp_path, monkeypatch, case):
     src = raw if case != "awkward" else _awkward(raw, tmp_path / "awkward")
     if case == "small_chunks":  # several chunks per part file, several part files per day
         monkeypatch.setattr(conv, "CHUNK_REQUESTS", 32)
+        monkeypatch.setattr(conv, "ROW_GROUP_REQUESTS", 64)
         monkeypatch.setattr(conv, "ROWS_PER_PART", 128)
         monkeypatch.setattr(oracle, "ROWS_PER_PART", 128)
     oracle.convert(src, tmp_path / "old")
@@ -130,7 +131,9 @@ def test_same_output_as_previous_converter(raw, tmp_path, monkeypatch, case):
     assert counts["days_converted"] == DAYS
     _assert_same_output(tmp_path / "old", tmp_path / "new")
     if case == "small_chunks":
-        assert len(list((tmp_path / "new" / "requests" / f"day={DAYS[0]}").iterdir())) == 3
+        parts = sorted((tmp_path / "new" / "requests" / f"day={DAYS[0]}").iterdir())
+        assert len(parts) == 3  # 128 + 128 + 44 requests
+        assert [pq.ParquetFile(f).metadata.num_row_groups for f in parts] == [2, 2, 1]
     if case == "awkward":
         c = counts["per_day"][DAYS[1]]
         assert c["requests_only_in_all_stage"] == 3 and c["requests_missing_seq"] == 5
