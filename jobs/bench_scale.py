@@ -80,9 +80,11 @@ def _tree_rss_bytes(root: int) -> int | None:
 
 
 def run_phase(cmd: list[str], log: Path, sample_s: float = 0.5) -> dict:
-    """Run ``cmd`` (stdout+stderr to ``log``); its wall time, exit code and peak RSS."""
+    """Run ``cmd`` (stdout+stderr to ``log``); its wall time (interpreter start included), CPU
+    time, exit code and peak RSS."""
     log.parent.mkdir(parents=True, exist_ok=True)
     peak_tree = [0]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # others' work on the host
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -108,6 +110,11 @@ def run_phase(cmd: list[str], log: Path, sample_s: float = 0.5) -> dict:
         "cmd": " ".join(cmd),
         "returncode": proc.returncode,
         "seconds": round(seconds, 2),
+        # CPU time of the phase (and children it waited for): on a shared machine the figure
+        # that does not depend on what else runs.
+        "cpu_user_s": round(usage.ru_utime, 2),
+        "cpu_sys_s": round(usage.ru_stime, 2),
+        "load_avg_before": load,
         "peak_rss_gb": round(maxrss / 2**30, 3),
         "peak_tree_rss_gb": round(peak_tree[0] / 2**30, 3) if peak_tree[0] else None,
         "log": str(log),
