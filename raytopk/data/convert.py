@@ -498,7 +498,7 @@ class _ItemCorpus:
         """flat: raw (n, 8) request_id_dict rows."""
         if not flat.size:
             return
-        lo, hi = flat.min(0), flat.max(0)
+        lo, hi = _column_min_max(flat)
         for f in _ID_ITEM_FIELDS:
             j = _SF[f]
             _check_range(int(lo[j]), int(hi[j]), f, self.vocab, self.r_path)
@@ -519,6 +519,22 @@ class _ItemCorpus:
             if t.size:
                 self.tables.append(t)
         return np.concatenate(self.tables) if self.tables else np.zeros((0, 6), dtype=np.int64)
+
+
+def _column_min_max(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column min and max of a non-empty C-order (n, F) array. ``a.min(0)`` walks F-wide
+    rows; viewing 8 rows at a time as one 8F-wide row lets numpy vectorise (~5x faster)."""
+    n, F = a.shape
+    k = n - n % 8
+    lo, hi = [], []
+    if k:
+        wide = a[:k].reshape(-1, 8 * F)
+        lo.append(wide.min(0).reshape(8, F).min(0))
+        hi.append(wide.max(0).reshape(8, F).max(0))
+    if k < n:
+        lo.append(a[k:].min(0))
+        hi.append(a[k:].max(0))
+    return np.min(lo, 0), np.max(hi, 0)
 
 
 def _check_range(lo: int, hi: int, field: str, vocab: dict[str, int], where: Path) -> None:
@@ -610,31 +626,38 @@ def _chunk_table(
     dicts = [rid_dict.pop(r) for r in ids]
     flat, where = _stage_rows(dicts, schema.CAND_GROUPS, r_path)
     del dicts
-    G, N, F = schema.GROUP_SIZE, schema.N_OWN, len(schema.RAW_STAGE_ITEM_FIELDS)
-    raw = np.zeros((R, N, F), dtype=np.int64)
-    mask = np.zeros((R, N), dtype=bool)
-    prio = np.zeros((R, N), dtype=np.float32)
+    G, N = schema.GROUP_SIZE, schema.N_OWN
+    pos = np.full(R * N, -1, dtype=np.int64)  # slot (request * N + column) -> row of ``flat``
+    prio = np.zeros(R * N, dtype=np.float32)
     for gi, g in enumerate(schema.CAND_GROUPS):
         r_i, slot, rows = _first_slots(*where[g])
-        c_i = gi * G + slot
-        raw[r_i, c_i] = flat[rows]
-        mask[r_i, c_i] = True
+        at = r_i * N + gi * G + slot
+        pos[at] = rows
         if g == "rank_pos":
-            found, rk = rank(lo + r_i, raw[r_i, c_i, _SF["video_id"]])
-            pr = np.where(found, schema.RANK_POS_BASE - rk, MISSING_RANK_PRIORITY)
-            prio[r_i, c_i] = pr
+            found, rk = rank(lo + r_i, flat[rows, _SF["video_id"]])
+            prio[at] = np.where(found, schema.RANK_POS_BASE - rk, MISSING_RANK_PRIORITY)
             counts["rank_pos_missing_rank_index"] += int((~found).sum())
             counts["requests_without_rank_pos"] += int((where[g][1] == 0).sum())
         else:
-            prio[r_i, c_i] = schema.GROUP_PRIORITY[g]
+            prio[at] = schema.GROUP_PRIORITY[g]
         counts[f"slots_{g}"] += int(r_i.size)
+    slots = np.flatnonzero(pos >= 0)  # the valid slots, in row-major order
+    rows = pos[slots]
+    mask = pos >= 0
+
+    def slot_values(values: np.ndarray) -> np.ndarray:  # (len(slots),) -> (R * N,), 0 = padding
+        out = np.zeros(R * N, dtype=np.int64)
+        out[slots] = values
+        return out
+
     for f in _ID_ITEM_FIELDS:
-        v = raw[:, :, _SF[f]]
-        _check_ids(v[mask], f, vocab, r_path)
-        cols[schema.cand_col(f)] = _fixed_list(np.where(mask, v + 1, 0), N)
-    tf = time_features(_upload_seconds(raw[:, :, _SF["upload_timestamp"]].reshape(-1)), "s")
+        v = flat[rows, _SF[f]]
+        _check_ids(v, f, vocab, r_path)
+        cols[schema.cand_col(f)] = _fixed_list(slot_values(v + 1), N)
+    # Time features of the valid slots only (padding would force the slow tz path).
+    tf = time_features(_upload_seconds(flat[rows, _SF["upload_timestamp"]]), "s")
     for f, g in zip(_UPLOAD_FIELDS, ("weekday", "hour", "minute")):
-        cols[schema.cand_col(f)] = _fixed_list(np.where(mask, tf[g].reshape(R, N), 0), N)
+        cols[schema.cand_col(f)] = _fixed_list(slot_values(tf[g]), N)
     cols[schema.CAND_MASK] = _fixed_list(mask, N)
     cols[schema.CAND_PRIORITY] = _fixed_list(prio, N)
 

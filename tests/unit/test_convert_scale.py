@@ -283,3 +283,12 @@ def test_bench_scale_quick_generate_and_convert(tmp_path):
     again = bench.main(argv)
     assert again["phases"]["generate"]["reused"] is True
     assert [d["day"] for d in again["phases"]["convert"]["per_day"]] == DAYS
+
+
+def test_column_min_max_matches_numpy():
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 8, 9, 1003):
+        a = rng.integers(-(10**9), 10**9, (n, 8))
+        lo, hi = conv._column_min_max(a)
+        np.testing.assert_array_equal(lo, a.min(0))
+        np.testing.assert_array_equal(hi, a.max(0))
