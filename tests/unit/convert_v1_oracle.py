@@ -1,3 +1,5 @@
+# Frozen copy of raytopk/data/convert.py as of commit cd18c90, before the bounded-memory rewrite:
+# the oracle that tests/unit/test_convert_scale.py compares the converter with. Do not edit.
 """RecFlow raw layout (SPEC.md §4.1) -> the per-request parquet dataset training reads.
 
 RecFlow: Liu et al., "RecFlow: An Industrial Full Flow Recommendation Dataset", ICLR 2025.
