@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--density",
         choices=DENSITIES,
         default="default",
-        help="stage sizes: 'default' (~36 logged items per request, what the quickstart uses) "
+        help="stage sizes: 'default' (~37 logged items per request, what the quickstart uses) "
         "or 'recflow' (shaped like the real release: rank_pos 10, ~200 items per request; "
         "needs --items >= 4900)",
     )

@@ -20,7 +20,7 @@ The hidden world (notation: u = user, i = item, h = request hour, d = latent dim
 - behaviour sequences are each user's last 50 effective views (seeded before the first day by
   preference-driven choices), so they reflect the same preferences.
 
-Density: by default a request logs ~36 items (stages of 4..14); ``density="recflow"`` shapes the
+Density: by default a request logs ~37 items (stages of 4..14); ``density="recflow"`` shapes the
 stages like the release (rank_pos 10, negative stages of tens to hundreds, ~200 logged items per
 request, at most 490), for testing at the scale users bring.
 
@@ -70,7 +70,7 @@ RETRIEVE_DRAWS = 3  # retrieval keeps the best third of its popularity-weighted 
 RETRIEVE_NOISE = 1.0
 CHUNK = 50_000  # requests generated at once (bounds the per-chunk arrays)
 
-# Stage density. "default": the small stages above (~36 logged items per request; what every
+# Stage density. "default": the small stages above (~37 logged items per request; what every
 # quickstart and test figure was made with). "recflow": shaped like the real release, ~200 stage
 # items per request: rank_pos exactly 10 (the rank stage always sees >= 10 candidates), and the
 # negative stages gamma-distributed over tens to hundreds, capped so a request logs at most
