@@ -2,8 +2,12 @@
 
     python jobs/prepare_data.py synthetic --out data/synthetic/raw [--days 4]
         [--requests-per-day 1500] [--users 400] [--items 4000] [--seed 0]
+        [--density default|recflow]
     python jobs/prepare_data.py convert --src data/recflow --out data/recflow_parquet
-        [--days 2024-01-13 2024-01-14 ...] [--overwrite]
+        [--days 2024-01-13 2024-01-14 ...] [--overwrite] [--strict]
+
+convert converts every complete day; days missing a file are named in one message at the end
+(stderr), and make the exit status non-zero only with --strict.
 
 Layouts: SPEC.md §4.1 (raw) and raytopk/data/convert.py (converted); see data/README.md.
 """
@@ -15,8 +19,8 @@ import json
 import sys
 import time
 
-from raytopk.data.convert import convert
-from raytopk.data.synthetic import generate
+from raytopk.data.convert import convert, incomplete_message
+from raytopk.data.synthetic import DENSITIES, generate
 
 __all__ = ["main", "build_parser"]
 
@@ -31,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--users", type=int, default=400)
     s.add_argument("--items", type=int, default=4000)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--density",
+        choices=DENSITIES,
+        default="default",
+        help="stage sizes: 'default' (~37 logged items per request, what the quickstart uses) "
+        "or 'recflow' (shaped like the real release: rank_pos 10, ~200 items per request; "
+        "needs --items >= 4900)",
+    )
     c = sub.add_parser("convert", help="convert a RecFlow layout to the parquet dataset")
     c.add_argument("--src", required=True, help="raw RecFlow directory (all_stage/, ...)")
     c.add_argument("--out", required=True, help="output directory")
@@ -41,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="days YYYY-MM-DD (space- or comma-separated; default: all found)",
     )
     c.add_argument("--overwrite", action="store_true", help="re-convert days already present")
+    c.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit non-zero if a day lacks one of its files (default: convert the complete days, "
+        "name the incomplete ones, exit 0)",
+    )
     return p
 
 
@@ -55,10 +73,14 @@ def main(argv: list[str] | None = None) -> dict:
             users=args.users,
             items=args.items,
             seed=args.seed,
+            density=args.density,
         )
         dt = time.perf_counter() - t0
         n = args.days * args.requests_per_day
-        print(f"wrote synthetic RecFlow to {raw}: {args.days} days, {n} requests in {dt:.2f} s")
+        print(
+            f"wrote synthetic RecFlow ({args.density} density) to {raw}: {args.days} days, "
+            f"{n} requests in {dt:.2f} s"
+        )
         return {"out": str(raw), "days": args.days, "requests": n, "seconds": dt}
     days = None
     if args.days is not None:
@@ -77,6 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
             {k: counts[k] for k in ("requests", "requests_per_day", "rank_pos_missing_rank_index")}
         )
     )
+    if counts["days_incomplete"]:
+        print(incomplete_message(args.src, counts["days_incomplete"]), file=sys.stderr)
+        if args.strict:
+            raise SystemExit(1)
     return {**counts, "seconds": dt}
 
 

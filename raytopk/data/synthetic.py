@@ -20,6 +20,10 @@ The hidden world (notation: u = user, i = item, h = request hour, d = latent dim
 - behaviour sequences are each user's last 50 effective views (seeded before the first day by
   preference-driven choices), so they reflect the same preferences.
 
+Density: by default a request logs ~37 items (stages of 4..14); ``density="recflow"`` shapes the
+stages like the release (rank_pos 10, negative stages of tens to hundreds, ~200 logged items per
+request, at most 490), for testing at the scale users bring.
+
 Quirks of the real release reproduced here: id_cnt keys ``photo_id`` and ``' category_level_two'``;
 stage keys missing or empty for some requests; stages longer than 10 items; stage items in no
 particular order; left-padded behaviour sequences (padding iff time_ms == 0), some empty; a few
@@ -40,11 +44,18 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.feather as feather
 
 from raytopk.data import schema
 
-__all__ = ["generate", "prepare_synthetic", "build_world", "World", "day_names"]
+__all__ = [
+    "generate",
+    "prepare_synthetic",
+    "build_world",
+    "World",
+    "day_names",
+    "DENSITIES",
+    "stage_sizes",
+]
 
 DIM = 8
 N_AGE, N_GENDER, N_PROVINCE, N_TYPE = 8, 3, 34, 6
@@ -58,6 +69,25 @@ P_RANK_ROW_DROPPED = 0.01  # per rank_pos item: its all_stage row is missing
 RETRIEVE_DRAWS = 3  # retrieval keeps the best third of its popularity-weighted draws
 RETRIEVE_NOISE = 1.0
 CHUNK = 50_000  # requests generated at once (bounds the per-chunk arrays)
+
+# Stage density. "default": the small stages above (~37 logged items per request; what every
+# quickstart and test figure was made with). "recflow": shaped like the real release, ~200 stage
+# items per request: rank_pos exactly 10 (the rank stage always sees >= 10 candidates), and the
+# negative stages gamma-distributed over tens to hundreds, capped so a request logs at most
+# RECFLOW_MAX_ITEMS items (RecFlow's test feathers pad to 500 and 430 candidates per request).
+DENSITIES = ("default", "recflow")
+RECFLOW_RANK_POS = 10
+RECFLOW_NEG = {  # stage -> (mean before clipping, max), gamma shape RECFLOW_NEG_SHAPE
+    "rank_neg": (50.0, 120),
+    "coarse_neg": (62.0, 160),
+    "prerank_neg": (82.0, 200),
+}
+RECFLOW_NEG_SHAPE = 2.0
+RECFLOW_NEG_MIN = 4
+RECFLOW_MAX_ITEMS = RECFLOW_RANK_POS + sum(cap for _, cap in RECFLOW_NEG.values())  # 490
+RECFLOW_RETRIEVE_DRAWS = 1.5  # fewer draws per slot than the default: pools are 10x wider
+RECFLOW_CHUNK = 2_500  # requests per chunk: (chunk, ~500)-wide arrays stay ~100 MB each
+RECFLOW_MIN_ITEMS = 10 * RECFLOW_MAX_ITEMS  # corpus size that fills ~500 distinct slots
 _TZ = ZoneInfo(schema.TIME_ZONE)
 _DAY_MS = 86_400_000
 
@@ -301,22 +331,24 @@ def _warm_up(world: World, rng: np.random.Generator) -> _History:
 
 
 # ---- one day ---------------------------------------------------------------------------------
-def _retrieve(world: World, users, hours, rng) -> tuple[np.ndarray, np.ndarray]:
-    """Retrieval: (R, POOL) distinct items per request and how many are valid.
+def _retrieve(
+    world: World, users, hours, rng, width: int = POOL, draws: float = RETRIEVE_DRAWS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Retrieval: (R, width) distinct items per request and how many are valid.
 
-    Draws RETRIEVE_DRAWS·POOL popularity-weighted items and keeps the POOL best by a very noisy
+    Draws draws·width popularity-weighted items and keeps the width best by a very noisy
     production score, so a request's pool leans towards its user's taste (which is what lets a
     model tell its own candidates from other requests' items)."""
     R = users.size
-    S = RETRIEVE_DRAWS * POOL
+    S = int(round(draws * width))
     draw = np.sort(rng.choice(world.item_pop.size, size=(R, S), p=world.item_pop), axis=1)
     dup = np.zeros((R, S), dtype=bool)
     dup[:, 1:] = draw[:, 1:] == draw[:, :-1]
     s = world.score(users, draw, hours) + RETRIEVE_NOISE * rng.normal(size=(R, S))
-    order = np.argsort(np.where(dup, np.inf, -s), axis=1)[:, :POOL]
+    order = np.argsort(np.where(dup, np.inf, -s), axis=1)[:, :width]
     # Best first: the first P slots of a row are the items its request logs (slot order is
     # internal; every file stores items in random order).
-    return np.take_along_axis(draw, order, 1), (~dup).sum(1).clip(max=POOL)
+    return np.take_along_axis(draw, order, 1), (~dup).sum(1).clip(max=width)
 
 
 def _desc_rank(score: np.ndarray) -> np.ndarray:
@@ -327,20 +359,38 @@ def _desc_rank(score: np.ndarray) -> np.ndarray:
     return rank
 
 
-def _gen_chunk(world, hist, rng, rid, ts, users):
+def stage_sizes(density: str, rng: np.random.Generator, R: int) -> tuple[np.ndarray, ...]:
+    """Items per request in (rank_pos, rank_neg, coarse_neg, prerank_neg) under ``density``,
+    before the corpus-size guard of _gen_chunk; each (R,) int64. (rerank/realshow are subsets of
+    rank_pos.) Draws from ``rng`` in a fixed order, so generation stays deterministic."""
+    if density == "default":
+        return tuple(rng.integers(lo, MAX_PER_STAGE + 1, R) for lo in (6, 4, 4, 4))
+    if density == "recflow":
+        sizes = [np.full(R, RECFLOW_RANK_POS, dtype=np.int64)]
+        for mean, cap in RECFLOW_NEG.values():
+            g = rng.gamma(RECFLOW_NEG_SHAPE, mean / RECFLOW_NEG_SHAPE, R)
+            sizes.append(np.clip(np.rint(g), RECFLOW_NEG_MIN, cap).astype(np.int64))
+        return tuple(sizes)
+    raise ValueError(f"'density' should be one of {DENSITIES} but got {density!r}")
+
+
+def _gen_chunk(world, hist, rng, rid, ts, users, density: str = "default"):
     """One chunk of requests -> (all_stage columns, request_id_dict, seq dict, view events)."""
     R = users.size
     hours = ((ts // 1000 + 8 * 3600) % 86_400) // 3600  # Asia/Shanghai hour
-    pool, n_unique = _retrieve(world, users, hours, rng)
-    n_pos = rng.integers(6, MAX_PER_STAGE + 1, R)
-    n_rneg = rng.integers(4, MAX_PER_STAGE + 1, R)
-    n_cneg = rng.integers(4, MAX_PER_STAGE + 1, R)
-    n_pneg = rng.integers(4, MAX_PER_STAGE + 1, R)
+    if density == "default":  # rng order of the original generator: pool first, then sizes
+        pool, n_unique = _retrieve(world, users, hours, rng)
+        n_pos, n_rneg, n_cneg, n_pneg = stage_sizes(density, rng, R)
+    else:  # sizes first: the pool is as wide as the chunk's largest request
+        n_pos, n_rneg, n_cneg, n_pneg = stage_sizes(density, rng, R)
+        width = int((n_pos + n_rneg + n_cneg + n_pneg).max())
+        pool, n_unique = _retrieve(world, users, hours, rng, width, RECFLOW_RETRIEVE_DRAWS)
     n_pneg = np.minimum(n_pneg, n_unique - n_pos - n_rneg - n_cneg)  # tiny corpora only
     P = n_pos + n_rneg + n_cneg + n_pneg
-    col = np.arange(POOL)[None, :]
+    W = pool.shape[1]  # the default density: POOL
+    col = np.arange(W)[None, :]
     valid = col < P[:, None]
-    t = world.score(users, pool, hours)  # (R, POOL)
+    t = world.score(users, pool, hours)  # (R, W)
 
     def stage_rank(alive, sigma):
         s = np.where(alive, t + sigma * rng.normal(size=t.shape), -np.inf)
@@ -438,7 +488,7 @@ def _gen_chunk(world, hist, rng, rid, ts, users):
         key = np.where(m, rng.random(t.shape), 2.0)
         order = np.argsort(key, axis=1)
         cnt = m.sum(1)
-        rr, cc = np.nonzero(np.arange(POOL)[None, :] < cnt[:, None])
+        rr, cc = np.nonzero(np.arange(W)[None, :] < cnt[:, None])
         flat = feats[rr, order[rr, cc]]
         per_stage[stage] = np.split(flat, np.cumsum(cnt)[:-1])
     quirk = rng.random((R, len(schema.RAW_STAGES)))
@@ -466,7 +516,28 @@ def _gen_chunk(world, hist, rng, rid, ts, users):
     return a, rid_dict, seq_dict, events
 
 
-def _write_day(raw: Path, day: str, world, hist, rng, requests: int, next_rid: int) -> int:
+class _FeatherWriter:
+    """Feather v2 (Arrow IPC file, lz4 like ``feather.write_feather``) written chunk by chunk, so
+    a real-density day (~50M all_stage rows) never sits in memory as one table."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self._w = path, None
+
+    def write(self, table: pa.Table) -> None:
+        if self._w is None:
+            codec = "lz4" if pa.Codec.is_available("lz4_frame") else None
+            opts = pa.ipc.IpcWriteOptions(compression=codec)
+            self._w = pa.ipc.new_file(str(self.path), table.schema, options=opts)
+        self._w.write_table(table, max_chunksize=65_536)  # write_feather's default chunk
+
+    def close(self) -> None:
+        if self._w is not None:
+            self._w.close()
+
+
+def _write_day(
+    raw: Path, day: str, world, hist, rng, requests: int, next_rid: int, density: str
+) -> int:
     """Generate and write one day; returns the next free request id."""
     day_ms = _day_start_ms(day)
     # Request times: evening-heavy mixture over the Asia/Shanghai day.
@@ -479,27 +550,32 @@ def _write_day(raw: Path, day: str, world, hist, rng, requests: int, next_rid: i
     rids = next_rid + np.cumsum(rng.integers(1, 5, requests))
     users = rng.choice(world.user_vec.shape[0], size=requests, p=world.user_activity)
 
-    all_path = raw / "all_stage" / f"{day}.feather"
-    show_path = raw / "realshow" / f"{day}.feather"
+    all_w = _FeatherWriter(raw / "all_stage" / f"{day}.feather")
+    show_w = _FeatherWriter(raw / "realshow" / f"{day}.feather")
     rid_dict: dict = {}
     seq_dict: dict = {}
     events = []
-    all_tables, show_tables = [], []
-    for lo in range(0, requests, CHUNK):
-        sl = slice(lo, min(requests, lo + CHUNK))
-        a, rd, sd, ev = _gen_chunk(world, hist, rng, rids[sl], ts[sl], users[sl])
-        tbl = pa.table(a)
-        all_tables.append(tbl)
-        show_tables.append(tbl.filter(pa.array(a["realshow"] == 1)))
-        rid_dict.update(rd)
-        seq_dict.update(sd)
-        events.append(ev)
-    feather.write_feather(pa.concat_tables(all_tables), all_path)
-    feather.write_feather(pa.concat_tables(show_tables), show_path)
+    chunk = CHUNK if density == "default" else RECFLOW_CHUNK
+    try:
+        for lo in range(0, requests, chunk):
+            sl = slice(lo, min(requests, lo + chunk))
+            a, rd, sd, ev = _gen_chunk(world, hist, rng, rids[sl], ts[sl], users[sl], density)
+            tbl = pa.table(a)
+            all_w.write(tbl)
+            show_w.write(tbl.filter(pa.array(a["realshow"] == 1)))
+            del tbl, a
+            rid_dict.update(rd)
+            seq_dict.update(sd)
+            events.append(ev)
+    finally:
+        all_w.close()
+        show_w.close()
     with open(raw / "request_id_dict" / f"{day}.pkl", "wb") as f:
         pickle.dump(rid_dict, f, protocol=4)
+    del rid_dict
     with open(raw / "seq_effective_50_dict" / f"{day}.pkl", "wb") as f:
         pickle.dump(seq_dict, f, protocol=4)
+    del seq_dict
     # Today's effective views become tomorrow's behaviour sequences.
     hist.append(*(np.concatenate(parts) for parts in zip(*events)))
     return int(rids[-1]) + 1
@@ -513,15 +589,24 @@ def generate(
     users: int = 400,
     items: int = 4000,
     seed: int = 0,
+    density: str = "default",
 ) -> Path:
     """Write a synthetic RecFlow release to ``raw_dir`` (SPEC.md §4.1 layout); returns it.
 
     Days are consecutive from schema.FIRST_DAY. Generation is day by day (requests in chunks of
-    CHUNK), so memory is bounded by one day's pickles.
+    CHUNK, or RECFLOW_CHUNK at density "recflow"; all_stage is written chunk by chunk), so memory
+    is bounded by one day's pickles. ``density``: one of DENSITIES (see stage_sizes).
     """
     for name, v, lo in (("days", days, 1), ("requests_per_day", requests_per_day, 1)):
         if int(v) < lo:
             raise ValueError(f"'{name}' should be >= {lo} but got {v}")
+    if density not in DENSITIES:
+        raise ValueError(f"'density' should be one of {DENSITIES} but got {density!r}")
+    if density == "recflow" and items < RECFLOW_MIN_ITEMS:
+        raise ValueError(
+            f"'items' should be >= {RECFLOW_MIN_ITEMS} at density 'recflow' (a request logs up "
+            f"to {RECFLOW_MAX_ITEMS} distinct items) but got {items}"
+        )
     raw = Path(raw_dir)
     for sub in ("all_stage", "realshow", "seq_effective_50_dict", "request_id_dict", "others"):
         (raw / sub).mkdir(parents=True, exist_ok=True)
@@ -530,7 +615,7 @@ def generate(
     hist = _warm_up(world, rng)
     next_rid = 7_000_000_000
     for day in day_names(days):
-        next_rid = _write_day(raw, day, world, hist, rng, requests_per_day, next_rid)
+        next_rid = _write_day(raw, day, world, hist, rng, requests_per_day, next_rid, density)
     with open(raw / "others" / "id_cnt.pkl", "wb") as f:
         pickle.dump(dict(world.id_cnt), f, protocol=4)
     return raw
