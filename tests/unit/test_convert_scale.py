@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raytopk.data import convert as conv
+from raytopk.data import request_rows
 from raytopk.data.synthetic import (
     RECFLOW_MAX_ITEMS,
     RECFLOW_RANK_POS,
@@ -289,6 +290,6 @@ def test_column_min_max_matches_numpy():
     rng = np.random.default_rng(0)
     for n in (1, 7, 8, 9, 1003):
         a = rng.integers(-(10**9), 10**9, (n, 8))
-        lo, hi = conv._column_min_max(a)
+        lo, hi = request_rows._column_min_max(a)
         np.testing.assert_array_equal(lo, a.min(0))
         np.testing.assert_array_equal(hi, a.max(0))
