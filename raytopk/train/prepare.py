@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from raytopk import ray_env
+from raytopk.data.convert import missing_days
 from raytopk.train.checkpoint import CheckpointError, Position, load_state
 from raytopk.train.config import ConfigError, TrainConfig, to_dict, validate
 
@@ -88,17 +89,21 @@ def prepare(cfg: TrainConfig) -> Prepared:
         raise ValueError(f"data.path {str(path)!r}: meta.json lists no days")
 
     test_day = d.test_day or present[-1]
-    if test_day not in present:
-        raise ValueError(
-            f"data.test_day {test_day} is not in the dataset at {str(path)!r} "
-            f"(days present: {present[0]} .. {present[-1]}, {len(present)} days)"
-        )
     train_days = d.train_days or [day for day in present if day < test_day]
-    missing = [day for day in train_days if day not in present]
+    # Every protocol day the run asks for, named at once with why it is absent (RecFlow's public
+    # copy lacks all_stage/2024-01-13.feather: the converter records such incomplete days).
+    missing = missing_days(meta, [*train_days, test_day])
     if missing:
+        incomplete = meta.get("days_incomplete") or {}
+        why = "; ".join(
+            f"{day}: " + (f"incomplete in the raw data ({', '.join(incomplete[day])} missing)"
+                          if day in incomplete else "not converted")
+            for day in missing
+        )
         raise ValueError(
-            f"data.train_days: day(s) {missing} missing from the dataset at {str(path)!r} "
-            f"(days present: {present})"
+            f"data.train_days / data.test_day: {len(missing)} day(s) absent from the dataset at "
+            f"{str(path)!r}: {why} (days present: {present[0]} .. {present[-1]}, "
+            f"{len(present)} days)"
         )
     if not train_days:
         raise ValueError(f"no training day before test day {test_day} in {str(path)!r}")

@@ -341,13 +341,6 @@ def test_not_a_dataset_fails_fast(tmp_path: Path) -> None:
         prepare(_cfg(tmp_path, tmp_path / "o"))
 
 
-def test_missing_day_fails_fast(tiny_data: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"2024-01-12.*missing from the dataset"):
-        prepare(_cfg(tiny_data, tmp_path / "o", "data.train_days=[2024-01-12..2024-01-14]"))
-    with pytest.raises(ValueError, match=r"data\.test_day 2024-03-01 is not in the dataset"):
-        prepare(_cfg(tiny_data, tmp_path / "o", "data.test_day=2024-03-01"))
-
-
 def test_unknown_op_fails_fast(tiny_data: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown operator 'topk9000'"):
         _cfg(tiny_data, tmp_path / "o", "op.name=topk9000")
