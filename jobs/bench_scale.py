@@ -24,10 +24,8 @@ test runs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -40,7 +38,7 @@ sys.path.insert(0, str(ROOT))  # importable from a checkout without installing
 
 from raytopk.data.synthetic import day_names  # noqa: E402
 
-__all__ = ["main", "run_phase", "machine"]
+__all__ = ["main", "run_phase"]
 
 PHASES = ("generate", "convert", "train", "eval")
 FULL = {"requests_per_day": 250_000, "days": 2, "users": 40_000, "items": 500_000}
@@ -127,25 +125,6 @@ def _check(res: dict, phase: str) -> None:
         raise RuntimeError(f"phase {phase} failed (exit {res['returncode']}):\n{tail}")
 
 
-def machine() -> dict:
-    import numpy
-    import pyarrow
-
-    mem = None
-    with contextlib.suppress(ValueError, OSError, AttributeError):  # not every OS has these
-        mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "memory_gb": mem,
-        "load_avg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "python": sys.version.split()[0],
-        "numpy": numpy.__version__,
-        "pyarrow": pyarrow.__version__,
-    }
-
-
 # ---- phases ----------------------------------------------------------------------------------
 def _generate(size: dict, data: Path, out: Path, seed: int) -> dict:
     raw = data / "raw"
@@ -224,6 +203,36 @@ def _eval_full(data: Path, out: Path, days: list[str]) -> dict:
     return _run_train(cmd, out, run_dir, "eval")
 
 
+def _steady_training(progress: Path) -> dict:
+    """Training throughput from progress.csv's step rows: the first report window of the day
+    holds the wait for the day's first batch (the dataset's start: read, the within-day sort),
+    the later ones are steady state (median samples/s and data-wait fraction)."""
+    import csv
+    import statistics
+
+    if not progress.is_file():
+        return {}
+    with progress.open(newline="") as f:
+        steps = [r for r in csv.DictReader(f) if r.get("kind") == "step"]
+    if not steps:
+        return {}
+    seen = [0] + [int(r["samples_seen"]) for r in steps]
+    # A window's seconds: the samples it trained over its samples/s.
+    rates = [max(float(r["samples_per_s"]), 1e-9) for r in steps]
+    secs = [(b - a) / rate for a, b, rate in zip(seen, seen[1:], rates)]
+    first_wait = float(steps[0]["data_wait_frac"]) * secs[0]
+    steady = steps[1:] or steps
+    return {
+        "steady_samples_per_s": round(statistics.median(float(r["samples_per_s"]) for r in steady)),
+        "steady_data_wait_frac": round(
+            statistics.median(float(r["data_wait_frac"]) for r in steady), 4
+        ),
+        "first_batch_wait_s": round(first_wait, 2),  # the day's start, its sort included
+        "first_batch_wait_share": round(first_wait / max(sum(secs), 1e-9), 4),
+        "report_windows": len(steps),
+    }
+
+
 def _run_train(cmd: list[str], out: Path, run_dir: Path, phase: str) -> dict:
     metrics = run_dir / "metrics.json"
     if metrics.exists():
@@ -234,6 +243,7 @@ def _run_train(cmd: list[str], out: Path, run_dir: Path, phase: str) -> dict:
     keep = ("samples_seen", "train_seconds", "wall_seconds", "eval_seconds", "eval_requests")
     res.update({k: m[k] for k in keep if k in m})
     res["metrics"] = {k: v for k, v in m.items() if "recall" in k or "ndcg" in k}
+    res.update(_steady_training(run_dir / "progress.csv"))
     res["note"] = "peak_rss_gb: the driver process; peak_tree_rss_gb adds Ray's processes"
     return res
 
@@ -265,7 +275,7 @@ def _plot(result: dict, path: Path) -> None:
     axes[1].set_xlabel("peak RSS (GB)")
     n = result["size"]["requests_per_day"]
     fig.suptitle(
-        f"bench_scale: {n:,} real-density requests/day, {result['machine']['cpu_count']} CPUs"
+        f"bench_scale: {n:,} real-density requests/day, {result['machine']['cpu_cores']} CPUs"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -306,7 +316,15 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     days = day_names(size["days"])
 
-    result: dict = {"size": size, "density": "recflow", "machine": machine(), "phases": {}}
+    from raytopk.bench.machine import machine_info
+
+    result: dict = {
+        "size": size,
+        "density": "recflow",
+        "machine": machine_info("cpu"),
+        "load_avg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "phases": {},
+    }
     for phase in PHASES:
         if phase not in phases:
             continue

@@ -21,6 +21,7 @@ MACHINE_KEYS = (
     "python",
     "cpu_model",
     "cpu_cores",
+    "memory_gb",
     "torch",
     "torch_threads",
     "numpy",
@@ -33,6 +34,13 @@ MACHINE_KEYS = (
     "cuda",
     "gpu",
 )
+
+
+def _memory_gb() -> float | None:
+    try:  # not every OS has these
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _cpu_model() -> str:
@@ -70,6 +78,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu_model": cpu,
         "cpu_cores": os.cpu_count(),
+        "memory_gb": _memory_gb(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "numpy": _version("numpy"),

@@ -277,7 +277,7 @@ def test_bench_scale_quick_generate_and_convert(tmp_path):
     for d in per_day:
         assert d["requests"] == bench.QUICK["requests_per_day"]
         assert d["seconds"] > 0 and d["requests_per_s"] > 0 and d["peak_rss_gb"] > 0
-    assert saved["machine"]["cpu_count"] >= 1
+    assert saved["machine"]["cpu_cores"] >= 1 and saved["machine"]["memory_gb"] > 0
     meta = conv.read_meta(tmp_path / "data" / "parquet")
     assert meta["days"] == DAYS
     # A second run reuses the raw data of the same size and converts again.
@@ -293,3 +293,22 @@ def test_column_min_max_matches_numpy():
         lo, hi = request_rows._column_min_max(a)
         np.testing.assert_array_equal(lo, a.min(0))
         np.testing.assert_array_equal(hi, a.max(0))
+
+
+def test_bench_scale_steady_training_from_progress(tmp_path):
+    """The day's first report window (its start, the within-day sort included) is reported apart
+    from the steady windows."""
+    bench = _import("bench_scale", ROOT / "jobs" / "bench_scale.py")
+    rows = [  # 1024 requests per step, 2 steps per window
+        "kind,global_step,samples_seen,samples_per_s,data_wait_frac",
+        "step,2,2048,512.0,0.5",  # 4 s, 2 s of it waiting for the day's first batch
+        "step,4,4096,2048.0,0.01",
+        "step,6,6144,1024.0,0.03",
+        "day,6,6144,,",
+    ]
+    (tmp_path / "progress.csv").write_text("\n".join(rows) + "\n")
+    got = bench._steady_training(tmp_path / "progress.csv")
+    assert got["steady_samples_per_s"] == 1536  # median of the later windows
+    assert got["steady_data_wait_frac"] == 0.02
+    assert got["first_batch_wait_s"] == 2.0
+    assert got["first_batch_wait_share"] == round(2.0 / (4 + 1 + 2), 4)
