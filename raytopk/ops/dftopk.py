@@ -207,6 +207,8 @@ def step_bytes(batch: int, n: int, itemsize: int = 4) -> int:
     sums_to_k=False,
     complexity="O(N)",
     step_bytes=step_bytes,
+    bf16=True,
+    bf16_reason="selection exact in any dtype; logits formed in float32",
 )
 def dftopk(
     scores: torch.Tensor,
