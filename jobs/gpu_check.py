@@ -1,33 +1,45 @@
 """One GPU check of raytopk (issue 13): the local training loop, mixed precision and DFTopK's
 selection primitive, measured on one device in one short run, written to ONE JSON.
 
-    PYTHONPATH=. python jobs/gpu_check.py --device cuda --out runs/gpu_check   # < 8 min, H200
+    PYTHONPATH=. python jobs/gpu_check.py --device cuda --out runs/gpu_check   # ~3-5 min, H200
     PYTHONPATH=. python jobs/gpu_check.py --device cpu --tiny --out /tmp/gc    # seconds (tests)
 
 Needs torch, numpy, numba, pandas, pyarrow and PyYAML, nothing else: no Ray, no faiss, no
-matplotlib (tests/unit/test_gpu_check.py runs it with ray and faiss made unimportable). Where
-PyYAML is missing, a copy in ``.gpu_deps/`` is used: ``mkdir -p .gpu_deps && cp -r
-"$(python -c 'import os,yaml;print(os.path.dirname(yaml.__file__))')" .gpu_deps/``.
+matplotlib (tests/unit/test_gpu_check.py runs it with those three unimportable). A bare GPU
+machine without PyYAML uses a copy carried in the git-ignored ``.gpu_deps/`` (~1 MiB), made
+once on the machine that sends the job:
 
-Parts, in order (``--parts`` picks some):
-1. data: a synthetic RecFlow release (raytopk.data.synthetic, no Ray) converted to parquet in a
-   work folder: two days, the first long enough for every training step, the second the test day;
-2. parity: every registered operator on the device against the same operator on CPU, float64,
-   float32 and (where its registry declares bf16) bfloat16, forward and backward, uniform and
-   per-row k, with a mask, at N = 40 and 200 (O(N^3) operators at N = 40 only); DFTopK once per
-   torch selection primitive (CPU reference: auto, i.e. numba);
-3. select: raytopk.bench.select.compare_selects at the benchmark's shapes; its
-   ``recommended`` is what ``_AUTO_SELECT[device]`` in raytopk/ops/dftopk.py should say;
-4. train: the local backend's training loop (raytopk.train.loop.train_loop with a LocalSession,
-   ``run.backend=local``) at the paper's shape, batch 1024, N = 40 and 200 (sample_num 0, 160),
-   float32 and bf16 autocast (``optim.amp``), a fixed number of steps (``run.max_samples``), no
-   corpus evaluation. Throughput pass: requests/s and data-wait fraction from the loop's own
-   step reports, the first windows (CUDA/cuBLAS start-up, the day's read) left out. Profiled
-   pass, separate and short, so the throughput pass runs unsynchronised: the same step with a
-   device synchronisation after each phase (data wait + host-to-device copy / forward and loss /
-   backward / optimiser). Peak GPU memory of each configuration.
+    mkdir -p .gpu_deps && cp -r "$(python -c 'import os,yaml;print(os.path.dirname(
+        yaml.__file__))')" .gpu_deps/ && rm -rf .gpu_deps/yaml/__pycache__
 
-Output: ``<out>/gpu_check.json`` (machine, settings, seconds per part, parity, selection, train).
+On the device machine (the session's ``run`` tool), from the repository root:
+
+    command: PYTHONPATH=. python jobs/gpu_check.py --device cuda --out $OUT/gpu_check
+    carry: [".gpu_deps"]        timeout_s: 540
+
+then read ``gpu_check/gpu_check.json`` where the files come back. Set ``_AUTO_SELECT["cuda"]``
+in raytopk/ops/dftopk.py to its ``selection.recommended`` (and quote ``selection.geomean_ms``).
+
+Parts, in this order (``--parts`` picks some; the JSON is rewritten after each, so a run cut
+short still reports the parts it finished; a failing part is recorded under ``errors`` and the
+next one runs):
+1. select: raytopk.bench.select.compare_selects at the benchmark's shapes (every select, the
+   authors' two-kthvalue formulation, the elementwise floor), and the recommended select;
+2. parity: raytopk.bench.parity.op_parity, every registered operator on the device against the
+   same operator on CPU, float64, float32 and (where its registry declares it) bfloat16,
+   forward and backward, uniform and per-row k, with a mask, N = 40 and 200;
+3. data: a synthetic RecFlow release (raytopk.data.synthetic, no Ray) converted to parquet in a
+   work folder: two days, the first long enough for every training step, the second the test
+   day (the raw release is deleted once converted);
+4. train: raytopk.bench.local_train, the local backend's training loop (``run.backend=local``)
+   at the paper's shape, batch 1024, N = 40 and 200 (sample_num 0, 160), float32 and bf16
+   autocast (``optim.amp``), 80 steps each (20 left out as warm-up), no corpus evaluation:
+   requests/s and data-wait fraction from the loop's own reports; the step-time split (data
+   wait / host-to-device / forward / backward / optimiser) from a separate synchronised pass;
+   peak GPU memory; the issue's goal (>= 55,000 requests/s, data wait < 10% at N = 40).
+
+Output: ``<out>/gpu_check.json``: machine (device name, torch, CUDA), settings, seconds per
+part, selection, parity, data, train, goal, errors, modules_loaded.
 """
 
 from __future__ import annotations
@@ -59,7 +71,7 @@ from raytopk.bench.select import SELECT_SHAPES, compare_selects  # noqa: E402
 
 __all__ = ["main", "parse_args", "SIZES"]
 
-PARTS = ("data", "parity", "select", "train")
+PARTS = ("select", "parity", "data", "train")  # run in this order; the JSON after each
 SIZES = {
     # batch, report window (steps), warm-up windows, measured windows, profiled steps (+ warm)
     "full": {
@@ -136,6 +148,13 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
     }
     t_all = time.perf_counter()
     data = Path(args.data) if args.data else None
+    path = out / "gpu_check.json"
+
+    def write() -> None:  # after every part: a run cut short still reports what it measured
+        result["seconds"]["total"] = round(time.perf_counter() - t_all, 2)
+        result["modules_loaded"] = {m: m in sys.modules for m in ("ray", "faiss", "matplotlib")}
+        path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
     try:
         for part in PARTS:
             if part not in args.parts or (part == "data" and data is not None):
@@ -143,6 +162,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
             if part == "train" and data is None:
                 result["errors"]["train"] = "no dataset: run the data part or pass --data"
                 continue
+            log(f"[gpu_check] {part} ({time.perf_counter() - t_all:.0f} s so far)")
             t0 = time.perf_counter()
             try:
                 if part == "data":
@@ -165,11 +185,9 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
                 result["errors"][part] = traceback.format_exc()
                 log(f"{part} FAILED:\n{result['errors'][part]}")
             result["seconds"][part] = round(time.perf_counter() - t0, 2)
+            write()
     finally:
-        result["seconds"]["total"] = round(time.perf_counter() - t_all, 2)
-        result["modules_loaded"] = {m: m in sys.modules for m in ("ray", "faiss", "matplotlib")}
-        path = out / "gpu_check.json"
-        path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        write()
         log(f"wrote {path} ({result['seconds']['total']} s)")
         if not args.keep_work and not args.work:
             shutil.rmtree(work, ignore_errors=True)
