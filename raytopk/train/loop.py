@@ -37,7 +37,7 @@ from raytopk.data.batch import CascadeBatch
 from raytopk.data.batches import CascadeBatches
 from raytopk.ops import warmup as warmup_op
 from raytopk.train.checkpoint import Position, load_state, rng_state, save_state, set_rng_state
-from raytopk.train.config import from_dict
+from raytopk.train.config import TrainConfig, from_dict
 from raytopk.train.evaluate import evaluate
 from raytopk.train.model import CascadeModel, param_digest
 
@@ -103,10 +103,10 @@ class _Worker:
     the reports' common fields, rank 0's checkpoint writer, and runs one training step."""
 
     def __init__(
-        self, config: dict[str, Any], rank: int, world: int, model: Any, pos: Position
+        self, cfg: TrainConfig, config: dict[str, Any], rank: int, world: int, model: Any,
+        pos: Position,
     ) -> None:
-        self.cfg = from_dict(config["cfg"])
-        self.cfg_dict, self.days = config["cfg"], list(config["days"])
+        self.cfg, self.cfg_dict, self.days = cfg, config["cfg"], list(config["days"])
         self.rank, self.world, self.model, self.pos = rank, world, model, pos
         self.cascade: CascadeModel = model.module if hasattr(model, "module") else model
         self.optimizer = torch.optim.Adam(
@@ -233,7 +233,7 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
     # Compile the operator's lazy kernels now, so that a time budget (the sample-scaling study)
     # and the step timings measure training, not a JIT compiler.
     warmup_op(cfg.op.name)
-    w = _Worker(config, rank, world, model, pos)
+    w = _Worker(cfg, config, rank, world, model, pos)
     if resumed is not None:
         w.optimizer.load_state_dict(resumed["optimizer"])  # onto the parameters' device
         set_rng_state(resumed["rng"])
