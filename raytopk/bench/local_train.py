@@ -124,7 +124,7 @@ def _profile(prep: Any, device: torch.device, size: dict[str, Any], threads: int
     torch.manual_seed(cfg.run.seed)
     model = CascadeModel.from_config(cfg, dict(prep.meta["vocab"]), device).to(device)
     warmup_op(cfg.op.name)
-    w = _Worker(loop_config(prep, threads), 0, 1, model, Position())
+    w = _Worker(cfg, loop_config(prep, threads), 0, 1, model, Position())
     session = _Recording(prep, dataset_specs(prep), device, False)
     bs, pf = cfg.data.batch_size, cfg.data.prefetch_batches
     source = session.dataset(train_key(day), bs, pf)
