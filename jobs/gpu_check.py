@@ -94,7 +94,7 @@ SIZES = {
         "profile": 2,
         "profile_warm": 1,
         "parity": [(3, 12)],
-        "select": [(8, 40, 10)],
+        "select": [(1024, 40, 10)],
         "select_seconds": 0.01,
         "select_rounds": 3,
     },

@@ -16,7 +16,8 @@ rotating order, median), so the lines of one shape share whatever load the machi
 
 ``recommend`` picks the select with the lowest geometric mean of forward+backward time over the
 shapes; ties within 3% go to the earlier entry of ``TORCH_SELECTS`` (``topk`` first: it is the
-only one that handles per-row k without a fallback).
+only one that handles per-row k without a fallback). ``compare_selects`` also reports the pick
+over the training shapes alone (B = 1024, k = 10) as ``training_shapes``.
 """
 
 from __future__ import annotations
@@ -138,7 +139,12 @@ def compare_selects(
                     + ", ".join(f"{name} {ms:.3f}" for name, ms in rec["ms"].items())
                     + " ms"
                 )
-    return {"device": str(dev), "records": records, **recommend(records, device_selects(dev))}
+    out = {"device": str(dev), "records": records, **recommend(records, device_selects(dev))}
+    # The shapes training runs at (SPEC §4.4-4.5: batch 1024, k = 10), as a second opinion.
+    train = [r for r in records if (r["B"], r["k"]) == (1024, 10)]
+    if any(r["mode"] == "forward_backward" for r in train):
+        out["training_shapes"] = recommend(train, device_selects(dev))
+    return out
 
 
 def recommend(records: Sequence[dict[str, Any]], selects: Sequence[str]) -> dict[str, Any]:

@@ -71,6 +71,7 @@ def test_gpu_check_tiny_on_cpu_without_ray_or_faiss(tmp_path: Path) -> None:
 
     sel = r["selection"]
     assert sel["recommended"] in sel["geomean_ms"]
+    assert sel["training_shapes"]["recommended"] in sel["geomean_ms"]  # B = 1024, k = 10
     lines = set(sel["records"][0]["ms"])
     assert {"authors_dftopk", "elementwise_floor", "dftopk[select=topk]"} <= lines
     assert {rec["mode"] for rec in sel["records"]} == {"forward", "forward_backward"}
