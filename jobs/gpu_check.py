@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
                         max_rounds=size["select_rounds"],
                         log=log,
                     )
+                    from raytopk.ops.dftopk import _AUTO_SELECT
+
+                    result["selection"]["auto_select_now"] = dict(_AUTO_SELECT)
                     log(f"selection: recommended {result['selection']['recommended']}")
                 else:
                     result["train"] = measure_configs(data, work, device, size, threads, log)
