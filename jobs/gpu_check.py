@@ -15,7 +15,7 @@ once on the machine that sends the job:
 On the device machine (the session's ``run`` tool), from the repository root:
 
     command: PYTHONPATH=. python jobs/gpu_check.py --device cuda --out $OUT/gpu_check
-    carry: [".gpu_deps"]        timeout_s: 540
+    carry: [".gpu_deps"]        timeout_s: 480   (expected ~3-5 min, the data part ~1 min of it)
 
 then read ``gpu_check/gpu_check.json`` where the files come back. Set ``_AUTO_SELECT["cuda"]``
 in raytopk/ops/dftopk.py to its ``selection.recommended`` (and quote ``selection.geomean_ms``).
