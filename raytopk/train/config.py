@@ -105,6 +105,10 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-2  # Adam, for the scorers and the loss weights alike (SPEC §4.4)
+    # Mixed precision of the training forward: the scorers run under bf16 autocast, the
+    # operator and the loss in float32 (raytopk.train.model). "auto": bf16 on CUDA, off on CPU
+    # (so CPU numerics stay exactly float32); true: bf16 on every device; false: off.
+    amp: bool | str = "auto"
 
 
 @dataclass
@@ -242,6 +246,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _positive("data.synthetic.days", d.synthetic.days)
     _positive("data.synthetic.requests_per_day", d.synthetic.requests_per_day)
     _positive("optim.lr", cfg.optim.lr)
+    if isinstance(cfg.optim.amp, str) and cfg.optim.amp != "auto":
+        raise ConfigError(f"optim.amp must be auto, true or false, got {cfg.optim.amp!r}")
 
     s = cfg.scaling
     _positive("scaling.num_workers", s.num_workers)

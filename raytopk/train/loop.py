@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -146,9 +147,13 @@ class _Worker:
         }
         return lambda directory: save_state(directory, state)
 
-    def step(self, batch: CascadeBatch, where: str) -> _Step:
+    def step(
+        self, batch: CascadeBatch, where: str, mark: Callable[[str], None] | None = None
+    ) -> _Step:
         """One training step (forward, the loss, backward, Adam) unless a rank ran out of budget
-        or saw a non-finite loss (``where`` names the day for that message).
+        or saw a non-finite loss (``where`` names the day for that message). ``mark(phase)``,
+        when given, is called after "forward", "backward" and "optimizer" (the step-time split
+        of jobs/gpu_check.py; the training loop passes none).
 
         One small collective per step: every rank learns whether any rank saw a non-finite
         loss or ran out of budget, so all stop at the same step, and the global sample count.
@@ -168,6 +173,8 @@ class _Worker:
         if self.world > 1:
             dist.all_reduce(flags)
         n_bad, n_over, global_rows = flags.tolist()
+        if mark is not None:
+            mark("forward")
         if n_bad > 0:
             vals = {"total": float(total.detach())}
             vals.update({k: float(v) for k, v in parts.items()})
@@ -182,7 +189,11 @@ class _Worker:
             return _Step("budget", 0, total, parts)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()  # DDP all-reduces gradients here
+        if mark is not None:
+            mark("backward")
         self.optimizer.step()
+        if mark is not None:
+            mark("optimizer")
         return _Step("ok", int(global_rows), total, parts)
 
 
@@ -209,7 +220,7 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
     # Same seed on every rank: identical initial parameters (DDP also broadcasts rank 0's).
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)  # noqa: NPY002  (legacy global RNG, for third-party code)
-    module = CascadeModel.from_config(cfg, config["vocab"])
+    module = CascadeModel.from_config(cfg, config["vocab"], device)  # optim.amp for the device
     # Ray 2: the checkpoint to continue from (after a worker failure, or a re-run), or None.
     resumed = session.restored(load_state)
     pos = Position() if resumed is None else Position.from_dict(resumed["position"])
@@ -237,7 +248,9 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
         # Ray 4: this worker's share of a day's dataset (Ray Data samples the negatives).
         prefetch = cfg.data.prefetch_batches
         source = session.dataset(key, batch_size, prefetch)
-        return CascadeBatches(source, batch_size, prefetch, max_batches=max_batches)
+        # Page-locked host batches for a CUDA device, so the copy below is truly asynchronous.
+        pin = device.type == "cuda"
+        return CascadeBatches(source, batch_size, prefetch, max_batches=max_batches, pin=pin)
 
     def evaluate_on(key: str, **corpus: Any) -> dict[str, float]:
         batches = batches_of(key, cfg.data.eval_batch_size, cfg.run.eval_max_batches)
@@ -338,6 +351,7 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
     m["budget_spent"] = pos.budget_spent
     m["test_day"] = config.get("test_day", "")
     m["num_parameters"] = sum(p.numel() for p in w.cascade.scorers.parameters())
+    m["amp"] = str(w.cascade.amp_dtype).removeprefix("torch.") if w.cascade.amp_dtype else "off"
     m["param_digest"] = param_digest(w.cascade)
     m["loss_weights"] = [
         float(v) for p in w.cascade.loss.parameters() for v in p.detach().cpu().reshape(-1)

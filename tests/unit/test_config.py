@@ -99,8 +99,10 @@ def test_overrides_convert_types() -> None:
             "scaling.cpus_per_worker=0.5",
             "data.train_days=[2024-01-13..2024-01-15]",
             "run.stream_eval=yes",
+            "optim.amp=true",
         ],
     )
+    assert cfg.optim.amp is True
     assert cfg.op.name == "lapsum" and cfg.op.params == {"alpha": 5.0}
     assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
     assert cfg.loss.ks == [30, 20]
@@ -156,6 +158,7 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path: Path) -> None:
         ("run.seed=abc", "run.seed: expected an integer, got 'abc'"),
         ("data.batch_size=0", "data.batch_size must be > 0, got 0"),
         ("scaling.use_gpu=maybe", "scaling.use_gpu"),
+        ("optim.amp=fp16", "optim.amp must be auto, true or false, got 'fp16'"),
         ("scaling.cpus_per_worker=-1", "scaling.cpus_per_worker must be > 0"),
         ("data.train_days=[2024-01-15..2024-01-13]", "ends before it starts"),
         ("data.train_days=[2024-13-01]", "'2024-13-01' is not YYYY-MM-DD"),
