@@ -32,13 +32,14 @@ class CascadeModel(nn.Module):
         op_params: dict[str, float],
         ks: list[int],
         k_truth: int,
+        form: str = "auto",
     ) -> None:
         super().__init__()
         from raytopk.losses import build_loss
         from raytopk.models import build_scorer
 
         self.scorers = nn.ModuleList([build_scorer(kind, vocab, dim) for kind in stages])
-        self.loss = build_loss(op, dict(op_params), list(ks), k_truth=k_truth)
+        self.loss = build_loss(op, dict(op_params), list(ks), k_truth=k_truth, form=form)
 
     def scores(self, batch: CascadeBatch) -> list[torch.Tensor]:
         return [scorer(batch) for scorer in self.scorers]  # S x (B, N)
@@ -68,6 +69,7 @@ class CascadeModel(nn.Module):
             cfg.op.params,
             cfg.loss.ks,
             cfg.loss.k_truth,
+            cfg.loss.form,
         )
 
 

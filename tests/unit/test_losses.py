@@ -72,9 +72,10 @@ def _params(op: str, value: float = 1.0) -> dict[str, float]:
 TINY = torch.finfo(torch.float64).tiny
 
 
-def _bce(p: float, y: bool) -> float:
-    """BCE with the logs of exact 0s clamped at log(tiny), as the loss documents."""
-    return -math.log(max(p, TINY)) if y else -math.log(max(1.0 - p, TINY))
+def _bce(p: float, y: float) -> float:
+    """BCE against the label mass y ∈ [0, 1], logs of exact 0s clamped at log(tiny), as the loss
+    documents."""
+    return -(y * math.log(max(p, TINY)) + (1.0 - y) * math.log(max(1.0 - p, TINY)))
 
 
 def _reference_topk_loss(op, params, scores, prio, mask, ks, k_truth):
@@ -101,7 +102,7 @@ def _reference_topk_loss(op, params, scores, prio, mask, ks, k_truth):
     stage_losses = []
     for ps, k in zip(p, ks):
         terms = [
-            _bce(ps[r, j].item(), bool(labels[r, j]))
+            _bce(ps[r, j].item(), float(labels[r, j]))
             for r in range(b)
             for j in range(n)
             if mask[r, j] and k < mask[r].sum()
@@ -114,7 +115,7 @@ def _reference_topk_loss(op, params, scores, prio, mask, ks, k_truth):
         for j in range(n):
             if mask[r, j]:
                 q = math.prod(ps[r, j].item() for ps in p)
-                joint.append(_bce(q, bool(labels[r, j])))
+                joint.append(_bce(q, float(labels[r, j])))
     joint_loss = sum(joint) / len(joint)
     return stage_losses, joint_loss
 
@@ -123,7 +124,7 @@ def _reference_topk_loss(op, params, scores, prio, mask, ks, k_truth):
 def test_cascade_loss_matches_slot_by_slot_reference(op: str) -> None:
     params = {"tau": 0.7} if op == "dftopk" else _params(op, 2.0 if op == "lapsum" else 1.0)
     ks = [3, 2]
-    loss = build_loss(op, params, ks, k_truth=2)
+    loss = build_loss(op, params, ks, k_truth=2, form="bce")  # the formulas of SPEC §3.1
     assert isinstance(loss, CascadeTopKLoss)
     total, parts = loss(SCORES, batch_of(PRIO, MASK))
     stages, joint = _reference_topk_loss(op, params, SCORES, PRIO, MASK, ks, 2)
@@ -274,10 +275,9 @@ def test_lcron_single_stage_by_hand() -> None:
 def _reference_lcron(loss: LCRONLoss, scores, prio, mask):
     """Slot-by-slot SPEC §3.3 in Python floats from the op's soft permutations."""
     sp = soft_permutation_fn(loss.op)
-    label_perm = sp(prio.float().masked_fill(~mask, -1.0), loss.label_param, mask)
+    labels = ground_truth(prio, mask, loss.k_truth)  # ŷ = y, ȳ = 1 − y (one label rule)
     perms = [sp(x, loss.params[loss.param_name], mask) for x in scores]
     b, n = mask.shape
-    kt = loss.k_truth
     stage_terms = [[] for _ in scores]
     joint_terms = []
     for r in range(b):
@@ -285,8 +285,8 @@ def _reference_lcron(loss: LCRONLoss, scores, prio, mask):
         for j in range(n):
             if not mask[r, j]:
                 continue
-            yhat = sum(label_perm[r, i, j].item() for i in range(kt))
-            ybar = sum(label_perm[r, i, j].item() for i in range(kt, n))
+            yhat = float(labels[r, j])
+            ybar = 1.0 - yhat
             us, ds = [], []
             for s, (perm, k) in enumerate(zip(perms, loss.ks)):
                 col = sum(perm[r, i, j].item() for i in range(n)) + EPS
@@ -410,3 +410,129 @@ def test_combine_is_the_weighted_total_and_the_logged_parts() -> None:
     assert not any(v.requires_grad for v in parts.values()) and total.requires_grad
     with pytest.raises(ValueError, match="'stage_losses' has 1 stages but 'log_w' has 2"):
         combine(stage[:1], joint, log_w)
+
+
+# ---- one label rule in every family; the bce baseline; the loss forms (SPEC §3.4, §3.5) ----
+
+# K = 3. Row 0: 30 above, then 7, 7, 7 tied at the 3rd priority: 2/3 each (a slot-order tie-break
+# would give slots 1, 2 and not 5). Row 1: two own valid slots, the rest sampled negatives
+# (priority 0): 2 positives, not 3. Row 2: slots 4, 5 tie at the 3rd priority: 1/2 each.
+TIE_PRIO = torch.tensor(
+    [
+        [5.0, 7.0, 7.0, 30.0, 6.0, 7.0, 0.0],
+        [29.0, 0.0, 6.0, 0.0, 0.0, 0.0, 0.0],
+        [28.0, 27.0, 0.0, 5.0, 6.0, 6.0, 0.0],
+    ]
+)
+TIE_MASK = torch.tensor([[True] * 7, [True] * 7, [True, True, True, False, True, True, True]])
+TIE_Y = torch.tensor(
+    [
+        [0.0, 2 / 3, 2 / 3, 1.0, 0.0, 2 / 3, 0.0],
+        [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+        [1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.0],
+    ],
+    dtype=torch.float64,
+)
+TIE_SCORES = [
+    torch.randn(3, 7, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+    for s in (1, 2)
+]
+
+
+@pytest.mark.parametrize("op", [*OPS, "bce"])
+def test_every_family_uses_the_tie_rule_and_per_row_k(op: str) -> None:
+    assert torch.equal(ground_truth(TIE_PRIO.double(), TIE_MASK, 3), TIE_Y)
+    loss = build_loss(op, None, [4, 4], k_truth=3)
+    _, parts = loss(TIE_SCORES, batch_of(TIE_PRIO.double(), TIE_MASK))
+    _, by_hand = loss.from_labels(TIE_SCORES, TIE_Y, TIE_MASK)
+    slot_order = TIE_Y.clone()  # what a slot-order tie-break with sampled positives would give
+    slot_order[0] = torch.tensor([0, 1, 1, 1, 0, 0, 0.0])
+    slot_order[1] = torch.tensor([1, 1, 1, 0, 0, 0, 0.0])
+    slot_order[2] = torch.tensor([1, 1, 0, 0, 1, 0, 0.0])
+    _, other = loss.from_labels(TIE_SCORES, slot_order, TIE_MASK)
+    for key in ("stage0", "stage1", "joint"):
+        assert parts[key].item() == pytest.approx(by_hand[key].item(), rel=1e-12)
+    assert abs(parts["joint"].item() - other["joint"].item()) > 1e-6
+
+
+def test_bce_baseline_matches_the_formula_and_is_not_an_operator() -> None:
+    from raytopk.losses import list_methods
+
+    assert "bce" in list_methods() and "bce" not in list_ops()
+    loss = build_loss("bce", None, [10, 10], k_truth=3)
+    assert loss.form == "bce" and loss.params == {}
+    x = [s.clone().requires_grad_(True) for s in TIE_SCORES]
+    total, parts = loss(x, batch_of(TIE_PRIO.double(), TIE_MASK))
+    y, m = TIE_Y, TIE_MASK
+
+    def bce(p: torch.Tensor) -> float:
+        return float((-(y * p.log() + (1 - y) * (1 - p).log()))[m].mean())
+
+    p0, p1 = torch.sigmoid(TIE_SCORES[0]), torch.sigmoid(TIE_SCORES[1])
+    assert parts["stage0"].item() == pytest.approx(bce(p0), rel=1e-10)  # k = 10 >= #valid: used
+    assert parts["joint"].item() == pytest.approx(bce(p0 * p1), rel=1e-10)
+    total.backward()
+    assert all((g.grad[m] != 0).all() and (g.grad[~m] == 0).all() for g in x)
+    with pytest.raises(ValueError, match="takes no parameters"):
+        build_loss("bce", {"tau": 1.0}, [10, 10])
+    with pytest.raises(ValueError, match="not available for 'bce'"):
+        build_loss("bce", None, [10, 10], form="mse")
+
+
+@pytest.mark.parametrize("form", ["mse", "bce_logits"])
+@pytest.mark.parametrize("op", TOPK_OPS)
+def test_bounded_forms_match_their_formula(op: str, form: str) -> None:
+    loss = build_loss(op, None, [3, 2], k_truth=3, form=form)
+    assert loss.form == form
+    _, parts = loss.from_labels(TIE_SCORES, TIE_Y, TIE_MASK)
+    p = [get_op(op)(x, k, TIE_MASK) for x, k in zip(TIE_SCORES, (3, 2))]
+    q = p[0] * p[1]
+
+    def term(v: torch.Tensor) -> float:
+        t = (v - TIE_Y) ** 2 if form == "mse" else torch.nn.functional.softplus(v) - TIE_Y * v
+        return float(t[TIE_MASK].mean())
+
+    assert parts["stage0"].item() == pytest.approx(term(p[0]), rel=1e-9)
+    assert parts["stage1"].item() == pytest.approx(term(p[1]), rel=1e-9)
+    assert parts["joint"].item() == pytest.approx(term(q), rel=1e-9)
+
+
+def test_lapsum_log_form_equals_bce_and_keeps_gradients_at_large_scores() -> None:
+    log_form = build_loss("lapsum", None, [3, 3], k_truth=3, form="bce_log")
+    plain = build_loss("lapsum", None, [3, 3], k_truth=3, form="bce")
+    x = [s.clone().requires_grad_(True) for s in TIE_SCORES]
+    y = [s.clone().requires_grad_(True) for s in TIE_SCORES]
+    t1, a = log_form.from_labels(x, TIE_Y, TIE_MASK)
+    t2, b = plain.from_labels(y, TIE_Y, TIE_MASK)
+    for key in ("stage0", "stage1", "joint"):
+        assert a[key].item() == pytest.approx(b[key].item(), rel=1e-9)
+    t1.backward()
+    t2.backward()
+    for gx, gy in zip(x, y):
+        torch.testing.assert_close(gx.grad, gy.grad, rtol=1e-7, atol=1e-12)
+    # Score scale 1e4 (α = 5): memberships underflow to exact 0/1; the plain form loses the
+    # gradient there, the log form keeps it.
+    big = [(s * 1e4).requires_grad_(True) for s in TIE_SCORES]
+    big2 = [(s * 1e4).requires_grad_(True) for s in TIE_SCORES]
+    t1, a = log_form.from_labels(big, TIE_Y, TIE_MASK)
+    t2, b = plain.from_labels(big2, TIE_Y, TIE_MASK)
+    t1.backward()
+    t2.backward()
+    zero_log = sum(int(((g.grad == 0) & TIE_MASK).sum()) for g in big)
+    zero_plain = sum(int(((g.grad == 0) & TIE_MASK).sum()) for g in big2)
+    assert zero_log < zero_plain
+    # The clamp caps −log p at −log(tiny); the log form gives the true value (|t| − log 2).
+    assert a["stage0"].item() > b["stage0"].item()
+
+
+def test_forms_are_validated() -> None:
+    from raytopk.losses import default_form, forms_for
+
+    assert forms_for("dftopk")[0] == default_form("dftopk")
+    assert "bce_log" in forms_for("lapsum") and "bce_log" not in forms_for("sparse_topk")
+    for op in PERM_OPS:
+        assert forms_for(op) == ("lcron",)
+        with pytest.raises(ValueError, match="not available"):
+            build_loss(op, None, [10, 10], form="mse")
+    with pytest.raises(ValueError, match="not available for 'dftopk'"):
+        build_loss("dftopk", None, [10, 10], form="bce_log")
