@@ -35,24 +35,41 @@ VALIDATION = "2024-01-15"  # the quickstart's last training day
 
 
 def diagnose(model, batches, scale: float = 1.0) -> dict[str, float]:
-    """Per-stage L_s, w_s, mean per-request ‖∂total/∂x_s‖ and zero-gradient slot fraction."""
+    """Per stage s: L_s, w_s, mean per-request ‖∂total/∂x_s‖ (of the slot-summed loss), the
+    fraction of valid slots with exactly zero gradient (zero), of positives with zero gradient
+    (pos_zero), and of valid slots with zero gradient while their membership is on the wrong
+    side, |p − y| ≥ 0.5 (stuck: a confident correct slot at zero gradient is no harm)."""
     import torch
 
+    from raytopk.data.labels import ground_truth
+    from raytopk.losses.cascade import stage_membership
+
+    loss = model.loss
     sums: dict[str, float] = {}
     n = 0
     for batch in batches:
         scores = [s.detach().mul(scale).requires_grad_(True) for s in model.scores(batch)]
-        total, parts = model.loss(scores, batch)
+        total, parts = loss(scores, batch)
         grads = torch.autograd.grad(total, scores)
         mask = batch.cand_mask
+        y = ground_truth(batch.priority, mask, loss.k_truth)
         for s, g in enumerate(grads):
             # × #valid slots: the gradient of the slot-summed loss (the loss is a mean over slots).
             g = g.masked_fill(~mask, 0.0) * mask.sum()
+            with torch.no_grad():
+                nodecide = torch.zeros(mask.shape[0], dtype=torch.bool)
+                p = stage_membership(
+                    loss.op, scores[s].detach(), loss.ks[s], mask, loss.params, nodecide, loss.form
+                ).p
+            zero = (g == 0) & mask
+            pos = (y > 0) & mask
             vals = {
                 f"L{s}": float(parts[f"stage{s}"]),
                 f"w{s}": float(parts[f"w{s}"]),
                 f"grad{s}": float(g.norm(dim=-1).mean()),
-                f"zero{s}": float(((g == 0) & mask).sum() / mask.sum()),
+                f"zero{s}": float(zero.sum() / mask.sum()),
+                f"pos_zero{s}": float((zero & pos).sum() / pos.sum().clamp(min=1)),
+                f"stuck{s}": float((zero & ((p - y).abs() >= 0.5)).sum() / mask.sum()),
             }
             for k, v in vals.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -70,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=8, help="validation batches diagnosed")
     p.add_argument("--scale", type=float, default=100.0, help="score scale of the 2nd diagnosis")
     p.add_argument("--out", default="/tmp/bench_losses")
+    p.add_argument("--reuse", action="store_true",
+                   help="diagnose the runs already in --out instead of training again")
     args = p.parse_args(argv)
 
     import torch
@@ -105,9 +124,11 @@ def main(argv: list[str] | None = None) -> int:
             ]
             if op != "dftopk":
                 over.append("op.params={}")
-            shutil.rmtree(out, ignore_errors=True)
-            cfg = load_config(args.config, over)
-            final = run(cfg, verbose=False)
+            if args.reuse and (out / "metrics.json").is_file():
+                final = json.loads((out / "metrics.json").read_text())
+            else:
+                shutil.rmtree(out, ignore_errors=True)
+                final = run(load_config(args.config, over), verbose=False)
             cfg = load_run_config(out)  # resolved: data.path set
             state = load_state(str(latest_checkpoint(out)))
             model = CascadeModel.from_config(cfg, json.loads(
@@ -134,17 +155,22 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_losses.json").write_text(json.dumps(rows, indent=1))
-    head = ("| op | form | val joint R@10@20 | L0 | L1 | w0 | w1 | ‖g0‖ | ‖g1‖ | zero0 | zero1 |"
-            f" zero0 ×{args.scale:g} | zero1 ×{args.scale:g} | samples |")
+    x = f"×{args.scale:g}"
+    head = (
+        "| op | form | val joint R@10@20 | L0 | L1 | w0 | w1 | ‖g0‖ | ‖g1‖ | pos_zero0 | "
+        f"pos_zero1 | stuck0 | stuck1 | L0 {x} | ‖g0‖ {x} | pos_zero0 {x} | stuck0 {x} | "
+        f"stuck1 {x} |"
+    )
     print("\n" + head + "\n" + "|---" * (head.count("|") - 1) + "|")
     for r in rows:
         s = args.scale
         print(
             f"| {r['op']} | {r['form']}{'*' if r['chosen'] else ''} | "
             f"{r['val_joint_recall@10@20']:.4f} | {r['L0']:.3f} | {r['L1']:.3f} | {r['w0']:.2f} | "
-            f"{r['w1']:.2f} | {r['grad0']:.3g} | {r['grad1']:.3g} | {r['zero0']:.2f} | "
-            f"{r['zero1']:.2f} | {r[f'x{s:g}_zero0']:.2f} | {r[f'x{s:g}_zero1']:.2f} | "
-            f"{r['samples_seen']} |"
+            f"{r['w1']:.2f} | {r['grad0']:.3g} | {r['grad1']:.3g} | {r['pos_zero0']:.2f} | "
+            f"{r['pos_zero1']:.2f} | {r['stuck0']:.2f} | {r['stuck1']:.2f} | "
+            f"{r[f'x{s:g}_L0']:.3g} | {r[f'x{s:g}_grad0']:.3g} | {r[f'x{s:g}_pos_zero0']:.2f} | "
+            f"{r[f'x{s:g}_stuck0']:.2f} | {r[f'x{s:g}_stuck1']:.2f} |"
         )
     return 0
 

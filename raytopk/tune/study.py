@@ -120,11 +120,8 @@ def _check_study(s: StudyConfig) -> None:
     from raytopk.losses import list_methods, resolve_form
 
     for key, ops in (("ops", s.ops), ("op_params", s.op_params), ("loss_forms", s.loss_forms)):
-        for op in ops:
-            if op not in list_methods():
-                raise ConfigError(
-                    f"study.{key}: unknown operator {op!r}; valid: {list_methods()}"
-                )
+        for op in (op for op in ops if op not in list_methods()):
+            raise ConfigError(f"study.{key}: unknown operator {op!r}; valid: {list_methods()}")
     for op, form in s.loss_forms.items():
         try:
             resolve_form(op, form)
@@ -187,14 +184,8 @@ def trial_configs(study: StudyConfig, base: TrainConfig) -> list[dict[str, Any]]
                 cfg.run.epochs = max(cfg.run.epochs, 1000)
                 cfg.scaling.num_workers = study.workers_per_trial
                 trials.append(
-                    {
-                        "trial": name,
-                        "op": op,
-                        "loss_form": cfg.loss.form,
-                        "sample_num": n,
-                        "seed": seed,
-                        "train": to_dict(cfg),
-                    }
+                    {"trial": name, "op": op, "loss_form": cfg.loss.form, "sample_num": n,
+                     "seed": seed, "train": to_dict(cfg)}
                 )
     return trials
 
