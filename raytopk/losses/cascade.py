@@ -165,6 +165,30 @@ class Membership(NamedTuple):
     log_p: torch.Tensor
     log_1mp: torch.Tensor
     p: torch.Tensor
+    u: torch.Tensor | None = None  # sparse top-k's unclipped membership (form hinge)
+
+
+def _sparse_u(scores: torch.Tensor, p: torch.Tensor, l: float, keep: torch.Tensor) -> torch.Tensor:
+    """u = x/l − τ with m = clip(u, 0, 1): the permutahedron of (1_k, 0_{N−k}) is the capped
+    simplex {m ∈ [0,1]^N, Σ m = k}, so sparse top-k's m is x/l projected onto it, a clip at the
+    threshold τ. τ from the operator's own m: x_i/l − m_i at its free slots (0 < m < 1), with
+    its gradient ∂τ/∂x_j = 1/(l·#free) there (the operator's own pooled-block Jacobian); in a row
+    without free slot, the middle of the feasible interval (no gradient). 0 outside ``keep``."""
+    xs = scores / l
+    xd, pd = xs.detach(), p.detach()
+    free = keep & (pd > 0) & (pd < 1)
+    nfree = free.sum(-1, keepdim=True)
+    tau_free = torch.where(free, xd - pd, torch.zeros_like(xd)).sum(-1, keepdim=True)
+    tau_free = tau_free / nfree.clamp(min=1)
+    lo = torch.where(keep & (pd <= 0), xd, torch.full_like(xd, -torch.inf)).amax(-1, keepdim=True)
+    hi = torch.where(keep & (pd >= 1), xd - 1.0, torch.full_like(xd, torch.inf))
+    hi = hi.amin(-1, keepdim=True)
+    mid = torch.where(torch.isfinite(lo) & torch.isfinite(hi), (lo + hi) / 2, torch.zeros_like(lo))
+    mid = torch.where(torch.isfinite(lo) & ~torch.isfinite(hi), lo, mid)
+    mid = torch.where(~torch.isfinite(lo) & torch.isfinite(hi), hi, mid)
+    g = torch.where(free, xs, torch.zeros_like(xs)).sum(-1, keepdim=True) / nfree.clamp(min=1)
+    tau = torch.where(nfree > 0, tau_free, mid) + (g - g.detach())
+    return torch.where(keep, xs - tau, torch.zeros_like(xs))
 
 
 def _log_laplace_cdf(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,6 +251,7 @@ def stage_membership(
         p = log_p.exp()
     else:
         p = get_op(op)(scores, k, mask, **params)
+        u = _sparse_u(scores, p, params["l"], keep) if form == "hinge" else None
         p = torch.where(keep, p, torch.full_like(p, 0.5))
         tiny = torch.finfo(p.dtype).tiny
         log_p = torch.log(p.clamp_min(tiny))
@@ -234,6 +259,8 @@ def stage_membership(
     full = decided.unsqueeze(-1)
     log_p = torch.where(full, torch.zeros_like(log_p), log_p)
     p = torch.where(full, torch.ones_like(p), p)
+    if op == "sparse_topk" and form == "hinge":
+        return Membership(log_p, log_1mp, p, u)
     return Membership(log_p, log_1mp, p)
 
 
@@ -265,7 +292,11 @@ def stage_terms(m: Membership, labels: torch.Tensor, form: str) -> torch.Tensor:
         return F.softplus(m.p) - y * m.p
     if form == "mse":
         return (m.p - y) ** 2
-    raise ValueError(f"'form' should be one of bce, bce_log, bce_logits, mse but got {form!r}")
+    if form == "hinge":  # on the unclipped membership: = y(1 − m) + (1 − y)m inside [0, 1]
+        return y * F.relu(1.0 - m.u) + (1.0 - y) * F.relu(m.u)
+    raise ValueError(
+        f"'form' should be one of bce, bce_log, bce_logits, mse, hinge but got {form!r}"
+    )
 
 
 def topk_stage_loss(
@@ -371,7 +402,7 @@ class CascadeTopKLoss(nn.Module):
         y = labels.to(q.dtype)
         if self.form == "bce_logits":
             joint_terms = F.softplus(q) - y * q
-        elif self.form == "mse":
+        elif self.form in ("mse", "hinge"):
             joint_terms = (q - y) ** 2
         else:
             tiny = torch.finfo(log_q.dtype).tiny

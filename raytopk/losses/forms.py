@@ -22,6 +22,11 @@ Forms (``loss.form``; ``auto`` = ``default_form(method)``):
   L_s = softplus(p) − y·p, L_J = softplus(q) − y·q. Bounded (≤ log(1 + e)), gradient σ(p) − y
   never 0, but it cannot make p reach 0 or 1 (its optimum is p → ±∞).
 - ``mse``: L_s = (p − y)², L_J = (q − y)². Bounded by 1, zero only at the label.
+- ``hinge`` (sparse top-k): the permutahedron of (1_k, 0_{N−k}) is the capped simplex, so
+  m = clip(u, 0, 1) with u = x/l − τ (τ: the projection's threshold, read off the operator's own
+  m at its free slots, with their gradient). L_s = y·(1 − u)_+ + (1 − y)·u_+ (= |m − y| for
+  0/1 labels inside [0, 1]); it keeps a gradient of 1/l at a slot saturated on the WRONG side
+  (a positive at m = 0, a negative at m = 1), none at one saturated on the right side. L_J as mse.
 - ``lcron``: the LCRON loss (SPEC §3.3), the only form of the permutation operators.
 
 A form only changes what is applied to the operator's output: where the operator's own Jacobian
@@ -53,7 +58,7 @@ __all__ = [
 ]
 
 BASELINES: tuple[str, ...] = ("bce",)
-FORMS: tuple[str, ...] = ("bce", "bce_log", "bce_logits", "mse", "lcron")
+FORMS: tuple[str, ...] = ("bce", "bce_log", "bce_logits", "mse", "hinge", "lcron")
 _CHOSEN = {"dftopk": "bce", "lapsum": "bce_log", "sparse_topk": "mse", "bce": "bce"}
 
 
@@ -83,7 +88,8 @@ def forms_for(method: str) -> tuple[str, ...]:
         return ("bce",)
     if get_spec(method).permutation:
         return ("lcron",)
-    forms = ["bce", "bce_logits", "mse"] + (["bce_log"] if method == "lapsum" else [])
+    forms = ["bce", "bce_logits", "mse"]
+    forms += {"lapsum": ["bce_log"], "sparse_topk": ["hinge"]}.get(method, [])
     first = default_form(method)
     return (first, *[f for f in forms if f != first])
 

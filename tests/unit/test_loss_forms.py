@@ -142,3 +142,29 @@ def test_forms_are_validated() -> None:
             build_loss(op, None, [10, 10], form="mse")
     with pytest.raises(ValueError, match="not available for 'dftopk'"):
         build_loss("dftopk", None, [10, 10], form="bce_log")
+
+
+def test_sparse_hinge_keeps_gradients_where_the_operator_saturates_wrongly() -> None:
+    from raytopk.losses.cascade import stage_membership, stage_terms
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 12, generator=g, dtype=torch.float64) * 5
+    mask = torch.ones(6, 12, dtype=torch.bool)
+    mask[0, -3:] = False
+    y = torch.zeros(6, 12, dtype=torch.float64)
+    y[:, :3] = 1.0
+    none = torch.zeros(6, dtype=torch.bool)
+    zero_wrong = {}
+    for form in ("mse", "hinge"):
+        x = x0.clone().requires_grad_(True)
+        m = stage_membership("sparse_topk", x, 3, mask, {"l": 1.0}, none, form)
+        stage_terms(m, y, form)[mask].sum().backward()
+        wrong = mask & ((m.p - y).abs() >= 0.5)
+        zero_wrong[form] = int(((x.grad == 0) & wrong).sum())
+        assert wrong.sum() > 3 and (x.grad[~mask] == 0).all()
+        if form == "hinge":  # m = clip(u, 0, 1): u is the operator's own unclipped membership
+            torch.testing.assert_close(m.u.clamp(0, 1)[mask], m.p[mask])
+    assert zero_wrong["mse"] > 3 and zero_wrong["hinge"] == 0
+    loss = build_loss("sparse_topk", None, [3, 3], k_truth=3, form="hinge")
+    total, _ = loss.from_labels([x0, x0.flip(-1)], y, mask)
+    assert torch.isfinite(total)
