@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=8, help="validation batches diagnosed")
     p.add_argument("--scale", type=float, default=100.0, help="score scale of the 2nd diagnosis")
     p.add_argument("--out", default="/tmp/bench_losses")
+    p.add_argument("--seed", type=int, default=42, help="run.seed (data order, negatives, init)")
     p.add_argument("--reuse", action="store_true",
                    help="diagnose the runs already in --out instead of training again")
     args = p.parse_args(argv)
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for op in args.ops:
         for form in forms_for(op):
-            out = Path(args.out) / f"{op}-{form}"
+            out = Path(args.out) / f"{op}-{form}-s{args.seed}"
             over = [
                 f"op.name={op}",
                 f"loss.form={form}",
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"run.output_dir={out}",
                 "run.resume=false",
                 "run.epochs=1",
+                f"run.seed={args.seed}",
                 f"run.max_train_seconds={args.seconds}",
                 f"data.train_days=[{','.join(DAYS)}]",
                 f"data.test_day={VALIDATION}",
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {
                 "op": op,
                 "form": form,
+                "seed": args.seed,
                 "chosen": form == default_form(op),
                 "val_joint_recall@10@20": final["joint_recall@10@20"],
                 "train_seconds": final["train_seconds"],

@@ -377,7 +377,8 @@ def write_reports(
         by_op: dict[str, list[dict[str, Any]]] = {}
         for r in ok:
             if int(r["sample_num"]) == n:
-                by_op.setdefault(str(r["op"]), []).append(r)
+                form = f" ({r['loss_form']})" if r.get("loss_form") else ""
+                by_op.setdefault(f"{r['op']}{form}", []).append(r)  # the loss form beside it
         stats = []
         for op, rs in by_op.items():
             jm, js = _mean_std([float(r[head]) for r in rs])
