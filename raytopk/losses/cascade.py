@@ -30,6 +30,10 @@ Numerics:
 - Non-finite values (masked slots, the +∞ logits of a row with k ≥ #valid) are replaced before
   any nonlinearity, not after: a torch.where after log/softplus would still send NaN gradients.
 
+Per-row k: a request with fewer than K own valid slots has k_b < K positives (data.labels); the
+operator still selects the stage's k_s (what the stage keeps), so such a row asks for fewer
+positives than the stage keeps, as evaluation does (Recall = Σ_{top-M} y / k_b).
+
 Rows where a stage keeps everything (k_s ≥ #valid): the operator's membership is exactly 1 at
 every valid slot and carries no gradient, and BCE(1, 0) = +∞. Such a stage makes no selection in
 that row, so the row is left out of L_s's mean; in the joint term the stage contributes the
