@@ -46,13 +46,14 @@ class CascadeModel(nn.Module):
         op_params: dict[str, float],
         ks: list[int],
         k_truth: int,
+        form: str = "auto",
     ) -> None:
         super().__init__()
         from raytopk.losses import build_loss
         from raytopk.models import build_scorer
 
         self.scorers = nn.ModuleList([build_scorer(kind, vocab, dim) for kind in stages])
-        self.loss = build_loss(op, dict(op_params), list(ks), k_truth=k_truth)
+        self.loss = build_loss(op, dict(op_params), list(ks), k_truth=k_truth, form=form)
         self.amp_dtype: torch.dtype | None = None  # autocast dtype of the training forward
 
     def scores(self, batch: CascadeBatch) -> list[torch.Tensor]:
@@ -91,6 +92,7 @@ class CascadeModel(nn.Module):
             cfg.op.params,
             cfg.loss.ks,
             cfg.loss.k_truth,
+            cfg.loss.form,
         )
         model.amp_dtype = autocast_dtype(cfg.optim.amp, device)
         return model

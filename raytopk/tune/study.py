@@ -48,6 +48,7 @@ __all__ = [
 _TRIAL_COLUMNS = (
     "trial",
     "op",
+    "loss_form",
     "sample_num",
     "num_candidates",
     "seed",
@@ -73,11 +74,14 @@ RESULT_COLUMNS = result_columns(2)
 class StudyConfig:
     """The ``study:`` section of a study YAML; the ``train:`` section is a TrainConfig."""
 
-    ops: list[str] = field(default_factory=list)  # empty: every registered operator
+    # Empty: every registered operator and the bce baseline (raytopk.losses.list_methods()).
+    ops: list[str] = field(default_factory=list)
     sample_nums: list[int] = field(default_factory=lambda: [0, 40, 160, 640])
     seeds: list[int] = field(default_factory=lambda: [42])
     # Operator parameters per op ({op: {param: value}}); missing: the registry's RecFlow default.
     op_params: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Loss form per op ({op: form}, raytopk.losses.forms); missing: the form chosen for the op.
+    loss_forms: dict[str, str] = field(default_factory=dict)
     budget_seconds: float = 60.0  # training seconds per worker per trial (equal compute)
     max_samples: int = 0  # optional cap on training requests per trial (0: none)
     workers_per_trial: int = 1
@@ -113,14 +117,16 @@ def load_study(
 
 
 def _check_study(s: StudyConfig) -> None:
-    from raytopk.ops import list_ops
+    from raytopk.losses import list_methods, resolve_form
 
-    for op in s.ops:
-        if op not in list_ops():
-            raise ConfigError(f"study.ops: unknown operator {op!r}; registered: {list_ops()}")
-    for op in s.op_params:
-        if op not in list_ops():
-            raise ConfigError(f"study.op_params: unknown operator {op!r}; registered: {list_ops()}")
+    for key, ops in (("ops", s.ops), ("op_params", s.op_params), ("loss_forms", s.loss_forms)):
+        for op in (op for op in ops if op not in list_methods()):
+            raise ConfigError(f"study.{key}: unknown operator {op!r}; valid: {list_methods()}")
+    for op, form in s.loss_forms.items():
+        try:
+            resolve_form(op, form)
+        except ValueError as e:
+            raise ConfigError(f"study.loss_forms.{op}: {e}") from e
     if not s.sample_nums or any(not isinstance(n, int) or n < 0 for n in s.sample_nums):
         raise ConfigError(f"study.sample_nums should be ints >= 0 but got {s.sample_nums}")
     if not s.seeds:
@@ -145,24 +151,28 @@ def step_bytes(op: str, batch_size: int, num_candidates: int, num_stages: int = 
     """Peak bytes of one training step's operator work: every stage runs the operator and its
     loss on (batch_size, num_candidates) scores (the operator's own estimate, declared with it in
     the registry). Evaluation never builds soft permutations, so it needs no such estimate."""
+    from raytopk.losses import is_operator
     from raytopk.ops import get_spec
 
+    if not is_operator(op):  # the bce baseline: σ(x), its logs and their gradients
+        return num_stages * 6 * batch_size * num_candidates * 4
     return num_stages * get_spec(op).step_bytes(batch_size, num_candidates)
 
 
 def trial_configs(study: StudyConfig, base: TrainConfig) -> list[dict[str, Any]]:
     """One Tune config per (op, sample_num, seed): the complete, validated TrainConfig dict."""
-    from raytopk.ops import list_ops
+    from raytopk.losses import list_methods, resolve_form
 
     out_root = Path(study.output_dir).resolve()
     trials = []
-    for op in study.ops or list_ops():
+    for op in study.ops or list_methods():
         for n in study.sample_nums:
             for seed in study.seeds:
                 cfg = from_dict(to_dict(base))
                 name = trial_name(op, n, seed)
                 cfg.op.name = op
                 cfg.op.params = dict(study.op_params.get(op, {}))
+                cfg.loss.form = resolve_form(op, study.loss_forms.get(op, "auto"))
                 cfg.data.sample_num = n
                 cfg.run.seed = seed
                 cfg.run.name = name
@@ -174,7 +184,8 @@ def trial_configs(study: StudyConfig, base: TrainConfig) -> list[dict[str, Any]]
                 cfg.run.epochs = max(cfg.run.epochs, 1000)
                 cfg.scaling.num_workers = study.workers_per_trial
                 trials.append(
-                    {"trial": name, "op": op, "sample_num": n, "seed": seed, "train": to_dict(cfg)}
+                    {"trial": name, "op": op, "loss_form": cfg.loss.form, "sample_num": n,
+                     "seed": seed, "train": to_dict(cfg)}
                 )
     return trials
 
@@ -191,6 +202,7 @@ def _trial_fn(config: dict[str, Any]) -> None:
     base = {
         "trial": config["trial"],
         "op": config["op"],
+        "loss_form": config.get("loss_form", cfg.loss.form),
         "sample_num": config["sample_num"],
         "num_candidates": schema.N_OWN + config["sample_num"],
         "seed": config["seed"],
@@ -309,6 +321,7 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
             m = {
                 "trial": t.get("trial", ""),
                 "op": t.get("op", ""),
+                "loss_form": t.get("loss_form", ""),
                 "sample_num": t.get("sample_num", ""),
                 "seed": t.get("seed", ""),
                 "status": f"failed: {err}",
@@ -364,7 +377,8 @@ def write_reports(
         by_op: dict[str, list[dict[str, Any]]] = {}
         for r in ok:
             if int(r["sample_num"]) == n:
-                by_op.setdefault(str(r["op"]), []).append(r)
+                form = f" ({r['loss_form']})" if r.get("loss_form") else ""
+                by_op.setdefault(f"{r['op']}{form}", []).append(r)  # the loss form beside it
         stats = []
         for op, rs in by_op.items():
             jm, js = _mean_std([float(r[head]) for r in rs])

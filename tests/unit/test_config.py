@@ -170,12 +170,28 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path: Path) -> None:
         ("op.params.tau.x=1", "holds one level of names"),
         ("run.seed.x=1", "is a value, not a section"),
         ("run.seed", "not of the form key=value"),
+        ("op.name=bce|op.params.tau=1", "op.params: 'bce' is a baseline"),
+        ("loss.form=hinge", "loss.form: loss form 'hinge' is not available for 'dftopk'"),
+        ("op.name=neuralsort|loss.form=mse", "loss.form: loss form 'mse' is not available"),
+        ("op.name=bce|loss.form=mse", "not available for 'bce'"),
     ],
 )
 def test_bad_values_name_key_and_value(override: str, needle: str) -> None:
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["data.path=/d", override])
+        load_config(None, ["data.path=/d", *override.split("|")])
     assert needle in str(e.value)
+
+
+def test_bce_baseline_and_loss_forms_resolve() -> None:
+    from raytopk.losses import default_form
+
+    cfg = load_config(None, ["data.path=/d", "op.name=bce"])
+    assert cfg.op.params == {} and cfg.loss.form == "bce"
+    for op in ("dftopk", "lapsum", "sparse_topk", "neuralsort"):
+        cfg = load_config(None, ["data.path=/d", f"op.name={op}"])
+        assert cfg.loss.form == default_form(op)  # "auto" is resolved into the saved config
+    cfg = load_config(None, ["data.path=/d", "op.name=sparse_topk", "loss.form=bce_logits"])
+    assert cfg.loss.form == "bce_logits"
 
 
 def test_missing_data_path_is_rejected() -> None:
