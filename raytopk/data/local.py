@@ -41,11 +41,25 @@ from raytopk.data.pipeline import (
 __all__ = ["iter_local_groups", "prefetched"]
 
 
-def _read_day(path: str | os.PathLike, day: str) -> pa.Table:
-    files = day_files(path, day)
-    table = pa.concat_tables(
-        [pq.read_table(f, columns=list(schema.REQUEST_COLUMNS)) for f in files]
-    )
+def _read_day(path: str | os.PathLike, day: str, limit: int = 0) -> pa.Table:
+    """The day's requests in file order; ``limit`` > 0: only the first that many, reading row
+    group by row group no further than needed (a capped evaluation reads what it scores)."""
+    cols = list(schema.REQUEST_COLUMNS)
+    parts, rows = [], 0
+    for f in day_files(path, day):
+        if not limit:
+            parts.append(pq.read_table(f, columns=cols))
+            continue
+        for batch in pq.ParquetFile(f).iter_batches(columns=cols):
+            parts.append(pa.Table.from_batches([batch]))
+            rows += batch.num_rows
+            if rows >= limit:
+                break
+        if rows >= limit:
+            break
+    table = pa.concat_tables(parts)
+    if limit:
+        table = table.slice(0, limit)
     return table.append_column(_DAY, pa.array([day] * table.num_rows, type=pa.string()))
 
 
@@ -64,7 +78,8 @@ def iter_local_groups(
     schema.EVAL_SAMPLE_NUM negatives (``max_requests`` > 0: only the first that many)."""
     _, meta = _read_meta(path)
     types = storage_types(meta["vocab"])
-    tables = [_read_day(path, day) for day in sorted(days)]
+    limit = 0 if train else max_requests
+    tables = [_read_day(path, day, limit) for day in sorted(days)]
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     if train:
         table = add_shuffle_key(table, seed=seed, types=types)
