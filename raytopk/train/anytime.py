@@ -49,6 +49,7 @@ class Anytime:
         self.warm: tuple[float, int] | None = None  # (train_seconds, samples) at warm-up's end
         self.max_step_seconds = 0.0
         self.steps = 0
+        self.eval_seconds = 0.0  # all evaluation points together
 
     def _clock(self, pos: Position) -> float:
         return pos.train_seconds if self.by_seconds else float(pos.samples_seen)
@@ -92,6 +93,7 @@ class Anytime:
         m = {**base, **{valid_metric(k): v for k, v in ev.items()}}
         m["eval_point"] = self.done
         m["eval_seconds"] = round(time.perf_counter() - t0, 3)
+        self.eval_seconds += m["eval_seconds"]
         point = {"point": self.done, "train_seconds": round(pos.train_seconds, 3),
                  "samples_seen": pos.samples_seen}
         point.update({valid_metric(k): v for k, v in ev.items() if k.startswith("joint_recall")})
@@ -104,6 +106,7 @@ class Anytime:
             "anytime_curve": list(self.curve),
             "eval_points_done": len(self.curve),
             "max_step_seconds": round(self.max_step_seconds, 4),
+            "valid_eval_seconds": round(self.eval_seconds, 3),
         }
         if self.curve:
             out.update({k: v for k, v in self.curve[-1].items() if k.startswith("valid_")})
