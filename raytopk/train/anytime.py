@@ -58,7 +58,8 @@ class Anytime:
         return [self.budget * i / self.points for i in range(1, self.points)]
 
     def observe(self, pos: Position, step_seconds: float) -> None:
-        """After each training step: the warm-up mark and the longest step."""
+        """After each training step: the warm-up mark and the longest step (``step_seconds``:
+        the step's own time, without waiting for its batch)."""
         self.steps += 1
         self.max_step_seconds = max(self.max_step_seconds, step_seconds)
         warm_at = WARMUP_FRACTION * self.budget if self.budget > 0 else 0.0

@@ -288,7 +288,7 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
             pos.train_seconds += now - t_step
             window.seconds += now - t_step
             window.wait += batches.wait - wait_seen
-            anytime.observe(pos, now - t_step)
+            anytime.observe(pos, now - t_step - (batches.wait - wait_seen))  # compute only
             t_step, wait_seen = now, batches.wait
             if anytime.due(pos):  # an anytime point: every rank evaluates the validation day
                 base = w.metrics("valid", epoch, day)
