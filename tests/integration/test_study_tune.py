@@ -36,6 +36,8 @@ def test_selection_then_paired_final_trials(ray_cluster: Any, tmp_path: Path) ->
             f"train.data.synthetic.root={tmp_path}/data",
             "train.data.synthetic.requests_per_day=300",
             "train.run.eval_max_batches=1",
+            "train.data.eval_batch_size=100",
+            "train.data.batch_size=64",
             "train.run.corpus_ms=[100]",
         ],
     )
