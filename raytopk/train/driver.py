@@ -63,8 +63,9 @@ class DatasetSpec:
 
 
 def dataset_specs(prep: Prepared, num_workers: int = 1) -> dict[str, DatasetSpec]:
-    """The run's datasets by name: one per training day, per streaming-eval day, and the test
-    day. With ``run.eval_max_batches`` the evaluation datasets hold only the requests that many
+    """The run's datasets by name: one per training day, per streaming-eval day, the validation
+    day (``run.valid_day``: the anytime points) and the test day (none with
+    ``run.test_eval=false``: selection runs never see it). With ``run.eval_max_batches`` the evaluation datasets hold only the requests that many
     batches per worker score, so a capped evaluation costs what it evaluates."""
     from raytopk.train.anytime import VALID_KEY
     from raytopk.train.loop import TEST_KEY, eval_key, train_key
