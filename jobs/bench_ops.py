@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--select-compare",
         action="store_true",
-        help="also time dftopk with select=numba (CPU) / topk / kthvalue side by side",
+        help="also time dftopk once per select (numba on CPU, TORCH_SELECTS) side by side",
     )
     p.add_argument("--mem-budget-gb", type=float, default=4.0, help="skip above this estimate")
     p.add_argument("--no-step", action="store_true", help="operator level only")

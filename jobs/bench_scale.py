@@ -174,6 +174,7 @@ def _train(data: Path, out: Path, days: list[str], seconds: float, eval_batches:
         f"data.test_day='{days[1]}'",
         f"run.max_train_seconds={seconds}",
         f"run.eval_max_batches={eval_batches}",
+        "run.report_every_steps=5",  # enough report windows for a steady-state figure
         "scaling.num_workers=1",
         "scaling.use_gpu=auto",
         f"run.output_dir={run_dir}",

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(
-        f"\n## {cfg.run.name}: {cfg.op.name} on test day {metrics.get('test_day')} "
+        f"\n## {cfg.run.name}: {cfg.op.name} (loss form {cfg.loss.form}) on test day "
+        f"{metrics.get('test_day')} "
         f"({time.perf_counter() - t0:.0f} s in all)\n"
     )
     print(metrics_table(metrics, len(cfg.model.stages)), flush=True)

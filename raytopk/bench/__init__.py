@@ -9,9 +9,15 @@
 - ``step``: the DFTopK paper's step-level runtime protocol (SPEC.md §5);
 - ``report``: markdown tables, targets and plots;
 - ``machine``: the machine a benchmark ran on (``machine_info``, one set of keys);
-- ``train``: the plain single-process training loop that jobs/bench_train.py compares Ray with.
+- ``train``: the plain single-process training loop that jobs/bench_train.py compares Ray with;
+- ``select``: DFTopK's selection primitives against each other, the authors' formulation and the
+  floor, and the one to use on a device (``_AUTO_SELECT``);
+- ``parity``: every operator on a device against the same operator on CPU;
+- ``local_train``: the local backend's training loop measured on one device (throughput pass,
+  synchronised step-time split).
 
-Entry scripts: jobs/bench_ops.py, jobs/bench_train.py. Pure torch (+ matplotlib for plots):
+Entry scripts: jobs/bench_ops.py, jobs/bench_train.py, jobs/gpu_check.py (select, parity,
+local_train; imported on use, not here). Pure torch (+ matplotlib for plots):
 nothing here imports Ray or faiss at import time, so the operator benchmark runs on a bare GPU
 machine with only torch, numba and matplotlib installed.
 """

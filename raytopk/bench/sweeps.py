@@ -47,7 +47,7 @@ from raytopk.bench.reference import (
     full_sort_logits,
 )
 from raytopk.ops import get_op, get_spec, list_ops
-from raytopk.ops.dftopk import DEFAULT_TAU, dftopk_logits
+from raytopk.ops.dftopk import DEFAULT_TAU, TORCH_SELECTS, dftopk_logits
 
 __all__ = [
     "Line",
@@ -153,7 +153,7 @@ def build_lines(
     for name in names:
         lines.append(_op_line(name))
     if select_compare:
-        selects = ["topk", "kthvalue"]
+        selects = list(TORCH_SELECTS)
         if torch.device(device).type == "cpu":
             selects.insert(0, "numba")
         for s in selects:

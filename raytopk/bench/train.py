@@ -54,7 +54,7 @@ def plain_throughput(
     from raytopk.train.model import CascadeModel
 
     torch.manual_seed(cfg.run.seed)
-    model = CascadeModel.from_config(cfg, vocab).to(device)
+    model = CascadeModel.from_config(cfg, vocab, device).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
     rows = secs = 0.0
     steps = 0

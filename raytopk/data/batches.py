@@ -7,7 +7,11 @@ so the benchmark measures the iterator training uses.
 Batches are read with the batch size the dataset was built with, so each one is exactly one
 sampling group (raytopk.data.pipeline: each batch's negatives come from that very batch).
 numpy -> ``CascadeBatch`` (``collate``) runs in Ray Data's prefetch threads, off the training
-thread. ``wait`` accumulates the seconds the consumer spent blocked in ``next()``.
+thread; with ``pin`` (a CUDA consumer) the batch is also copied into page-locked memory there, so
+the training thread's ``batch.to(device, non_blocking=True)`` is an asynchronous DMA. (Ray's own
+``iter_torch_batches(pin_memory=True)`` pins only tensor/dict/tuple outputs of the collate
+function, not a dataclass.) ``wait`` accumulates the seconds the consumer spent blocked in
+``next()``.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ class CascadeBatches:
     seconds that would otherwise be idle time at every day boundary. The loop warms the next day
     while the current one trains.
 
-    ``max_batches`` (> 0) stops after that many batches.
+    ``max_batches`` (> 0) stops after that many batches. ``pin``: a Ray source's batches are
+    pinned in Ray's collate threads (a function source pins its own, see raytopk.data.local).
     """
 
     def __init__(
@@ -44,8 +49,10 @@ class CascadeBatches:
         prefetch: int = 2,
         *,
         max_batches: int = 0,
+        pin: bool = False,
     ) -> None:
         self._source, self._batch_size, self._prefetch = source, batch_size, prefetch
+        self._pin = pin
         self._max = max_batches
         self._count = 0
         self._it: Iterator[CascadeBatch] | None = None
@@ -58,10 +65,13 @@ class CascadeBatches:
             return iter(self._source())
         from ray.data.collate_fn import NumpyBatchCollateFn
 
+        pin = self._pin
+
         class _Collate(NumpyBatchCollateFn):
             # Runs in Ray Data's prefetch threads: numpy -> CascadeBatch off the training thread.
             def __call__(self, batch: dict[str, np.ndarray]) -> CascadeBatch:
-                return collate(batch)
+                out = collate(batch)
+                return out.pin_memory() if pin else out
 
         return iter(
             self._source.iter_torch_batches(

@@ -60,12 +60,16 @@ def _sample_sparse(
     b = avail.shape[0]
     j = rng.integers(0, avail[:, None], size=(b, n))  # (B, n) with replacement
     rows = np.arange(b)  # rows that may still hold repeats
-    slot = np.arange(n)
+    # The keys below in int32 when they fit (< avail·n): the same keys, so the same redraws,
+    # but a sort and a division several times faster than in int64 (B = 1024, n = 160).
+    kt = np.int32 if (int(avail.max(initial=0)) + 1) * n < 2**31 else np.int64
+    slot, nk = np.arange(n, dtype=kt), kt(n)
     while rows.size:
         # value * n + position: unique keys, so any sort orders equal values by position (a
         # stable sort by value) and the copies after the first occurrence are the ones redrawn
-        key = np.sort(j[rows] * n + slot, axis=1)  # (R, n)
-        val, pos = np.divmod(key, n)
+        key = np.sort(j[rows].astype(kt) * nk + slot, axis=1)  # (R, n)
+        val = key // nk
+        pos = key - val * nk
         r, c = np.nonzero(val[:, 1:] == val[:, :-1])
         if r.size == 0:
             break

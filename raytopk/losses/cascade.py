@@ -2,8 +2,11 @@
 Top-K Selection for Large-Scale Recommendation", arXiv 2510.11472).
 
 Notation: S stages (retrieval, pre-rank[, rank]), x^s ∈ R^N stage s's scores of one request,
-V = its valid slots, y ∈ {0,1}^N the ground-truth top-K (data.labels.ground_truth, K = 10),
-p^s = op(x^s, k_s) the soft top-k_s membership, BCE(p, y) = −y log p − (1 − y) log(1 − p).
+V = its valid slots, y ∈ [0,1]^N the label mass of the ground-truth top-K (data.labels.ground_truth,
+K = 10: 1 above the K-th priority, tied slots share the rest, never a sampled negative),
+p^s = op(x^s, k_s) the soft top-k_s membership (the bce baseline, SPEC §3.4: p^s = σ(x^s)),
+BCE(p, y) = −y log p − (1 − y) log(1 − p). The form applied to p (bce, bce_log, bce_logits, mse)
+is chosen per operator in raytopk.losses.forms (SPEC §3.5); the formulas below are form bce.
 
     L_s = mean_{j∈V} BCE(p^s_j, y_j)
     q   = Π_s p^s,    L_J = mean_{j∈V} BCE(q_j, y_j)
@@ -14,8 +17,9 @@ log w_s = ρ_s exactly. Means are over all valid slots of the batch (not a mean 
 
 Numerics:
 - DFTopK in logits form: with z = dftopk_logits(x, k, τ), log p = logσ(z) and log(1 − p) =
-  logσ(−z), so the stage BCE is softplus(−z) at y = 1 and softplus(z) at y = 0, chosen with
-  torch.where on y (softplus(z) − y·z would be ∞ − ∞ at z = +∞).
+  logσ(−z), so the stage BCE is y·softplus(−z) + (1 − y)·softplus(z), with ±∞ logits (masked
+  slots, decided rows) replaced by 0 first (softplus(z) − y·z would be ∞ − ∞ at z = +∞). The bce
+  baseline is the same with z = x.
 - Other operators return p; log p and log(1 − p) are taken of p clamped to the dtype's smallest
   normal number (sparse top-k returns exact 0s and 1s), as torch's BCE clamps its logs.
 - Joint term in log space: log q = Σ_s log p^s, and log(1 − q) = log1mexp(log q) (log(−expm1)
@@ -25,6 +29,10 @@ Numerics:
   clamp there would cut the gradient of a positive whose z is very negative).
 - Non-finite values (masked slots, the +∞ logits of a row with k ≥ #valid) are replaced before
   any nonlinearity, not after: a torch.where after log/softplus would still send NaN gradients.
+
+Per-row k: a request with fewer than K own valid slots has k_b < K positives (data.labels); the
+operator still selects the stage's k_s (what the stage keeps), so such a row asks for fewer
+positives than the stage keeps, as evaluation does (Recall = Σ_{top-M} y / k_b).
 
 Rows where a stage keeps everything (k_s ≥ #valid): the operator's membership is exactly 1 at
 every valid slot and carries no gradient, and BCE(1, 0) = +∞. Such a stage makes no selection in
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +55,7 @@ from torch import nn
 
 from raytopk.data.batch import CascadeBatch
 from raytopk.data.labels import ground_truth
+from raytopk.losses.forms import BASELINES, resolve_form
 from raytopk.ops import get_op, get_spec
 
 __all__ = [
@@ -55,6 +65,9 @@ __all__ = [
     "log1mexp",
     "masked_mean",
     "stage_log_membership",
+    "stage_membership",
+    "stage_terms",
+    "Membership",
     "topk_stage_loss",
     "resolve_op_params",
     "check_k",
@@ -149,6 +162,112 @@ def _float_scores(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+class Membership(NamedTuple):
+    """One stage's membership as the loss forms need it, finite everywhere (placeholders at
+    masked slots): log p, log(1 − p) (for the BCE forms) and p (for bce_logits, mse)."""
+
+    log_p: torch.Tensor
+    log_1mp: torch.Tensor
+    p: torch.Tensor
+    u: torch.Tensor | None = None  # sparse top-k's unclipped membership (form hinge)
+
+
+def _sparse_u(scores: torch.Tensor, p: torch.Tensor, l: float, keep: torch.Tensor) -> torch.Tensor:
+    """u = x/l − τ with m = clip(u, 0, 1): the permutahedron of (1_k, 0_{N−k}) is the capped
+    simplex {m ∈ [0,1]^N, Σ m = k}, so sparse top-k's m is x/l projected onto it, a clip at the
+    threshold τ. τ from the operator's own m: x_i/l − m_i at its free slots (0 < m < 1), with
+    its gradient ∂τ/∂x_j = 1/(l·#free) there (the operator's own pooled-block Jacobian); in a row
+    without free slot, the middle of the feasible interval (no gradient). 0 outside ``keep``."""
+    xs = scores / l
+    xd, pd = xs.detach(), p.detach()
+    free = keep & (pd > 0) & (pd < 1)
+    nfree = free.sum(-1, keepdim=True)
+    tau_free = torch.where(free, xd - pd, torch.zeros_like(xd)).sum(-1, keepdim=True)
+    tau_free = tau_free / nfree.clamp(min=1)
+    lo = torch.where(keep & (pd <= 0), xd, torch.full_like(xd, -torch.inf)).amax(-1, keepdim=True)
+    hi = torch.where(keep & (pd >= 1), xd - 1.0, torch.full_like(xd, torch.inf))
+    hi = hi.amin(-1, keepdim=True)
+    mid = torch.where(torch.isfinite(lo) & torch.isfinite(hi), (lo + hi) / 2, torch.zeros_like(lo))
+    mid = torch.where(torch.isfinite(lo) & ~torch.isfinite(hi), lo, mid)
+    mid = torch.where(~torch.isfinite(lo) & torch.isfinite(hi), hi, mid)
+    g = torch.where(free, xs, torch.zeros_like(xs)).sum(-1, keepdim=True) / nfree.clamp(min=1)
+    tau = torch.where(nfree > 0, tau_free, mid) + (g - g.detach())
+    return torch.where(keep, xs - tau, torch.zeros_like(xs))
+
+
+def _log_laplace_cdf(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log F(t), log(1 − F(t))) of the Laplace CDF, exact for every finite t."""
+    tail = torch.log1p(-0.5 * torch.exp(-t.abs()))  # log(1 − ½e^{−|t|}) ∈ [−log 2, 0]
+    return (
+        torch.where(t <= 0, t - _LN2, tail),
+        torch.where(t <= 0, tail, -t - _LN2),
+    )
+
+
+def _lapsum_t(scores: torch.Tensor, k: int, mask: torch.Tensor, alpha: float,
+              keep: torch.Tensor) -> torch.Tensor:
+    """t = x/α − b of LapSum with b's implicit gradient ∂b/∂x = f/(αΣf) (SPEC §2.2), as a
+    differentiable tensor; 0 outside ``keep``."""
+    from raytopk.ops.lapsum import lapsum_threshold
+
+    x = scores.masked_fill(~mask, 0.0)
+    top = x.detach().masked_fill(~mask, float("-inf")).amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    s = (x - top) / alpha  # shift-invariant; keeps float32 resolution at large scores
+    b = lapsum_threshold(s.detach(), k, mask, alpha=1.0).unsqueeze(-1)  # (B, 1)
+    t0 = (s.detach() - b).masked_fill(~keep, 0.0)
+    log_f = torch.where(keep, -t0.abs(), torch.full_like(t0, float("-inf")))
+    has = keep.any(-1, keepdim=True)
+    w = torch.softmax(torch.where(has, log_f, torch.zeros_like(log_f)), dim=-1)  # f/Σf
+    w = torch.where(keep, w, torch.zeros_like(w))
+    ws = (w * s.masked_fill(~keep, 0.0)).sum(-1, keepdim=True)
+    b = b + ws - ws.detach()  # value b, gradient Σ_j (f_j/Σf) ∂s_j
+    return torch.where(keep, s - b, torch.zeros_like(s))
+
+
+def stage_membership(
+    op: str,
+    scores: torch.Tensor,
+    k: int,
+    mask: torch.Tensor,
+    params: Mapping[str, float],
+    decided: torch.Tensor,
+    form: str = "bce",
+) -> Membership:
+    """Stage membership of ``op`` (a registered operator, or the ``bce`` baseline: p = σ(x)).
+
+    decided (B,) marks rows with k ≥ #valid, where p = 1 exactly: log p is set to 0 and p to 1
+    there. Values at masked slots and at log(1 − p) of decided rows are placeholders to be masked
+    out. ``form`` = ``bce_log`` computes LapSum's logs from its threshold (losses.forms).
+    """
+    keep = mask & ~decided.unsqueeze(-1)
+    if op in ("dftopk", "bce"):
+        if op == "dftopk":
+            from raytopk.ops.dftopk import dftopk_logits
+
+            z = dftopk_logits(scores, k, tau=params["tau"], mask=mask)
+        else:
+            z = scores
+        z = torch.where(keep, z, torch.zeros_like(z))  # ±inf out before logσ
+        log_p, log_1mp, p = F.logsigmoid(z), F.logsigmoid(-z), torch.sigmoid(z)
+    elif op == "lapsum" and form == "bce_log":
+        log_p, log_1mp = _log_laplace_cdf(_lapsum_t(scores, k, mask, params["alpha"], keep))
+        p = log_p.exp()
+    else:
+        p = get_op(op)(scores, k, mask, **params)
+        u = _sparse_u(scores, p, params["l"], keep) if form == "hinge" else None
+        p = torch.where(keep, p, torch.full_like(p, 0.5))
+        tiny = torch.finfo(p.dtype).tiny
+        log_p = torch.log(p.clamp_min(tiny))
+        log_1mp = torch.log((1.0 - p).clamp_min(tiny))
+    full = decided.unsqueeze(-1)
+    log_p = torch.where(full, torch.zeros_like(log_p), log_p)
+    p = torch.where(full, torch.ones_like(p), p)
+    if op == "sparse_topk" and form == "hinge":
+        return Membership(log_p, log_1mp, p, u)
+    return Membership(log_p, log_1mp, p)
+
+
 def stage_log_membership(
     op: str,
     scores: torch.Tensor,
@@ -157,30 +276,31 @@ def stage_log_membership(
     params: Mapping[str, float],
     decided: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p, log(1 − p)) of op's soft top-k membership, finite everywhere.
-
-    decided (B,) marks rows with k ≥ #valid, where p = 1 exactly: log p is set to 0 there.
-    Values at masked slots and at log(1 − p) of decided rows are placeholders to be masked out.
-    """
-    keep = mask & ~decided.unsqueeze(-1)
-    if op == "dftopk":
-        from raytopk.ops.dftopk import dftopk_logits
-
-        z = dftopk_logits(scores, k, tau=params["tau"], mask=mask)
-        z = torch.where(keep, z, torch.zeros_like(z))  # ±inf out before logσ
-        log_p, log_1mp = F.logsigmoid(z), F.logsigmoid(-z)
-    else:
-        p = get_op(op)(scores, k, mask, **params)
-        p = torch.where(keep, p, torch.full_like(p, 0.5))
-        tiny = torch.finfo(p.dtype).tiny
-        log_p = torch.log(p.clamp_min(tiny))
-        log_1mp = torch.log((1.0 - p).clamp_min(tiny))
-    log_p = torch.where(decided.unsqueeze(-1), torch.zeros_like(log_p), log_p)
-    return log_p, log_1mp
+    """(log p, log(1 − p)) of :func:`stage_membership` (form ``bce``)."""
+    m = stage_membership(op, scores, k, mask, params, decided)
+    return m.log_p, m.log_1mp
 
 
 def _bce(log_p: torch.Tensor, log_1mp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return torch.where(labels, -log_p, -log_1mp)
+    """−y log p − (1 − y) log(1 − p) for the label mass y ∈ [0, 1] (data.labels)."""
+    y = labels.to(log_p.dtype)
+    return -(y * log_p + (1.0 - y) * log_1mp)
+
+
+def stage_terms(m: Membership, labels: torch.Tensor, form: str) -> torch.Tensor:
+    """Per-slot stage loss of ``form`` (losses.forms)."""
+    y = labels.to(m.p.dtype)
+    if form in ("bce", "bce_log"):
+        return _bce(m.log_p, m.log_1mp, y)
+    if form == "bce_logits":  # the membership as a logit (the authors' reference code)
+        return F.softplus(m.p) - y * m.p
+    if form == "mse":
+        return (m.p - y) ** 2
+    if form == "hinge":  # on the unclipped membership: = y(1 − m) + (1 − y)m inside [0, 1]
+        return y * F.relu(1.0 - m.u) + (1.0 - y) * F.relu(m.u)
+    raise ValueError(
+        f"'form' should be one of bce, bce_log, bce_logits, mse, hinge but got {form!r}"
+    )
 
 
 def topk_stage_loss(
@@ -189,27 +309,32 @@ def topk_stage_loss(
     labels: torch.Tensor,
     k: int,
     mask: torch.Tensor | None = None,
+    *,
+    form: str = "bce",
     **params: float,
 ) -> torch.Tensor:
-    """Single-stage L_s (mean BCE over valid slots of rows with k < #valid) for a
-    non-permutation operator; the step benchmark's loss (SPEC.md §5)."""
+    """Single-stage L_s (mean of the ``form`` terms over valid slots of rows with k < #valid) for
+    a non-permutation operator; the step benchmark's loss (SPEC.md §5). labels: y (B, N), bool
+    or the label mass in [0, 1]."""
     params = resolve_op_params(op, params)
     scores = _float_scores(scores)
     if mask is None:
         mask = torch.ones_like(scores, dtype=torch.bool)
     decided = mask.sum(-1) <= k
-    log_p, log_1mp = stage_log_membership(op, scores, k, mask, params, decided)
-    return masked_mean(_bce(log_p, log_1mp, labels.bool()), mask & ~decided.unsqueeze(-1))
+    m = stage_membership(op, scores, k, mask, params, decided, form)
+    return masked_mean(stage_terms(m, labels, form), mask & ~decided.unsqueeze(-1))
 
 
 class CascadeTopKLoss(nn.Module):
-    """Joint cascade loss of SPEC §3.1 over a non-permutation operator.
+    """Joint cascade loss of SPEC §3.1 over a non-permutation operator, or the ``bce`` baseline
+    of SPEC §3.4 (no operator: p = σ(x), stage k unused).
 
     Args:
-        op: registered operator name (dftopk, lapsum, sparse_topk).
-        op_params: {param: value}; missing -> the registry's RecFlow default.
+        op: dftopk, lapsum, sparse_topk (a registered operator) or ``bce``.
+        op_params: {param: value}; missing -> the registry's RecFlow default (bce: none).
         ks: per-stage k (SPEC §3.2), e.g. [10, 10] or [30, 20]; len(ks) = number of stages.
         k_truth: K of the ground-truth labels.
+        form: the loss form (losses.forms; ``auto``: the form chosen for ``op``).
 
     ``forward(scores, batch) -> (total, parts)``; parts (detached): stage{s}, joint, w{s}.
     """
@@ -220,16 +345,23 @@ class CascadeTopKLoss(nn.Module):
         op_params: Mapping[str, float] | None = None,
         ks: Sequence[int] = (10, 10),
         k_truth: int = 10,
+        form: str = "auto",
     ) -> None:
         super().__init__()
-        spec = get_spec(op)
-        if spec.permutation:
-            raise ValueError(
-                f"operator {op!r} is a permutation relaxation: use LCRONLoss (build_loss picks it)"
-            )
+        if op in BASELINES:
+            if op_params:
+                raise ValueError(f"'op_params' {dict(op_params)}: {op!r} takes no parameters")
+            self.params: dict[str, float] = {}
+        else:
+            if get_spec(op).permutation:
+                raise ValueError(
+                    f"operator {op!r} is a permutation relaxation: use LCRONLoss "
+                    "(build_loss picks it)"
+                )
+            self.params = resolve_op_params(op, op_params)
         self.k_truth = check_k(k_truth, "k_truth")
         self.op = op
-        self.params = resolve_op_params(op, op_params)
+        self.form = resolve_form(op, form)
         self.ks = check_ks(ks)
         self.log_w = stage_log_weights(len(self.ks))  # ρ_s, w_s = exp(ρ_s)
 
@@ -246,36 +378,45 @@ class CascadeTopKLoss(nn.Module):
     def from_labels(
         self, scores: Sequence[torch.Tensor], labels: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss with explicit labels (B, N) bool and mask (B, N) bool."""
+        """The loss with explicit labels (B, N) (bool, or the label mass in [0, 1]) and mask
+        (B, N) bool."""
         if len(scores) != len(self.ks):
             raise ValueError(
                 f"'scores' has {len(scores)} stages but ks {self.ks} name {len(self.ks)}"
             )
         n_valid = mask.sum(-1)  # (B,)
         all_decided = torch.ones_like(n_valid, dtype=torch.bool)
-        stage_losses, log_q = [], None
+        stage_losses, log_q, q = [], None, None
         for s, (x, k) in enumerate(zip(scores, self.ks)):
             if x.shape != mask.shape:
                 raise ValueError(
                     f"'scores[{s}]' should have shape {tuple(mask.shape)} but got {tuple(x.shape)}"
                 )
             x = _float_scores(x)
-            decided = n_valid <= k  # this stage keeps every valid slot of the row
-            log_p, log_1mp = stage_log_membership(self.op, x, k, mask, self.params, decided)
+            # This stage keeps every valid slot of the row (the bce baseline selects nothing).
+            decided = n_valid <= k if self.op not in BASELINES else torch.zeros_like(all_decided)
+            m = stage_membership(self.op, x, k, mask, self.params, decided, self.form)
             stage_losses.append(
-                masked_mean(_bce(log_p, log_1mp, labels), mask & ~decided.unsqueeze(-1))
+                masked_mean(stage_terms(m, labels, self.form), mask & ~decided.unsqueeze(-1))
             )
-            log_q = log_p if log_q is None else log_q + log_p
+            log_q = m.log_p if log_q is None else log_q + m.log_p
+            q = m.p if q is None else q * m.p
             all_decided &= decided
-        tiny = torch.finfo(log_q.dtype).tiny
-        if self.op == "dftopk":
-            log_q = log_q.clamp(max=-tiny)  # q = 1 would make log(1 - q) = -inf
+        joint_valid = mask & ~all_decided.unsqueeze(-1)
+        y = labels.to(q.dtype)
+        if self.form == "bce_logits":
+            joint_terms = F.softplus(q) - y * q
+        elif self.form in ("mse", "hinge"):
+            joint_terms = (q - y) ** 2
         else:
-            # Memberships given as probabilities had their logs clamped at log(tiny) per stage;
-            # clamp the product the same way (q = 0 costs -log(tiny) once, not once per stage),
-            # i.e. BCE(q, y) with q = Π_s p^s and its logs clamped as torch's BCE does.
-            log_q = log_q.clamp(min=math.log(tiny), max=-tiny)
-        joint = masked_mean(
-            torch.where(labels, -log_q, -log1mexp(log_q)), mask & ~all_decided.unsqueeze(-1)
-        )
+            tiny = torch.finfo(log_q.dtype).tiny
+            if self.op in ("dftopk", "bce") or self.form == "bce_log":
+                log_q = log_q.clamp(max=-tiny)  # q = 1 would make log(1 - q) = -inf
+            else:
+                # Memberships given as probabilities had their logs clamped at log(tiny) per
+                # stage; clamp the product the same way (q = 0 costs -log(tiny) once, not once
+                # per stage), i.e. BCE(q, y) with its logs clamped as torch's BCE does.
+                log_q = log_q.clamp(min=math.log(tiny), max=-tiny)
+            joint_terms = -(y * log_q + (1.0 - y) * log1mexp(log_q))
+        joint = masked_mean(joint_terms, joint_valid)
         return combine(stage_losses, joint, self.log_w)

@@ -15,14 +15,14 @@ K = k_truth (10), k_s = stage s's k (SPEC §3.2; default K), V = valid slots, sg
 
 ε = 1e-8. Means are over all valid slots of the batch.
 
-Ties in the labels: priorities tie heavily (ten rank_neg slots at 7, ten coarse_neg at 6, …).
-The label relaxation is applied to the raw priorities, so it resolves ties the way the relaxation
-does: tied items receive equal (NeuralSort, SoftSort) or near-equal (DiffSort, whose tied
-comparators swap with probability ½) shares of the ranks the tie block spans, so a tie block that
-straddles rank K gets fractional ŷ summing to the number of top-K ranks it covers. No artificial
-tie-break is added — the ground truth is ambiguous among tied items, and a slot-order tie-break
-would teach the model slot positions. (data.labels.ground_truth, used by the BCE losses and the
-metrics, breaks the same ties by slot order, which changes which tied items count, not how many.)
+Labels (one rule for every loss family and the metrics, SPEC §4.3): ŷ = y, the label mass of
+data.labels.ground_truth (1 above the K-th priority, the slots tied at the K-th priority share the
+remaining mass, a sampled negative never a positive, per-row k_b = min(K, #valid own slots)), and
+ȳ = 1 − ŷ. This is what the label relaxation Ŷ at τ_label = 1e-4 gives for integer priorities
+(tied items get equal shares of the ranks their block spans) except that Ŷ would rank sampled
+negatives (priority 0) into the top K of a request with fewer than K own slots; it also saves
+building Ŷ (an (N, N) matrix per request). ``label_permutation`` (Ŷ itself) is kept for
+comparisons with the authors' code; ``from_label_perm`` trains on it.
 
 Masks: masked slots are passed to soft_permutation as the mask, and additionally given the
 priority −1 (below every valid priority, the lowest being 0) in the label relaxation; they are
@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from raytopk.data.batch import CascadeBatch
+from raytopk.data.labels import ground_truth
 from raytopk.losses.cascade import (
     check_k,
     check_ks,
@@ -186,6 +187,7 @@ class LCRONLoss(nn.Module):
                 )
             label_param = LABEL_PARAMS[op]
         self.op = op
+        self.form = "lcron"
         self.param_name = get_spec(op).param
         self.params = resolve_op_params(op, op_params)
         self.label_param = float(label_param)
@@ -208,18 +210,34 @@ class LCRONLoss(nn.Module):
         self, scores: Sequence[torch.Tensor], batch: CascadeBatch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mask = batch.cand_mask
-        return self.from_label_perm(scores, self.label_permutation(batch.priority, mask), mask)
+        return self.from_labels(scores, ground_truth(batch.priority, mask, self.k_truth), mask)
+
+    def from_labels(
+        self, scores: Sequence[torch.Tensor], labels: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss with the label mass y (B, N) in [0, 1] (ŷ = y, ȳ = 1 − y) and mask (B, N)."""
+        y = labels.to(torch.float64 if labels.dtype == torch.float64 else torch.float32)
+        return self._loss(scores, y, 1.0 - y, mask)
 
     def from_label_perm(
         self, scores: Sequence[torch.Tensor], labels_perm: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss with an explicit label permutation Ŷ (B, N, N) and mask (B, N)."""
+        yhat, ybar = label_membership(labels_perm, self.k_truth)
+        return self._loss(scores, yhat, ybar, mask)
+
+    def _loss(
+        self,
+        scores: Sequence[torch.Tensor],
+        yhat: torch.Tensor,
+        ybar: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if len(scores) != len(self.ks):
             raise ValueError(
                 f"'scores' has {len(scores)} stages but ks {self.ks} name {len(self.ks)}"
             )
         eps = self.eps
-        yhat, ybar = label_membership(labels_perm, self.k_truth)
         n_valid = mask.sum(-1)
         all_decided = torch.ones_like(n_valid, dtype=torch.bool)
         stage_losses, u_prod, keep_prod = [], None, None

@@ -3,16 +3,16 @@
 Notation: B = requests, N = candidates per request, V_b = request b's valid slots, K = |G| target
 (10), G_b = ground-truth top-K, π^s = stage s's scores.
 
-- ground truth (raytopk.data.labels.ground_truth, shared with the losses): G_b = the K valid
-  slots of highest priority. Priorities tie heavily (a request with fewer than 10 rank_pos items
-  fills G from the ten rank_neg slots, all of priority 7), so ties are broken deterministically
-  by slot order (lower slot index first), as a stable sort.
-- Recall@K@M of one stage: |top-M of π^s over V_b ∩ G_b| / |G_b|.
+- ground truth (raytopk.data.labels.ground_truth, shared with the losses): the label mass y_b,
+  Σ_j y_bj = k_b = min(K, #valid own slots): 1 above the K-th priority, the slots tied AT the
+  K-th priority share the remaining mass equally, 0 at sampled negatives (priority 0) — the one
+  tie rule of every loss and metric (SPEC §4.3). G_b = {j : y_bj > 0}.
+- Recall@K@M of one stage: Σ_{j ∈ top-M of π^s over V_b} y_bj / k_b (with 0/1 labels:
+  |top-M ∩ G_b| / |G_b|; a tied slot counts by its share).
 - joint Recall@K@M_S (cuts M_1 > … > M_S): stage 1 keeps its top M_1 of V_b, stage s keeps its
-  top M_s of what stage s−1 kept; |F_b ∩ G_b| / |G_b| with F_b the last stage's survivors.
-  |G_b| = min(K, |V_b|): this is SPEC's "/10" whenever a request has >= 10 valid slots (always at
-  evaluation, where the 160 sampled negatives are valid) and keeps a perfect scorer at 1.0 for the
-  rare smaller request (training-time evaluation without sampled negatives).
+  top M_s of what stage s−1 kept; Σ_{j ∈ F_b} y_bj / k_b with F_b the last stage's survivors.
+  k_b = K = 10 (SPEC's "/10") whenever a request has >= 10 own valid slots; a request with fewer
+  has fewer positives, and a perfect scorer still scores 1.0 on it.
 - NDCG@K of one stage: gains = priorities of V_b, exactly sklearn.metrics.ndcg_score(
   y_true=priority[V_b], y_score=π^s[V_b], k=K): log2 discounts, ties in the scores averaged over
   the positions they share, a request whose gains are all 0 scores 0.
@@ -64,16 +64,17 @@ def _topk_idx(scores: torch.Tensor, mask: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def _truth_size(truth: torch.Tensor) -> torch.Tensor:
-    return truth.sum(-1).to(torch.float64)
+    return truth.to(torch.float64).sum(-1)  # k_b
 
 
 @torch.no_grad()
 def recall_at(
     scores: torch.Tensor, mask: torch.Tensor, truth: torch.Tensor, m: int
 ) -> torch.Tensor:
-    """Per-request |top-m ∩ G| / |G| (float64, (B,)); 0 where G is empty."""
+    """Per-request Σ_{top-m} y / Σ y (float64, (B,)) for the label mass ``truth`` (B, N)
+    (data.labels.ground_truth; a bool G works too); 0 where there is no positive."""
     check_rows(scores, mask)
-    hits = truth.gather(-1, _topk_idx(scores, mask, m)).sum(-1).to(torch.float64)
+    hits = truth.to(torch.float64).gather(-1, _topk_idx(scores, mask, m)).sum(-1)
     return hits / _truth_size(truth).clamp_min(1.0)
 
 
@@ -95,7 +96,7 @@ def joint_recall_at(
         pick = _topk_idx(sub, alive, m)  # (B, n_{s+1}) positions within `kept`
         kept = kept.gather(-1, pick)
         alive = alive.gather(-1, pick)
-    hits = (truth.gather(-1, kept) & alive).sum(-1).to(torch.float64)
+    hits = (truth.to(torch.float64).gather(-1, kept) * alive).sum(-1)
     return hits / _truth_size(truth).clamp_min(1.0)
 
 

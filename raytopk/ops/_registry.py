@@ -41,6 +41,9 @@ class OpSpec:
         matrix). Declared next to the operator; tests/unit/test_ops_memory.py checks it against
         the peak of torch's CPU allocations. Used to skip benchmark and study points that would
         not fit in memory.
+    bf16: the operator is correct on bfloat16 scores: the contract holds within bf16's output
+        rounding, forward and backward (tests/unit/test_ops_bf16.py runs the contract in bf16
+        for every operator that declares it). ``bf16_reason`` says why, or why not.
     """
 
     name: str
@@ -52,6 +55,8 @@ class OpSpec:
     permutation: bool
     complexity: str
     step_bytes: Callable[..., int]
+    bf16: bool
+    bf16_reason: str
 
 
 _REGISTRY: dict[str, OpSpec] = {}
@@ -66,6 +71,8 @@ def register(
     permutation: bool = False,
     complexity: str,
     step_bytes: Callable[..., int],
+    bf16: bool,
+    bf16_reason: str,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Class-less decorator registry (timm style): ``@register("dftopk", param="tau", ...)``.
 
@@ -86,6 +93,8 @@ def register(
             permutation=permutation,
             complexity=complexity,
             step_bytes=step_bytes,
+            bf16=bf16,
+            bf16_reason=bf16_reason,
         )
         return fn
 

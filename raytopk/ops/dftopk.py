@@ -15,8 +15,12 @@ Implementation:
 - One selection per row, not two: v = x_[k+1] by quickselect, then x_[k] = min of the k slots
   the partition put in front of v (they are exactly the k largest). On CPU this is a numba kernel
   (three-way-partition quickselect, O(N) expected, parallel over rows for large batches); on
-  other devices one ``torch.topk(max k + 1)`` (multi-block on CUDA) or ``torch.kthvalue`` when
-  k is the same in every row — ``select="auto"`` chooses by device (see ``_AUTO_SELECT``).
+  other devices torch primitives: ``topk`` (``torch.topk(max k + 1)``, sorted), and for a k
+  that is the same in every row ``topk_unsorted`` (``torch.topk(k + 1, sorted=False)`` and two
+  min passes over those k + 1: no sort of the top set, which matters at large k) or
+  ``kthvalue`` (``torch.kthvalue`` and a masked min); ``sort`` (a full row sort, what small rows
+  may do fastest on a GPU). A uniform-k primitive falls back to ``topk`` for per-row k.
+  ``select="auto"`` chooses by device (see ``_AUTO_SELECT``).
 - A custom ``autograd.Function`` whose backward is the closed form above. It saves only the two
   boundary indices per row (int64, −1 for rows with k >= n) and the mask when one is given.
 - Masked slots never enter the selection; z = −∞ there (f = 0, no gradient). A row whose k is at
@@ -37,7 +41,15 @@ from raytopk.ops._dftopk_cpu import PARALLEL_MIN_ELEMENTS, threshold_numba
 from raytopk.ops._registry import register
 from raytopk.ops._validate import check_param, prepare
 
-__all__ = ["DEFAULT_TAU", "dftopk", "dftopk_logits", "dftopk_threshold", "step_bytes", "warmup"]
+__all__ = [
+    "DEFAULT_TAU",
+    "TORCH_SELECTS",
+    "dftopk",
+    "dftopk_logits",
+    "dftopk_threshold",
+    "step_bytes",
+    "warmup",
+]
 
 # τ of the RecFlow protocol (SPEC.md §2.1; scores grow large under Adam, τ sets the margin
 # scale). The one default of every public function taking τ; the registry reads it from there.
@@ -46,11 +58,15 @@ DEFAULT_TAU = 500.0
 # Selection primitive per device type when select="auto". CPU: the numba kernel (one selection,
 # measured faster than torch.topk and torch.kthvalue at every benchmarked size, see README).
 # Other devices: torch.topk(max k + 1), a multi-block radix select on CUDA, where kthvalue runs
-# one block per row. The CUDA choice is by that design, not yet measured here (no GPU was
-# available to this project): `jobs/bench_ops.py --device cuda --select-compare` measures it.
+# one block per row. The CUDA entry is by that design, NOT yet measured (no GPU was available to
+# this project). To decide it: `python jobs/gpu_check.py --device cuda --out DIR` (or
+# `jobs/bench_ops.py --device cuda --select-compare`) times every select at the benchmark's
+# shapes; set _AUTO_SELECT["cuda"] to the JSON's selection.recommended (fastest by geometric
+# mean of forward+backward over the shapes) and quote its table in this comment.
 _AUTO_SELECT = {"cpu": "numba"}
 _DEFAULT_SELECT = "topk"
-_SELECTS = ("auto", "numba", "topk", "kthvalue")
+_SELECTS = ("auto", "numba", "topk", "topk_unsorted", "kthvalue", "sort")
+TORCH_SELECTS = ("topk", "topk_unsorted", "kthvalue", "sort")  # any device
 
 
 # ---- torch selection (any device) ------------------------------------------------------------
@@ -67,7 +83,8 @@ def _threshold_torch(
     kk = torch.where(decided, torch.ones_like(k), k)  # any in-range k for those rows
     if rows == 0 or bool(decided.all()):
         return x.new_full((rows,), float("-inf")), k.new_full((rows, 2), -1)
-    if select == "kthvalue" and bool((kk == kk[0]).all()):
+    uniform = select in ("kthvalue", "topk_unsorted") and bool((kk == kk[0]).all())
+    if select == "kthvalue" and uniform:
         # v = x_[k+1] = the (N − k)-th smallest; x_[k] = min{x_i > v} (or v when tied).
         k0 = int(kk[0])
         v, lo_slot = torch.kthvalue(xm, size - k0, dim=-1)  # (R,)
@@ -79,9 +96,21 @@ def _threshold_torch(
         # take the first slot equal to v other than the one kthvalue returned.
         other = (xm == v.unsqueeze(-1)).scatter(-1, lo_slot.unsqueeze(-1), False)  # (R, N)
         hi_slot = torch.where(tied, other.to(torch.uint8).argmax(-1), hi_slot)
+    elif select == "topk_unsorted" and uniform:
+        # The k + 1 largest in any order (k < n: all valid); x_[k+1] is their min, x_[k] the
+        # min of the other k. At a tie the two mins sit at two distinct slots holding v.
+        vals, slots = torch.topk(xm, int(kk[0]) + 1, dim=-1, sorted=False)  # (R, k + 1)
+        v, at = vals.min(-1)  # (R,)
+        hi_val, at_hi = vals.scatter(-1, at.unsqueeze(-1), float("inf")).min(-1)
+        lo_slot = slots.gather(-1, at.unsqueeze(-1)).squeeze(-1)
+        hi_slot = slots.gather(-1, at_hi.unsqueeze(-1)).squeeze(-1)
     else:
-        top = min(int(kk.max()) + 1, size)
-        vals, slots = torch.topk(xm, top, dim=-1, sorted=True)  # (R, top) descending
+        if select == "sort":
+            top = size
+            vals, slots = torch.sort(xm, dim=-1, descending=True)  # (R, N)
+        else:
+            top = min(int(kk.max()) + 1, size)
+            vals, slots = torch.topk(xm, top, dim=-1, sorted=True)  # (R, top) descending
         pos = torch.stack([kk - 1, kk], -1).clamp_max(top - 1)  # (R, 2) ranks k, k+1 (0-based)
         val2 = vals.gather(-1, pos)
         slot2 = slots.gather(-1, pos)
@@ -164,7 +193,8 @@ def dftopk_logits(
         k: int, or LongTensor of shape scores.shape[:-1] (per-row k).
         tau: temperature τ > 0.
         mask: (..., N) bool, True = valid, or None.
-        select: selection primitive, "auto" (by device), "numba" (CPU), "topk" or "kthvalue".
+        select: selection primitive: "auto" (by device), "numba" (CPU), or one of
+            TORCH_SELECTS ("topk", "topk_unsorted", "kthvalue", "sort"; any device).
     Returns (..., N) logits (float32 for 16-bit inputs): −∞ at masked slots, +∞ at the valid
     slots of rows whose k is at least their number of valid slots.
     """
@@ -207,6 +237,8 @@ def step_bytes(batch: int, n: int, itemsize: int = 4) -> int:
     sums_to_k=False,
     complexity="O(N)",
     step_bytes=step_bytes,
+    bf16=True,
+    bf16_reason="selection exact in any dtype; logits formed in float32",
 )
 def dftopk(
     scores: torch.Tensor,

@@ -154,6 +154,8 @@ def step_bytes(batch: int, n: int, itemsize: int = 4) -> int:
     permutation=True,
     complexity="O(N^3)",  # n layers × n/2 comparators × O(n) row mix
     step_bytes=step_bytes,
+    bf16=True,
+    bf16_reason="the sorting network runs in float32 (_permutation.compute_dtype)",
 )
 def diffsort(
     scores: torch.Tensor,

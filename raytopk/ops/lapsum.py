@@ -251,6 +251,8 @@ def step_bytes(batch: int, n: int, itemsize: int = 4) -> int:
     sums_to_k=True,
     complexity="O(N log N)",
     step_bytes=step_bytes,
+    bf16=True,
+    bf16_reason="sort, logcumsumexp and the closed-form b in float32, returned in bf16",
 )
 def lapsum(
     scores: torch.Tensor,

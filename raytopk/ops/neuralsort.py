@@ -91,6 +91,8 @@ def step_bytes(batch: int, n: int, itemsize: int = 4) -> int:
     permutation=True,
     complexity="O(N^2)",
     step_bytes=step_bytes,
+    bf16=True,
+    bf16_reason="the N x N relaxation is computed in float32 (_permutation.compute_dtype)",
 )
 def neuralsort(
     scores: torch.Tensor,

@@ -168,6 +168,8 @@ def step_bytes(batch: int, n: int, itemsize: int = 4) -> int:
     sums_to_k=True,
     complexity="O(N log N)",
     step_bytes=step_bytes,
+    bf16=True,
+    bf16_reason="sort in float32, PAV in float64, returned in bf16",
 )
 def sparse_topk(
     scores: torch.Tensor,

@@ -50,7 +50,10 @@ class Position:
     step: int = 0
     global_step: int = 0
     samples_seen: int = 0  # training requests, summed over workers
-    train_seconds: float = 0.0  # wall time inside the training loop (rank 0), summed over restarts
+    # Steady-state training wall time (rank 0), summed over restarts; what it leaves out, by
+    # part (first_batch_wait, reports, stream_eval), is in excluded_seconds.
+    train_seconds: float = 0.0
+    excluded_seconds: dict[str, float] = field(default_factory=dict)
     days_done: list[str] = field(default_factory=list)  # "epoch:day" for every finished day
     starts: int = 0  # how many times the loop started (1 + restarts and resumes)
     budget_spent: bool = False  # max_train_seconds / max_samples reached: training is over

@@ -90,6 +90,8 @@ class ModelConfig:
 
 @dataclass
 class OpConfig:
+    # A registered top-k operator (raytopk.ops.list_ops) or a baseline without one ("bce",
+    # SPEC §3.4, no params): raytopk.losses.list_methods().
     name: str = "dftopk"
     # The operator's own parameter by its paper's name (tau, alpha, l, steepness) and, for the
     # LCRON loss, its label-side value. Missing: the registry's RecFlow-protocol default.
@@ -100,11 +102,19 @@ class OpConfig:
 class LossConfig:
     ks: list[int] = field(default_factory=list)  # k per stage (SPEC §3.2); empty: k_truth each
     k_truth: int = 10  # K, the ground-truth top set size
+    # The form of the stage/joint terms (SPEC §3.5; raytopk.losses.forms): bce, bce_log (lapsum),
+    # bce_logits (the authors' code), mse, lcron (permutation operators). "auto": the form chosen
+    # for op.name by measurement; validate() writes the resolved form into the config.
+    form: str = "auto"
 
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-2  # Adam, for the scorers and the loss weights alike (SPEC §4.4)
+    # Mixed precision of the training forward: the scorers run under bf16 autocast, the
+    # operator and the loss in float32 (raytopk.train.model). "auto": bf16 on CUDA, off on CPU
+    # (so CPU numerics stay exactly float32); true: bf16 on every device; false: off.
+    amp: bool | str = "auto"
 
 
 @dataclass
@@ -202,15 +212,26 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """
     cfg = from_dict(to_dict(cfg))  # a copy
     # Deferred: importing the config (YAML, dataclasses) stays light; validation needs torch.
+    from raytopk.losses.forms import is_operator, list_methods, resolve_form
     from raytopk.models import SCORER_KINDS  # build_scorer kinds (DESIGN.md, Contract 3)
-    from raytopk.ops import get_spec, list_ops
+    from raytopk.ops import get_spec
 
-    if cfg.op.name not in list_ops():
-        raise ConfigError(f"op.name: unknown operator {cfg.op.name!r}; registered: {list_ops()}")
-    spec = get_spec(cfg.op.name)
-    params = dict(cfg.op.params)
-    params.setdefault(spec.param, float(spec.default))
-    cfg.op.params = params
+    if cfg.op.name not in list_methods():
+        raise ConfigError(f"op.name: unknown operator {cfg.op.name!r}; valid: {list_methods()}")
+    if is_operator(cfg.op.name):
+        spec = get_spec(cfg.op.name)
+        params = dict(cfg.op.params)
+        params.setdefault(spec.param, float(spec.default))
+        cfg.op.params = params
+    elif cfg.op.params:
+        raise ConfigError(
+            f"op.params: {cfg.op.name!r} is a baseline without an operator and takes no "
+            f"parameters, got {dict(cfg.op.params)}"
+        )
+    try:
+        cfg.loss.form = resolve_form(cfg.op.name, cfg.loss.form)
+    except ValueError as e:
+        raise ConfigError(f"loss.form: {e}") from e
 
     if not cfg.model.stages:
         raise ConfigError("model.stages must name at least one scorer, e.g. [dssm, din]")
@@ -249,6 +270,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _positive("data.synthetic.days", d.synthetic.days)
     _positive("data.synthetic.requests_per_day", d.synthetic.requests_per_day)
     _positive("optim.lr", cfg.optim.lr)
+    if isinstance(cfg.optim.amp, str) and cfg.optim.amp != "auto":
+        raise ConfigError(f"optim.amp must be auto, true or false, got {cfg.optim.amp!r}")
 
     s = cfg.scaling
     _positive("scaling.num_workers", s.num_workers)

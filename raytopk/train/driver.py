@@ -40,6 +40,7 @@ __all__ = [
     "TrainingStopped",
     "build_datasets",
     "dataset_specs",
+    "day_seed",
     "load_run_config",
     "loop_config",
     "run",
@@ -63,22 +64,24 @@ class DatasetSpec:
 
 
 def dataset_specs(prep: Prepared, num_workers: int = 1) -> dict[str, DatasetSpec]:
-    """The run's datasets by name: one per training day, per streaming-eval day, the validation
-    day (``run.valid_day``: the anytime points) and the test day (none with
-    ``run.test_eval=false``: selection runs never see it). With ``run.eval_max_batches`` the evaluation datasets hold only the requests that many
-    batches per worker score, so a capped evaluation costs what it evaluates."""
+    """The run's datasets by name: one per (epoch, training day) (up to loop.EPOCH_DATASETS
+    epochs), per streaming-eval day, the validation day (``run.valid_day``: the anytime points)
+    and the test day (none with ``run.test_eval=false``: selection runs never see it). With
+    ``run.eval_max_batches`` the evaluation datasets hold only the requests that many batches
+    per worker score, so a capped evaluation costs what it evaluates."""
     from raytopk.train.anytime import VALID_KEY
-    from raytopk.train.loop import TEST_KEY, eval_key, train_key
+    from raytopk.train.loop import EPOCH_DATASETS, TEST_KEY, eval_key, train_key
 
     cfg, d = prep.cfg, prep.cfg.data
     seed = cfg.run.seed
     present = list(prep.meta["days"])
     out = {
-        # Per-day shuffle/negatives seed from the day's place in the dataset, not in this run's
-        # list: a resumed run with a longer list draws the same batches per day.
-        train_key(day): DatasetSpec(
-            (day,), True, d.sample_num, d.batch_size, seed + present.index(day)
+        # Shuffle/negatives seed from (seed, epoch, the day's place in the dataset, not in this
+        # run's list: a resumed run with a longer list draws the same batches per day).
+        train_key(day, epoch): DatasetSpec(
+            (day,), True, d.sample_num, d.batch_size, day_seed(seed, epoch, present.index(day))
         )
+        for epoch in range(min(cfg.run.epochs, EPOCH_DATASETS))
         for day in d.train_days
     }
     cap = cfg.run.eval_max_batches * d.eval_batch_size * num_workers
@@ -90,6 +93,17 @@ def dataset_specs(prep: Prepared, num_workers: int = 1) -> dict[str, DatasetSpec
     for key, day in evals:
         out[key] = DatasetSpec((day,), False, 0, d.eval_batch_size, seed, cap)
     return out
+
+
+def day_seed(seed: int, epoch: int, day_index: int) -> int:
+    """The data seed of one (epoch, day): seed + day_index in epoch 0 (what a one-pass run has
+    always drawn), a SeedSequence hash of (seed, epoch, day_index) in later epochs, so a repeated
+    pass sees new shuffles and negatives. Always in [0, 2^31)."""
+    if epoch == 0:
+        return seed + day_index
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, epoch, day_index]).generate_state(1)[0] >> 1)
 
 
 def build_datasets(prep: Prepared, num_workers: int = 1) -> dict[str, Any]:
@@ -244,6 +258,7 @@ def _finish(prep: Prepared, use_gpu: bool, wall_seconds: float) -> dict[str, Any
             "name": cfg.run.name,
             "op": cfg.op.name,
             "op_params": dict(cfg.op.params),
+            "loss_form": cfg.loss.form,
             "sample_num": cfg.data.sample_num,
             "num_workers": cfg.scaling.num_workers if cfg.run.backend == "ray" else 1,
             "backend": cfg.run.backend,

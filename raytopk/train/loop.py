@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -34,6 +35,7 @@ import torch.distributed as dist
 
 from raytopk.data.batch import CascadeBatch
 from raytopk.data.batches import CascadeBatches
+from raytopk.losses.forms import is_operator
 from raytopk.ops import warmup as warmup_op
 from raytopk.train.anytime import VALID_KEY, Anytime
 from raytopk.train.checkpoint import Position, load_state, rng_state, save_state, set_rng_state
@@ -41,14 +43,31 @@ from raytopk.train.config import TrainConfig, from_dict
 from raytopk.train.evaluate import evaluate
 from raytopk.train.model import CascadeModel, param_digest
 
-__all__ = ["train_fn_per_worker", "train_loop", "train_key", "eval_key", "TEST_KEY", "NAN_STOP"]
+__all__ = [
+    "train_fn_per_worker",
+    "train_loop",
+    "train_key",
+    "eval_key",
+    "set_threads",
+    "TEST_KEY",
+    "NAN_STOP",
+    "EPOCH_DATASETS",
+]
 
 TEST_KEY = "test"
 NAN_STOP = "non_finite_loss"
 
 
-def train_key(day: str) -> str:
-    return f"train_{day}"
+# Distinct datasets (shuffles and negatives) per training day: epochs 0..EPOCH_DATASETS-1 each
+# get their own; a later epoch e replays epoch e mod EPOCH_DATASETS. Bounded because the Ray
+# backend builds every dataset up front (the study asks for 1000 epochs and stops on a budget).
+EPOCH_DATASETS = 16
+
+
+def train_key(day: str, epoch: int = 0) -> str:
+    """The dataset name of training ``day`` in ``epoch`` (raytopk.train.driver.dataset_specs)."""
+    e = epoch % EPOCH_DATASETS
+    return f"train_{day}" if e == 0 else f"train_e{e}_{day}"
 
 
 def eval_key(day: str) -> str:
@@ -84,6 +103,11 @@ class _Window:
             return {}
         vals = (self.sums / max(self.steps, 1)).tolist()
         return dict(zip(["loss", *self.keys], vals))
+
+
+def _exclude(pos: Position, part: str, seconds: float) -> None:
+    """Add ``seconds`` of wall time the step clock does not count to ``part``."""
+    pos.excluded_seconds[part] = pos.excluded_seconds.get(part, 0.0) + seconds
 
 
 def _json_safe(v: Any) -> Any:
@@ -147,9 +171,32 @@ class _Worker:
         }
         return lambda directory: save_state(directory, state)
 
-    def step(self, batch: CascadeBatch, where: str) -> _Step:
+    def final_metrics(
+        self, where: tuple[int, str], ev: dict[str, float], eval_seconds: float
+    ) -> dict[str, Any]:
+        """The final report: the test-day metrics ``ev`` and what the run was (JSON-safe)."""
+        pos, cascade = self.pos, self.cascade
+        m = self.metrics("final", *where, **ev)
+        m["eval_seconds"] = round(eval_seconds, 3)
+        m["days_trained"] = list(pos.days_done)
+        m["starts"] = pos.starts
+        m["budget_spent"] = pos.budget_spent
+        m["excluded_seconds"] = {k: round(v, 3) for k, v in pos.excluded_seconds.items()}
+        m["num_parameters"] = sum(p.numel() for p in cascade.scorers.parameters())
+        m["amp"] = str(cascade.amp_dtype).removeprefix("torch.") if cascade.amp_dtype else "off"
+        m["param_digest"] = param_digest(cascade)
+        m["loss_weights"] = [
+            float(v) for p in cascade.loss.parameters() for v in p.detach().cpu().reshape(-1)
+        ]
+        return {k: _json_safe(v) for k, v in m.items()}
+
+    def step(
+        self, batch: CascadeBatch, where: str, mark: Callable[[str], None] | None = None
+    ) -> _Step:
         """One training step (forward, the loss, backward, Adam) unless a rank ran out of budget
-        or saw a non-finite loss (``where`` names the day for that message).
+        or saw a non-finite loss (``where`` names the day for that message). ``mark(phase)``,
+        when given, is called after "forward", "backward" and "optimizer" (the step-time split
+        of jobs/gpu_check.py; the training loop passes none).
 
         One small collective per step: every rank learns whether any rank saw a non-finite
         loss or ran out of budget, so all stop at the same step, and the global sample count.
@@ -169,6 +216,8 @@ class _Worker:
         if self.world > 1:
             dist.all_reduce(flags)
         n_bad, n_over, global_rows = flags.tolist()
+        if mark is not None:
+            mark("forward")
         if n_bad > 0:
             vals = {"total": float(total.detach())}
             vals.update({k: float(v) for k, v in parts.items()})
@@ -183,8 +232,25 @@ class _Worker:
             return _Step("budget", 0, total, parts)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()  # DDP all-reduces gradients here
+        if mark is not None:
+            mark("backward")
         self.optimizer.step()
+        if mark is not None:
+            mark("optimizer")
         return _Step("ok", int(global_rows), total, parts)
+
+
+def set_threads(threads: int) -> int:
+    """Bind torch's and numba's CPU threads to the worker's allotment (numba's parallel kernels
+    otherwise use every core of the machine, whatever the worker reserved). Returns the count."""
+    threads = max(1, threads)
+    torch.set_num_threads(threads)
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return threads
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    return threads
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
@@ -205,12 +271,12 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
     cfg = from_dict(config["cfg"])
     # Ray 1: this worker's place in the group and its device (a GPU when the trainer has them).
     rank, world, device = session.rank, session.world, session.device
-    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    set_threads(int(config.get("threads", 1)))
 
     # Same seed on every rank: identical initial parameters (DDP also broadcasts rank 0's).
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)  # noqa: NPY002  (legacy global RNG, for third-party code)
-    module = CascadeModel.from_config(cfg, config["vocab"])
+    module = CascadeModel.from_config(cfg, config["vocab"], device)  # optim.amp for the device
     init_digest = param_digest(module.scorers)  # the same for every op at one seed (pairing)
     # Ray 2: the checkpoint to continue from (after a worker failure, or a re-run), or None.
     resumed = session.restored(load_state)
@@ -223,23 +289,23 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
     model = session.prepare_model(module)
     # Compile the operator's lazy kernels now, so that a time budget (the sample-scaling study)
     # and the step timings measure training, not a JIT compiler.
-    warmup_op(cfg.op.name)
+    if is_operator(cfg.op.name):  # the bce baseline has no operator to compile
+        warmup_op(cfg.op.name)
     w = _Worker(cfg, config, rank, world, model, pos)
     if resumed is not None:
         w.optimizer.load_state_dict(resumed["optimizer"])  # onto the parameters' device
         set_rng_state(resumed["rng"])
         if rank == 0:
-            print(
-                f"[raytopk] resumed at step {pos.global_step} ({len(pos.days_done)} day(s) done, "
-                f"{pos.samples_seen:,} samples seen)",
-                flush=True,
-            )
+            print(f"[raytopk] resumed at step {pos.global_step} ({len(pos.days_done)} day(s) "
+                  f"done, {pos.samples_seen:,} samples seen)", flush=True)  # fmt: skip
 
     def batches_of(key: str, batch_size: int, max_batches: int = 0) -> CascadeBatches:
         # Ray 4: this worker's share of a day's dataset (Ray Data samples the negatives).
         prefetch = cfg.data.prefetch_batches
         source = session.dataset(key, batch_size, prefetch)
-        return CascadeBatches(source, batch_size, prefetch, max_batches=max_batches)
+        # Page-locked host batches for a CUDA device, so the copy below is truly asynchronous.
+        pin = device.type == "cuda"
+        return CascadeBatches(source, batch_size, prefetch, max_batches=max_batches, pin=pin)
 
     def evaluate_on(key: str, **corpus: Any) -> dict[str, float]:
         batches = batches_of(key, cfg.data.eval_batch_size, cfg.run.eval_max_batches)
@@ -257,15 +323,25 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
         epoch, day = schedule[item]
         skip = pos.step if item == pos.item else 0
         pos.item, pos.step = item, 0
-        batches = upcoming.pop(item, None) or batches_of(train_key(day), cfg.data.batch_size)
-        # Start the next day's dataset while this day trains (not the same day again: one
+        key = train_key(day, epoch)
+        batches = upcoming.pop(item, None) or batches_of(key, cfg.data.batch_size)
+        # Start the next day's dataset while this day trains (not this very dataset again: one
         # shard cannot be iterated twice at once).
-        if item + 1 < len(schedule) and schedule[item + 1][1] != day:
-            nxt = batches_of(train_key(schedule[item + 1][1]), cfg.data.batch_size)
+        if item + 1 < len(schedule) and train_key(*schedule[item + 1][::-1]) != key:
+            nxt = batches_of(train_key(*schedule[item + 1][::-1]), cfg.data.batch_size)
             upcoming[item + 1] = nxt.warm_async()
         day_t0, day_samples, day_loss, wait_seen = time.perf_counter(), 0, _Window(), 0.0
-        t_step = time.perf_counter()
+        # The step clock (pos.train_seconds, the budget) counts steady-state training only:
+        # forward, backward, Adam and the data wait of a warm pipeline. Not counted (recorded in
+        # pos.excluded_seconds): the wait for a day's first batch (the dataset's start-up),
+        # reports and checkpoints, streaming evaluation. The same rule for every operator.
+        t_step, first = time.perf_counter(), True
         for batch in batches:
+            if first:
+                now = time.perf_counter()
+                _exclude(pos, "first_batch_wait", now - t_step)
+                t_step, first = now, False
+                wait_seen = batches.wait  # the first batch's wait is not a steady-state wait
             if pos.step < skip:  # mid-day checkpoint: these batches were trained before
                 pos.step += 1
                 t_step = time.perf_counter()
@@ -294,6 +370,8 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
                 base = w.metrics("valid", epoch, day)
                 session.report(anytime.evaluate(base, pos, lambda: evaluate_on(VALID_KEY)))
                 t_step = time.perf_counter()  # evaluation time is not training time
+                _exclude(pos, "anytime_eval", t_step - now)
+                now = t_step
 
             if pos.global_step % cfg.run.report_every_steps == 0:
                 m = w.metrics("step", epoch, day, **window.means())
@@ -305,6 +383,8 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
             if every and pos.global_step % every == 0:
                 name = f"checkpoint_{pos.global_step:09d}_e{epoch}_{day}_step"
                 session.report(w.metrics("checkpoint", epoch, day), w.checkpoint(), name)
+            t_step = time.perf_counter()
+            _exclude(pos, "reports", t_step - now)  # the report barrier is not the next step's
         if stopped is not None:
             break
         if pos.budget_spent:
@@ -319,7 +399,9 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
         m["day_seconds"] = round(time.perf_counter() - day_t0, 3)
         if cfg.run.stream_eval and day in next_day:
             m["stream_day"] = next_day[day]
+            t0 = time.perf_counter()
             ev = evaluate_on(eval_key(next_day[day]))
+            _exclude(pos, "stream_eval", time.perf_counter() - t0)
             m.update({f"stream_{k}": v for k, v in ev.items()})
         name = f"checkpoint_{pos.global_step:09d}_e{epoch}_{day}_day"
         session.report(m, w.checkpoint(), name)
@@ -345,17 +427,6 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
     ev = {}
     if cfg.run.test_eval:  # off in selection trials: they never see the test day
         ev = evaluate_on(TEST_KEY, corpus_items=items, corpus_ms=cfg.run.corpus_ms)
-    m = w.metrics("final", *(schedule[-1] if schedule else (0, "")), **ev)
-    m.update(anytime.summary(pos))
-    m["init_param_digest"] = init_digest
-    m["eval_seconds"] = round(time.perf_counter() - t0, 3)
-    m["days_trained"] = list(pos.days_done)
-    m["starts"] = pos.starts
-    m["budget_spent"] = pos.budget_spent
-    m["test_day"] = config.get("test_day", "")
-    m["num_parameters"] = sum(p.numel() for p in w.cascade.scorers.parameters())
-    m["param_digest"] = param_digest(w.cascade)
-    m["loss_weights"] = [
-        float(v) for p in w.cascade.loss.parameters() for v in p.detach().cpu().reshape(-1)
-    ]
-    session.report({k: _json_safe(v) for k, v in m.items()})
+    final = w.final_metrics(schedule[-1] if schedule else (0, ""), ev, time.perf_counter() - t0)
+    extra = {**anytime.summary(pos), "init_param_digest": init_digest}
+    session.report({**final, **extra, "test_day": config.get("test_day", "")})

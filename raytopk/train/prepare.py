@@ -129,7 +129,13 @@ def prepare(cfg: TrainConfig) -> Prepared:
     from raytopk.losses import build_loss
 
     try:
-        build_loss(cfg.op.name, dict(cfg.op.params), list(cfg.loss.ks), k_truth=cfg.loss.k_truth)
+        build_loss(
+            cfg.op.name,
+            dict(cfg.op.params),
+            list(cfg.loss.ks),
+            k_truth=cfg.loss.k_truth,
+            form=cfg.loss.form,
+        )
     except (ValueError, TypeError) as e:
         raise ConfigError(f"op {cfg.op.name} with params {cfg.op.params}: {e}") from e
 

@@ -30,7 +30,7 @@ from raytopk.tune.stats import paired_difference, t_interval, time_to_fraction, 
 __all__ = ["RESULT_COLUMNS", "result_columns", "write_reports", "write_selection", "FRACTIONS"]
 
 _TRIAL_COLUMNS = (
-    "trial", "op", "op_params", "sample_num", "num_candidates", "seed", "status",
+    "trial", "op", "loss_form", "op_params", "sample_num", "num_candidates", "seed", "status",
     "samples_seen", "train_seconds", "samples_per_second", "steady_samples_per_s",
     "budget_seconds", "max_step_seconds",
 )
@@ -169,7 +169,8 @@ def write_reports(
                 word = verdict(diff)
             tp = t_interval([float(r.get("steady_samples_per_s") or 0) for r in rs])
             seen = sum(float(r["samples_seen"]) for r in rs) / len(rs)
-            md.append(f"| {op} | {ci.text()} | {diff_txt} | {word} | {tp.text(1)} | "
+            form = f" ({rs[0]['loss_form']})" if rs[0].get("loss_form") else ""
+            md.append(f"| {op}{form} | {ci.text()} | {diff_txt} | {word} | {tp.text(1)} | "
                       f"{seen:,.0f} | {len(rs)} |")
         for r in rows:
             if int(r.get("sample_num") or -1) == n and r not in ok:

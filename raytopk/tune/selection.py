@@ -87,17 +87,22 @@ def selection_trials(
     grid: dict[str, list[float]],
     base: TrainConfig,
     out_root: Path,
+    loss_forms: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """One Tune config per (op, sample_num, value) on ``seed``; ``base`` is a study trial config
-    (budget, eval points, valid_day set). The test day is not in them."""
+    (budget, eval points, valid_day set); each op trains with its loss form (``loss_forms[op]``,
+    default: the form chosen for it). The test day is not in them."""
+    from raytopk.losses import resolve_form
+
     trials = []
     for op in ops:
         p = op_param(op)
+        form = resolve_form(op, (loss_forms or {}).get(op, "auto"))
         for n in sample_nums:
             for value in grid.get(op, []):
                 cfg = from_dict(to_dict(base))
                 name = f"{op}-n{n}-{p[0]}{value:g}-s{seed}"
-                cfg.op.name, cfg.op.params = op, {p[0]: value}
+                cfg.op.name, cfg.op.params, cfg.loss.form = op, {p[0]: value}, form
                 cfg.data.sample_num = n
                 cfg.data.test_day = cfg.run.valid_day  # the real test day appears nowhere
                 cfg.run.test_eval = False
@@ -105,6 +110,7 @@ def selection_trials(
                 cfg.run.output_dir = str(out_root / "trials" / "select" / name)
                 trials.append({
                     "trial": name, "phase": "select", "group": f"{op}-n{n}", "op": op,
+                    "loss_form": form,
                     "sample_num": n, "seed": seed, "param": p[0], "value": value,
                     "train": to_dict(cfg),
                 })

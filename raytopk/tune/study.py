@@ -68,19 +68,19 @@ __all__ = [
     "RESULT_COLUMNS",
 ]
 
-BASELINES = ("bce",)  # non-operator losses a study includes when the training config accepts them
-
-
 @dataclass
 class StudyConfig:
     """The ``study:`` section of a study YAML; the ``train:`` section is a TrainConfig."""
 
-    ops: list[str] = field(default_factory=list)  # empty: every registered operator + baselines
+    # Empty: every registered operator and the bce baseline (raytopk.losses.list_methods()).
+    ops: list[str] = field(default_factory=list)
     sample_nums: list[int] = field(default_factory=lambda: [0, 40, 160, 640])
     seeds: list[int] = field(default_factory=lambda: [42])
     # Fixed operator parameters per op ({op: {param: value}}), used when select is false (or for
     # an op with no grid); missing: the registry's RecFlow default.
     op_params: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Loss form per op ({op: form}, raytopk.losses.forms); missing: the form chosen for the op.
+    loss_forms: dict[str, str] = field(default_factory=dict)
     select: bool = True  # tune each op's parameter on the validation day first
     grid_size: int = 5  # values per op: paper value * grid_factor^j, j centred on 0
     grid_factor: float = 3.0
@@ -124,36 +124,25 @@ def load_study(
     return f.study, f.train
 
 
-def _accepted(op: str, base: TrainConfig) -> bool:
-    """Whether the training config accepts ``op.name=op`` (registered operators, baselines)."""
-    cfg = from_dict(to_dict(base))
-    cfg.op.name, cfg.op.params = op, {}
-    cfg.data.path = cfg.data.path or "unused"  # only the op is being checked
-    try:
-        validate(cfg)
-    except ConfigError as e:
-        return "op.name" not in str(e)
-    return True
-
-
 def study_ops(study: StudyConfig, base: TrainConfig | None = None) -> list[str]:
-    """The study's operators: study.ops, or every registered one plus the baselines the training
-    config accepts (``bce``)."""
-    from raytopk.ops import list_ops
+    """The study's operators: study.ops, or every registered one and the bce baseline."""
+    from raytopk.losses import list_methods
 
-    if study.ops:
-        return list(study.ops)
-    base = base if base is not None else TrainConfig()
-    return [*list_ops(), *(b for b in BASELINES if _accepted(b, base))]
+    return list(study.ops) if study.ops else list_methods()
 
 
 def _check_study(s: StudyConfig, base: TrainConfig) -> None:
-    for key, ops in (("study.ops", s.ops), ("study.op_params", s.op_params),
-                     ("study.grids", s.grids)):
-        for op in ops:
-            if not _accepted(op, base):
-                valid = study_ops(StudyConfig(), base)
-                raise ConfigError(f"{key}: unknown operator {op!r}; valid: {valid}")
+    from raytopk.losses import list_methods, resolve_form
+
+    for key, ops in (("ops", s.ops), ("op_params", s.op_params), ("loss_forms", s.loss_forms),
+                     ("grids", s.grids)):
+        for op in (op for op in ops if op not in list_methods()):
+            raise ConfigError(f"study.{key}: unknown operator {op!r}; valid: {list_methods()}")
+    for op, form in s.loss_forms.items():
+        try:
+            resolve_form(op, form)
+        except ValueError as e:
+            raise ConfigError(f"study.loss_forms.{op}: {e}") from e
     if not s.sample_nums or any(not isinstance(n, int) or n < 0 for n in s.sample_nums):
         raise ConfigError(f"study.sample_nums should be ints >= 0 but got {s.sample_nums}")
     if not s.seeds or len(set(s.seeds)) != len(s.seeds):
@@ -188,12 +177,12 @@ def trial_name(op: str, sample_num: int, seed: int) -> str:
 def step_bytes(op: str, batch_size: int, num_candidates: int, num_stages: int = 2) -> int:
     """Peak bytes of one training step's operator work: every stage runs the operator and its
     loss on (batch_size, num_candidates) scores (the operator's own estimate, declared with it in
-    the registry; 0 for a baseline with no operator). Evaluation never builds soft
-    permutations, so it needs no such estimate."""
+    the registry). Evaluation never builds soft permutations, so it needs no such estimate."""
+    from raytopk.losses import is_operator
     from raytopk.ops import get_spec
 
-    if op_param(op) is None:
-        return 0
+    if not is_operator(op):  # the bce baseline: σ(x), its logs and their gradients
+        return num_stages * 6 * batch_size * num_candidates * 4
     return num_stages * get_spec(op).step_bytes(batch_size, num_candidates)
 
 
@@ -216,6 +205,8 @@ def trial_configs(
 ) -> list[dict[str, Any]]:
     """One Tune config per (op, sample_num, seed) of the final phase: the complete TrainConfig
     dict with the chosen parameter value (``chosen[op][sample_num]``), else study.op_params."""
+    from raytopk.losses import resolve_form
+
     out_root = Path(study.output_dir).resolve()
     budgeted = _budgeted(study, base)
     trials = []
@@ -227,13 +218,15 @@ def trial_configs(
                 name = trial_name(op, n, seed)
                 cfg.op.name = op
                 cfg.op.params = dict(study.op_params.get(op, {}))
+                cfg.loss.form = resolve_form(op, study.loss_forms.get(op, "auto"))
                 if chosen and p is not None and n in chosen.get(op, {}):
                     cfg.op.params[p[0]] = chosen[op][n]
                 cfg.data.sample_num = n
                 cfg.run.seed, cfg.run.name = seed, name
                 cfg.run.output_dir = str(out_root / "trials" / name)
-                trials.append({"trial": name, "phase": "final", "op": op, "sample_num": n,
-                               "seed": seed, "train": to_dict(cfg)})
+                trials.append({"trial": name, "phase": "final", "op": op,
+                               "loss_form": cfg.loss.form, "sample_num": n, "seed": seed,
+                               "train": to_dict(cfg)})
     return trials
 
 
@@ -247,6 +240,7 @@ def _trial_fn(config: dict[str, Any]) -> None:
     config = config["trial"]  # the grid_search value: one trial config
     cfg = from_dict(config["train"])
     base = {k: config[k] for k in ("trial", "phase", "op", "sample_num", "seed") if k in config}
+    base["loss_form"] = config.get("loss_form", cfg.loss.form)
     base.update({k: config[k] for k in ("param", "value") if k in config})
     base["num_candidates"] = schema.N_OWN + config["sample_num"]
     base["budget_seconds"] = cfg.run.max_train_seconds
@@ -353,7 +347,8 @@ def _tune(study: StudyConfig, name: str, trials: list[dict[str, Any]], trainable
             else:
                 why = "failed: " + (str(result.error)[:300] if result.error else "no final report")
             last = {k: m[k] for k in (clock, head) if k in m and result.error is None}
-            ident = ("trial", "phase", "op", "sample_num", "seed", "param", "value")
+            ident = ("trial", "phase", "op", "loss_form", "sample_num", "seed", "param",
+                     "value")
             m = {**{k: t.get(k, "") for k in ident}, **last, "status": why}
         rows.append(m)
     rows.sort(key=lambda r: (str(r.get("op")), int(r.get("sample_num") or 0),
@@ -415,7 +410,8 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
         grid = {op: param_grid(op, study.grid_size, study.grid_factor, study.grids.get(op))
                 for op in ops}
         seed = study.select_seed if study.select_seed >= 0 else study.seeds[0]
-        sel = selection_trials(ops, study.sample_nums, seed, grid, _budgeted(study, base), out)
+        sel = selection_trials(ops, study.sample_nums, seed, grid, _budgeted(study, base), out,
+                               study.loss_forms)
         for t in sel:
             validate(from_dict(t["train"]))
             t["mem_budget_gb"] = study.mem_budget_gb

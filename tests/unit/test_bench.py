@@ -201,3 +201,21 @@ def test_plain_throughput_counts_timed_steps_after_warmup() -> None:
     assert capped["steps"] == 5
     for r in (one_pass, capped):
         assert r["samples_per_s"] > 0 and r["s_per_step"] > 0
+
+
+def test_select_recommendation_is_the_fastest_geomean_ties_to_the_first() -> None:
+    from raytopk.bench.select import device_selects, recommend
+
+    assert device_selects("cpu")[0] == "numba" and "numba" not in device_selects("cuda")
+
+    def rec(mode: str, topk: float, sort: float) -> dict:
+        return {"mode": mode, "ms": {"dftopk[select=topk]": topk, "dftopk[select=sort]": sort}}
+
+    # forward records do not vote; within 3% the earlier select (topk: any per-row k) wins
+    close = [rec("forward_backward", 1.0, 0.99), rec("forward", 9.0, 0.1)]
+    assert recommend(close, ["topk", "sort"])["recommended"] == "topk"
+    far = [rec("forward_backward", 1.0, 0.5), rec("forward_backward", 4.0, 4.0)]
+    r = recommend(far, ["topk", "sort"])
+    assert r["recommended"] == "sort" and r["geomean_ms"] == {"topk": 2.0, "sort": 1.4142}
+    with pytest.raises(ValueError, match="forward_backward"):
+        recommend([rec("forward", 1.0, 1.0)], ["topk", "sort"])

@@ -99,8 +99,10 @@ def test_overrides_convert_types() -> None:
             "scaling.cpus_per_worker=0.5",
             "data.train_days=[2024-01-13..2024-01-15]",
             "run.stream_eval=yes",
+            "optim.amp=true",
         ],
     )
+    assert cfg.optim.amp is True
     assert cfg.op.name == "lapsum" and cfg.op.params == {"alpha": 5.0}
     assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
     assert cfg.loss.ks == [30, 20]
@@ -156,6 +158,7 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path: Path) -> None:
         ("run.seed=abc", "run.seed: expected an integer, got 'abc'"),
         ("data.batch_size=0", "data.batch_size must be > 0, got 0"),
         ("scaling.use_gpu=maybe", "scaling.use_gpu"),
+        ("optim.amp=fp16", "optim.amp must be auto, true or false, got 'fp16'"),
         ("scaling.cpus_per_worker=-1", "scaling.cpus_per_worker must be > 0"),
         ("data.train_days=[2024-01-15..2024-01-13]", "ends before it starts"),
         ("data.train_days=[2024-13-01]", "'2024-13-01' is not YYYY-MM-DD"),
@@ -167,12 +170,28 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path: Path) -> None:
         ("op.params.tau.x=1", "holds one level of names"),
         ("run.seed.x=1", "is a value, not a section"),
         ("run.seed", "not of the form key=value"),
+        ("op.name=bce|op.params.tau=1", "op.params: 'bce' is a baseline"),
+        ("loss.form=hinge", "loss.form: loss form 'hinge' is not available for 'dftopk'"),
+        ("op.name=neuralsort|loss.form=mse", "loss.form: loss form 'mse' is not available"),
+        ("op.name=bce|loss.form=mse", "not available for 'bce'"),
     ],
 )
 def test_bad_values_name_key_and_value(override: str, needle: str) -> None:
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["data.path=/d", override])
+        load_config(None, ["data.path=/d", *override.split("|")])
     assert needle in str(e.value)
+
+
+def test_bce_baseline_and_loss_forms_resolve() -> None:
+    from raytopk.losses import default_form
+
+    cfg = load_config(None, ["data.path=/d", "op.name=bce"])
+    assert cfg.op.params == {} and cfg.loss.form == "bce"
+    for op in ("dftopk", "lapsum", "sparse_topk", "neuralsort"):
+        cfg = load_config(None, ["data.path=/d", f"op.name={op}"])
+        assert cfg.loss.form == default_form(op)  # "auto" is resolved into the saved config
+    cfg = load_config(None, ["data.path=/d", "op.name=sparse_topk", "loss.form=bce_logits"])
+    assert cfg.loss.form == "bce_logits"
 
 
 def test_missing_data_path_is_rejected() -> None:

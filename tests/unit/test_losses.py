@@ -72,9 +72,10 @@ def _params(op: str, value: float = 1.0) -> dict[str, float]:
 TINY = torch.finfo(torch.float64).tiny
 
 
-def _bce(p: float, y: bool) -> float:
-    """BCE with the logs of exact 0s clamped at log(tiny), as the loss documents."""
-    return -math.log(max(p, TINY)) if y else -math.log(max(1.0 - p, TINY))
+def _bce(p: float, y: float) -> float:
+    """BCE against the label mass y ∈ [0, 1], logs of exact 0s clamped at log(tiny), as the loss
+    documents."""
+    return -(y * math.log(max(p, TINY)) + (1.0 - y) * math.log(max(1.0 - p, TINY)))
 
 
 def _reference_topk_loss(op, params, scores, prio, mask, ks, k_truth):
@@ -101,7 +102,7 @@ def _reference_topk_loss(op, params, scores, prio, mask, ks, k_truth):
     stage_losses = []
     for ps, k in zip(p, ks):
         terms = [
-            _bce(ps[r, j].item(), bool(labels[r, j]))
+            _bce(ps[r, j].item(), float(labels[r, j]))
             for r in range(b)
             for j in range(n)
             if mask[r, j] and k < mask[r].sum()
@@ -114,7 +115,7 @@ def _reference_topk_loss(op, params, scores, prio, mask, ks, k_truth):
         for j in range(n):
             if mask[r, j]:
                 q = math.prod(ps[r, j].item() for ps in p)
-                joint.append(_bce(q, bool(labels[r, j])))
+                joint.append(_bce(q, float(labels[r, j])))
     joint_loss = sum(joint) / len(joint)
     return stage_losses, joint_loss
 
@@ -123,7 +124,7 @@ def _reference_topk_loss(op, params, scores, prio, mask, ks, k_truth):
 def test_cascade_loss_matches_slot_by_slot_reference(op: str) -> None:
     params = {"tau": 0.7} if op == "dftopk" else _params(op, 2.0 if op == "lapsum" else 1.0)
     ks = [3, 2]
-    loss = build_loss(op, params, ks, k_truth=2)
+    loss = build_loss(op, params, ks, k_truth=2, form="bce")  # the formulas of SPEC §3.1
     assert isinstance(loss, CascadeTopKLoss)
     total, parts = loss(SCORES, batch_of(PRIO, MASK))
     stages, joint = _reference_topk_loss(op, params, SCORES, PRIO, MASK, ks, 2)
@@ -274,10 +275,9 @@ def test_lcron_single_stage_by_hand() -> None:
 def _reference_lcron(loss: LCRONLoss, scores, prio, mask):
     """Slot-by-slot SPEC §3.3 in Python floats from the op's soft permutations."""
     sp = soft_permutation_fn(loss.op)
-    label_perm = sp(prio.float().masked_fill(~mask, -1.0), loss.label_param, mask)
+    labels = ground_truth(prio, mask, loss.k_truth)  # ŷ = y, ȳ = 1 − y (one label rule)
     perms = [sp(x, loss.params[loss.param_name], mask) for x in scores]
     b, n = mask.shape
-    kt = loss.k_truth
     stage_terms = [[] for _ in scores]
     joint_terms = []
     for r in range(b):
@@ -285,8 +285,8 @@ def _reference_lcron(loss: LCRONLoss, scores, prio, mask):
         for j in range(n):
             if not mask[r, j]:
                 continue
-            yhat = sum(label_perm[r, i, j].item() for i in range(kt))
-            ybar = sum(label_perm[r, i, j].item() for i in range(kt, n))
+            yhat = float(labels[r, j])
+            ybar = 1.0 - yhat
             us, ds = [], []
             for s, (perm, k) in enumerate(zip(perms, loss.ks)):
                 col = sum(perm[r, i, j].item() for i in range(n)) + EPS
@@ -410,3 +410,4 @@ def test_combine_is_the_weighted_total_and_the_logged_parts() -> None:
     assert not any(v.requires_grad for v in parts.values()) and total.requires_grad
     with pytest.raises(ValueError, match="'stage_losses' has 1 stages but 'log_w' has 2"):
         combine(stage[:1], joint, log_w)
+

@@ -97,22 +97,49 @@ def test_kendall_tau_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_recall_perfect_and_reversed() -> None:
     prio, mask = recflow_like(64, 40, seed=5)
     truth = ground_truth(prio, mask, 10)
-    # Perfect scorer: priority with the slot-order tie-break of the ground truth.
+    assert torch.allclose(truth.sum(-1), ((prio > 0) & mask).sum(-1).clamp(max=10).float())
+    # A perfect scorer ranks by priority; every slot with label mass (above or tied at the
+    # 10th priority: at most 10 rank_pos + 10 tied rank_neg) is in its top 30.
     perfect = prio - 1e-3 * torch.arange(40).float()
-    assert torch.all(recall_at(perfect, mask, truth, 10) == 1.0)
     assert torch.all(recall_at(perfect, mask, truth, 30) == 1.0)
-    # Reversed scorer: its top 30 are the bottom 30 valid slots by priority, so it finds only
-    # the truth items that overflow into them: max(0, |G| - (n_valid - 30)).
-    reversed_ = -perfect
+    # Its top 10: everything above the 10th priority, and some of the tied slots, each worth
+    # its share (k_b − |A|)/|T|: recall@10 = (|A| + (k_b − |A|)²/|T|) / k_b.
+    kb = truth.sum(-1).double()
+    n_above = (truth == 1).sum(-1).double()
+    n_tied = ((truth > 0) & (truth < 1)).sum(-1).double()
+    rest = kb - n_above
+    want = (n_above + torch.where(n_tied > 0, rest * rest / n_tied.clamp(min=1), rest)) / kb
+    torch.testing.assert_close(recall_at(perfect, mask, truth, 10), want)
+    assert (want < 1).any()  # the batch has ties at the 10th priority
+    # The reversed scorer's top 10 are the 10 lowest valid slots: no label mass there.
     n_valid = mask.sum(-1)
-    size = n_valid.clamp(max=10)
-    r = recall_at(reversed_, mask, truth, 30)
-    torch.testing.assert_close(r, ((size - (n_valid - 30)).clamp(0) / size).clamp(max=1).double())
-    full = torch.ones_like(mask)
-    assert torch.all(recall_at(reversed_, full, ground_truth(prio, full, 10), 30) == 0.0)
+    r = recall_at(-perfect, mask, truth, 10)
+    mass_low = (n_valid - (truth > 0).sum(-1)) >= 10
+    assert torch.all(r[mass_low] == 0.0)
     # The scores of masked slots never matter.
     noisy = torch.where(mask, perfect, torch.full_like(perfect, 1e6))
-    assert torch.all(recall_at(noisy, mask, truth, 10) == 1.0)
+    assert torch.all(recall_at(noisy, mask, truth, 30) == 1.0)
+
+
+def test_recall_tie_rule_and_sampled_negatives_by_hand() -> None:
+    # K = 2: slot 0 (priority 9) is a positive; slots 1-3 tie at 7 and share one label: 1/3 each.
+    # Slots 4-5 are sampled negatives (priority 0).
+    prio = torch.tensor([[9.0, 7.0, 7.0, 7.0, 0.0, 0.0], [9.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    truth = ground_truth(prio, mask, 2)
+    s = torch.tensor([[5.0, 4.0, 0.0, 0.0, 3.0, 0.0], [0.0, 9.0, 8.0, 7.0, 6.0, 5.0]])
+    # Row 0: top 2 = slots 0, 1 -> (1 + 1/3) / 2; top 3 adds a sampled negative: no mass.
+    # Row 1: one own slot, so k_b = 1 (a sampled negative is never a positive): the top 5 miss it.
+    torch.testing.assert_close(recall_at(s, mask, truth, 2), torch.tensor([2 / 3, 0.0]).double())
+    torch.testing.assert_close(recall_at(s, mask, truth, 3), torch.tensor([2 / 3, 0.0]).double())
+    torch.testing.assert_close(recall_at(s, mask, truth, 6), torch.tensor([1.0, 1.0]).double())
+    joint = joint_recall_at([s, -s], mask, truth, (3, 1))  # pre-rank keeps the worst of 3
+    torch.testing.assert_close(joint, torch.tensor([0.0, 0.0]).double())
+    joint = joint_recall_at([s, s], mask, truth, (3, 2))
+    torch.testing.assert_close(joint, torch.tensor([2 / 3, 0.0]).double())
+    metric = CascadeMetrics((3, 2), k=2)
+    metric.update([s, s], batch_of(prio, mask))
+    assert metric.compute()["joint_recall@2@2"] == pytest.approx(1 / 3)
 
 
 def test_recall_small_requests_divide_by_truth_size() -> None:
@@ -165,13 +192,26 @@ def _reference_metrics(scores, prio, mask, cuts=(30, 20), k=10) -> dict[str, flo
     for r in rows:
         v = mask[r].nonzero().flatten().tolist()
         p = prio[r, v].tolist()
-        order = sorted(range(len(v)), key=lambda i: (-p[i], i))  # slot order breaks ties
-        g = {v[i] for i in order[:k]}
+        # The label rule by hand: k_b own (priority > 0) slots; the slots tied at the k_b-th
+        # priority share what the slots above it leave.
+        own = sorted((x for x in p if x > 0), reverse=True)
+        kb = min(k, len(own))
+        theta = own[kb - 1] if kb else math.inf
+        above = sum(1 for x in own if x > theta)
+        tied = sum(1 for x in own if x == theta)
+        y = {
+            j: (1.0 if x > theta else (kb - above) / tied if x == theta else 0.0)
+            for j, x in zip(v, p)
+        }
+
+        def hits(kept: list[int], y=y, kb=kb) -> float:
+            return sum(y[j] for j in kept) / max(kb, 1)
+
         survivors = v
         for s, (sc, cut) in enumerate(zip(scores, cuts)):
             name = ("retrieval", "prerank")[s]
             alone = sorted(v, key=lambda j, sc=sc: -sc[r, j].item())[:cut]
-            out.setdefault(f"{name}_recall@{k}@{cut}", []).append(len(g & set(alone)) / len(g))
+            out.setdefault(f"{name}_recall@{k}@{cut}", []).append(hits(alone))
             survivors = sorted(survivors, key=lambda j, sc=sc: -sc[r, j].item())[:cut]
             if len(v) > 1:
                 ndcg = ndcg_score([p], [sc[r, v].tolist()], k=k)
@@ -181,7 +221,7 @@ def _reference_metrics(scores, prio, mask, cuts=(30, 20), k=10) -> dict[str, flo
             tau = kendalltau(sc[r, v].numpy(), np.array(p)).statistic
             if not math.isnan(tau):
                 out.setdefault(f"{name}_kendall_tau", []).append(tau)
-        out.setdefault(f"joint_recall@{k}@{cuts[-1]}", []).append(len(g & set(survivors)) / len(g))
+        out.setdefault(f"joint_recall@{k}@{cuts[-1]}", []).append(hits(survivors))
     res = {key: float(np.mean(vals)) for key, vals in out.items()}
     res["num_requests"] = float(len(rows))
     return res

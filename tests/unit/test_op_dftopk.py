@@ -8,7 +8,7 @@ import torch
 
 from raytopk.ops.dftopk import dftopk, dftopk_logits, dftopk_threshold
 
-SELECTS = ("numba", "topk")
+SELECTS = ("numba", "topk", "sort", "topk_unsorted")  # per-row k: topk_unsorted falls back
 
 
 def _ref_logits(x: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
@@ -98,11 +98,12 @@ def test_long_rows_sampled_path_matches_sort(masked: bool) -> None:
         torch.testing.assert_close(z, _ref_logits(x, k, mask, 1.0), atol=1e-12, rtol=0)
 
 
-def test_kthvalue_select_for_uniform_k() -> None:
+@pytest.mark.parametrize("select", ["kthvalue", "topk_unsorted"])
+def test_uniform_k_selects(select: str) -> None:
     x, _, mask = _case(7, 50, seed=5, masked=True)
     for k in (1, 5, 20):
         kk = torch.full((7,), k)
-        z = dftopk_logits(x, k, tau=1.0, mask=mask, select="kthvalue")
+        z = dftopk_logits(x, k, tau=1.0, mask=mask, select=select)
         torch.testing.assert_close(z, _ref_logits(x, kk, mask, 1.0), atol=1e-12, rtol=0)
 
 
@@ -169,7 +170,7 @@ def test_non_finite_valid_scores_name_the_row(select: str, n: int) -> None:
 
 # ---- gradients with ties, on every selection path -----------------------------------------------
 
-ALL_SELECTS = ("auto", "numba", "topk", "kthvalue")
+ALL_SELECTS = ("auto", "numba", "topk", "topk_unsorted", "kthvalue", "sort")
 
 
 def _assert_closed_form_grad(x, k, mask, tau, g, grad) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from raytopk.losses import default_form, list_methods
 from raytopk.ops import list_ops
 from raytopk.train.config import ConfigError, validate
 from raytopk.train.resources import plan_resources
@@ -28,8 +29,8 @@ STUDIES = sorted(CONFIGS.glob("sample_scaling*.yaml"))
 def test_study_yamls_load_and_every_trial_validates(path: Path) -> None:
     study, base = load_study(path)
     trials = trial_configs(study, base)
-    ops = study_ops(study, base)
-    assert set(list_ops()) <= set(ops) or study.ops
+    ops = study.ops or list_methods()
+    assert study_ops(study, base) == ops
     assert len(trials) == len(ops) * len(study.sample_nums) * len(study.seeds)
     names = {t["trial"] for t in trials}
     assert len(names) == len(trials)  # one output dir per trial: resume finds its checkpoint
@@ -38,15 +39,32 @@ def test_study_yamls_load_and_every_trial_validates(path: Path) -> None:
     for t in trials:
         cfg = validate(from_dict(t["train"]))
         assert cfg.op.name == t["op"] and cfg.data.sample_num == t["sample_num"]
+        assert cfg.loss.form == t["loss_form"] == default_form(t["op"])
         assert cfg.run.max_train_seconds == study.budget_seconds
         assert cfg.run.output_dir.endswith(t["trial"])
         assert cfg.op.params == {} or set(cfg.op.params) <= {"tau", "alpha", "l", "steepness"}
 
 
 def test_quick_study_covers_every_operator() -> None:
-    study, _ = load_study(CONFIGS / "sample_scaling_quick.yaml")
+    study, base = load_study(CONFIGS / "sample_scaling_quick.yaml")
     assert study.ops == [] and study.sample_nums == [0, 160] and len(study.seeds) == 1
     assert study.select is False and study.trial_backend == "local"
+    ops = {t["op"] for t in trial_configs(study, base)}
+    assert ops == {*list_ops(), "bce"}  # every operator and the bce baseline
+
+
+def test_study_loss_forms_and_the_bce_baseline() -> None:
+    study, base = load_study(
+        CONFIGS / "sample_scaling_quick.yaml",
+        ["study.ops=[sparse_topk,bce]", "study.loss_forms={sparse_topk: bce_logits}"],
+    )
+    forms = {t["op"]: t["loss_form"] for t in trial_configs(study, base)}
+    assert forms == {"sparse_topk": "bce_logits", "bce": "bce"}
+    assert step_bytes("bce", 64, 200) > 0
+    with pytest.raises(ConfigError, match="study.loss_forms.bce"):
+        load_study(CONFIGS / "sample_scaling_quick.yaml", ["study.loss_forms={bce: mse}"])
+    with pytest.raises(ConfigError, match="study.ops: unknown operator 'nope'"):
+        load_study(CONFIGS / "sample_scaling_quick.yaml", ["study.ops=[nope]"])
 
 
 def test_overrides_and_unknown_keys(tmp_path: Path) -> None:

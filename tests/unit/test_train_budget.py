@@ -1,0 +1,146 @@
+"""The budget measures training, equally for every operator (run.backend=local, no Ray): the step
+clock (train_seconds) excludes a day's data start-up and the report barriers; max_train_seconds
+stops within one step; max_samples at the cap; a second epoch draws new shuffles and negatives;
+numba's threads follow the worker's allotment."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raytopk.train import local as local_backend
+from raytopk.train.config import TrainConfig, load_config
+from raytopk.train.driver import run
+
+DAYS = ["2024-01-13", "2024-01-14"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from raytopk.data.synthetic import prepare_synthetic
+
+    root = tmp_path_factory.mktemp("budget_data")
+    return Path(prepare_synthetic(root, days=3, requests_per_day=120, seed=1))
+
+
+def _cfg(data: Path, out: Path, *extra: str) -> TrainConfig:
+    return load_config(
+        None,
+        [
+            f"data.path={data}",
+            f"data.train_days=[{DAYS[0]}..{DAYS[-1]}]",
+            "data.test_day=2024-01-15",
+            "data.batch_size=32",
+            "data.eval_batch_size=40",
+            "data.sample_num=8",
+            "scaling.use_gpu=false",
+            "scaling.cpus_per_worker=1",
+            "run.backend=local",
+            "run.report_every_steps=1",
+            "run.eval_max_batches=1",
+            "run.corpus_ms=[]",
+            f"run.output_dir={out}",
+            "run.name=budget",
+            *extra,
+        ],
+    )
+
+
+def _step_clock(out: Path) -> list[float]:
+    with open(out / "progress.csv", newline="") as f:
+        return [float(r["train_seconds"]) for r in csv.DictReader(f) if r["kind"] == "step"]
+
+
+def test_time_budget_excludes_a_slow_start_and_the_reports(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start, barrier, budget = 1.0, 0.4, 0.5
+    real_groups, real_report = local_backend.iter_local_groups, local_backend.LocalSession.report
+
+    def slow_start(*args, **kwargs):  # the reader sleeps before its first batch
+        time.sleep(start)
+        yield from real_groups(*args, **kwargs)
+
+    def slow_report(self, metrics, *args, **kwargs):  # every report is a slow barrier
+        if metrics.get("kind") == "step":
+            time.sleep(barrier)
+        return real_report(self, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(local_backend, "iter_local_groups", slow_start)
+    monkeypatch.setattr(local_backend.LocalSession, "report", slow_report)
+    out = tmp_path / "run"
+    m = run(_cfg(tiny, out, f"run.max_train_seconds={budget}", "run.epochs=20"), verbose=False)
+    assert m["budget_spent"] is True
+    clock = _step_clock(out)
+    steps = np.diff([0.0, *clock])
+    # Neither the slowed start nor a report barrier is in any step's time ...
+    assert steps.max() < min(start, barrier), steps
+    # ... and training stopped within one step of the budget.
+    assert budget <= m["train_seconds"] <= budget + steps.max() + 1e-3
+    ex = m["excluded_seconds"]
+    assert ex["first_batch_wait"] >= start - 0.05
+    assert ex["reports"] >= barrier * (len(clock) - 1)
+
+
+def test_sample_budget_stops_at_the_cap(tiny: Path, tmp_path: Path) -> None:
+    m = run(_cfg(tiny, tmp_path / "cap", "run.max_samples=64"), verbose=False)
+    assert m["budget_spent"] is True and m["samples_seen"] == 64  # two batches of 32
+    assert m["loss_form"] == "bce" and m["op"] == "dftopk"
+
+
+def test_a_second_epoch_draws_new_shuffles_and_negatives(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[int, np.ndarray, np.ndarray]] = []
+    real_groups = local_backend.iter_local_groups
+
+    def recording(*args, **kwargs):
+        for g in real_groups(*args, **kwargs):
+            if kwargs.get("train"):
+                seen.append((kwargs["seed"], g["request_id"].copy(), g["cand_video_id"].copy()))
+            yield g
+
+    monkeypatch.setattr(local_backend, "iter_local_groups", recording)
+    run(_cfg(tiny, tmp_path / "epochs", f"data.train_days=[{DAYS[0]}]", "run.epochs=2"),
+        verbose=False)
+    seeds = sorted({s for s, _, _ in seen})
+    assert len(seeds) == 2  # one dataset per (epoch, day)
+    first = [(r, v) for s, r, v in seen if s == seeds[0]]
+    second = [(r, v) for s, r, v in seen if s == seeds[1]]
+    rid0, rid1 = (np.concatenate([r for r, _ in e]) for e in (first, second))
+    assert sorted(rid0.tolist()) == sorted(rid1.tolist())  # the same day, every request once
+    assert not np.array_equal(rid0, rid1)  # another shuffle
+    neg0 = {int(r): v[40:].tobytes() for rr, vv in first for r, v in zip(rr, vv)}
+    neg1 = {int(r): v[40:].tobytes() for rr, vv in second for r, v in zip(rr, vv)}
+    assert sum(neg0[r] != neg1[r] for r in neg0) > len(neg0) // 2  # other sampled negatives
+
+
+def test_epoch_seeds_and_dataset_names() -> None:
+    from raytopk.train.driver import day_seed
+    from raytopk.train.loop import EPOCH_DATASETS, train_key
+
+    assert day_seed(42, 0, 3) == 45  # epoch 0: what a one-pass run always drew
+    seeds = {day_seed(42, e, d) for e in range(4) for d in range(5)}
+    assert len(seeds) == 20 and all(0 <= s < 2**31 for s in seeds)
+    assert train_key("2024-01-13") == "train_2024-01-13"
+    assert train_key("2024-01-13", 1) == "train_e1_2024-01-13"
+    assert train_key("2024-01-13", EPOCH_DATASETS) == train_key("2024-01-13", 0)
+
+
+def test_numba_threads_follow_the_worker() -> None:
+    import numba
+    import torch
+
+    from raytopk.train.loop import set_threads
+
+    before = (torch.get_num_threads(), numba.get_num_threads())
+    try:
+        assert set_threads(1) == 1
+        assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before[0])
+        numba.set_num_threads(before[1])
