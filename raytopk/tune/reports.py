@@ -173,7 +173,7 @@ def write_reports(
             md.append(f"| {op}{form} | {ci.text()} | {diff_txt} | {word} | {tp.text(1)} | "
                       f"{seen:,.0f} | {len(rs)} |")
         for r in rows:
-            if int(r.get("sample_num") or -1) == n and r not in ok:
+            if str(r.get("sample_num")) == str(n) and r not in ok:  # not run, failed, stopped
                 md.append(f"| {r.get('op')} (seed {r.get('seed')}) | {r.get('status')} | | | | | |")
         md.append("")
     md += _anytime_section(ok, ns, vhead)

@@ -189,6 +189,8 @@ def test_results_md_words_only_where_the_interval_excludes_zero(tmp_path: Path) 
     rows = [row("dftopk", s, 0.50 + 0.01 * s) for s in (1, 2, 3)]
     rows += [row("lapsum", s, 0.40 + 0.01 * s) for s in (1, 2, 3)]  # always 0.10 below
     rows += [row("softsort", s, v) for s, v in zip((1, 2, 3), (0.60, 0.45, 0.52))]  # noisy
+    rows.append({"trial": "diffsort-n0-s1", "op": "diffsort", "sample_num": 0, "seed": 1,
+                 "status": "does not fit: a training step needs ~9.0 GiB"})
     paths = write_reports(rows, tmp_path)
     md = paths["md"].read_text()
     line = {op: next(x for x in md.splitlines() if x.startswith(f"| {op} |"))
@@ -197,6 +199,7 @@ def test_results_md_words_only_where_the_interval_excludes_zero(tmp_path: Path) 
     assert "no difference measured" in line["softsort"]
     assert "better" not in md.replace("'better'", "")
     assert "(reference)" in line["dftopk"]
+    assert "| diffsort (seed 1) | does not fit: a training step needs ~9.0 GiB |" in md
     # Anytime: dftopk reaches 90% of the best final validation recall (0.52) at its last point.
     tt = next(x for x in md.splitlines() if x.startswith("| 0 | dftopk |"))
     assert tt.split("|")[3].strip() == "30.0"
