@@ -1,12 +1,15 @@
-"""The sample-scaling study on Ray Tune: every operator × sample_num × seed at equal compute.
+"""The sample-scaling study on Ray Tune: parameter selection on a validation day, then every
+operator × sample_num × seed at equal compute (raytopk.tune.study).
 
-    python jobs/sweep.py --config jobs/configs/sample_scaling_quick.yaml [study.key=value ...]
+    python jobs/sweep.py --config jobs/configs/sample_scaling_quick.yaml     # < 15 min, 2 cores
+    python jobs/sweep.py --config jobs/configs/sample_scaling_medium.yaml    # <= 2 h, 2 cores
     ray job submit --working-dir . -- python jobs/sweep.py --config jobs/configs/sample_scaling.yaml
 
-Overrides: ``study.<key>=value`` (e.g. study.budget_seconds=120 study.seeds=[1,2,3]) and
-``train.<key>=value`` for every trial's training config (e.g. train.data.batch_size=512).
-Re-running the same command with the same study.output_dir continues the study; finished
-trials are not redone. Outputs: results.csv, results.md, sample_scaling.png.
+Overrides: ``study.<key>=value`` (e.g. study.budget_seconds=120 study.seeds=[1,2,3]
+study.select=false) and ``train.<key>=value`` for every trial's training config (e.g.
+train.data.batch_size=512). Re-running the same command with the same study.output_dir
+continues the study; finished trials are not redone, a finished selection is reused. Outputs:
+results.csv, results.md, anytime.csv, anytime.png, sample_scaling.png, selection.csv/.json.
 """
 
 from __future__ import annotations

@@ -142,6 +142,13 @@ class RunConfig:
     max_train_seconds: float = 0.0  # training-time budget per run; 0: none. Then evaluate.
     max_samples: int = 0  # training-sample budget (requests, all workers); 0: none
     eval_max_batches: int = 0  # cap on test batches per worker (quick checks); 0: whole day
+    # A held-out validation day (never trained on, never the test day); empty: none.
+    valid_day: str = ""
+    # Anytime curve: evaluate run.valid_day this many times, evenly over the budget
+    # (max_train_seconds, else max_samples), the last at its end; evaluation time is not
+    # training time. 0: none.
+    eval_points: int = 0
+    test_eval: bool = True  # false: no test-day dataset and no test evaluation (selection)
     # "ray": Ray Train workers + Ray Data (DDP); "local": this process, no Ray (one device; a
     # debugger, a notebook, a lone GPU), the same loop, batches and outputs.
     backend: str = "ray"
@@ -292,6 +299,24 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _positive("run.max_train_seconds", r.max_train_seconds, allow_zero=True)
     _positive("run.max_samples", r.max_samples, allow_zero=True)
     _positive("run.eval_max_batches", r.eval_max_batches, allow_zero=True)
+    _positive("run.eval_points", r.eval_points, allow_zero=True)
+    if r.valid_day:
+        if ".." in r.valid_day:
+            raise ConfigError(f"run.valid_day must be one day YYYY-MM-DD, got {r.valid_day!r}")
+        expand_days([r.valid_day], "run.valid_day")
+        if r.valid_day in cfg.data.train_days:
+            raise ConfigError(f"run.valid_day {r.valid_day} is also a training day")
+        if r.test_eval and r.valid_day == d.test_day:
+            raise ConfigError(
+                f"run.valid_day {r.valid_day} is the test day: validation must be another day"
+            )
+    if r.eval_points and not r.valid_day:
+        raise ConfigError(f"run.eval_points={r.eval_points} needs run.valid_day (a held-out day)")
+    if r.eval_points and not (r.max_train_seconds > 0 or r.max_samples > 0):
+        raise ConfigError(
+            f"run.eval_points={r.eval_points} needs a budget to spread them over: "
+            "run.max_train_seconds or run.max_samples"
+        )
     if r.backend not in ("ray", "local"):
         raise ConfigError(f"run.backend must be ray or local, got {r.backend!r}")
     for i, m in enumerate(r.corpus_ms):

@@ -65,9 +65,11 @@ class DatasetSpec:
 
 def dataset_specs(prep: Prepared, num_workers: int = 1) -> dict[str, DatasetSpec]:
     """The run's datasets by name: one per (epoch, training day) (up to loop.EPOCH_DATASETS
-    epochs), per streaming-eval day, and the test day. With ``run.eval_max_batches`` the
-    evaluation datasets hold only the requests that many batches per worker score, so a capped
-    evaluation costs what it evaluates."""
+    epochs), per streaming-eval day, the validation day (``run.valid_day``: the anytime points)
+    and the test day (none with ``run.test_eval=false``: selection runs never see it). With
+    ``run.eval_max_batches`` the evaluation datasets hold only the requests that many batches
+    per worker score, so a capped evaluation costs what it evaluates."""
+    from raytopk.train.anytime import VALID_KEY
     from raytopk.train.loop import EPOCH_DATASETS, TEST_KEY, eval_key, train_key
 
     cfg, d = prep.cfg, prep.cfg.data
@@ -84,7 +86,11 @@ def dataset_specs(prep: Prepared, num_workers: int = 1) -> dict[str, DatasetSpec
     }
     cap = cfg.run.eval_max_batches * d.eval_batch_size * num_workers
     evals = [(eval_key(day), day) for day in sorted(set(prep.next_day.values()))]
-    for key, day in [*evals, (TEST_KEY, d.test_day)]:
+    if cfg.run.valid_day:
+        evals.append((VALID_KEY, cfg.run.valid_day))
+    if cfg.run.test_eval:  # selection trials have no test-day dataset at all
+        evals.append((TEST_KEY, d.test_day))
+    for key, day in evals:
         out[key] = DatasetSpec((day,), False, 0, d.eval_batch_size, seed, cap)
     return out
 
@@ -138,9 +144,12 @@ def run(
     *,
     callbacks: list[Any] | None = None,
     verbose: bool = True,
+    on_report: Any = None,
 ) -> dict[str, Any]:
     """Train and evaluate ``cfg``: on the connected Ray cluster (an embedded local one when none
-    is), or in this process with ``run.backend: local``. Returns the final metrics (also written
+    is), or in this process with ``run.backend: local``. ``callbacks``: Ray Train callbacks
+    (Ray backend); ``on_report(metrics)``: called after each report (local backend; the study
+    forwards them to Tune). Returns the final metrics (also written
     to ``<output_dir>/metrics.json``). Raises :class:`TrainingStopped` on a non-finite loss, and
     the validation errors of ``prepare`` before any worker starts."""
     t_start = time.perf_counter()
@@ -151,7 +160,7 @@ def run(
     (out / "config.yaml").write_text(dump_yaml(cfg))
     (out / LAST_REPORT).unlink(missing_ok=True)  # a previous run's final report is not ours
     if cfg.run.backend == "local":
-        use_gpu = _run_local(prep, verbose)
+        use_gpu = _run_local(prep, verbose, on_report)
     else:
         use_gpu = _run_ray(prep, callbacks, verbose)
     return _finish(prep, use_gpu, time.perf_counter() - t_start)
@@ -169,7 +178,7 @@ def _announce(prep: Prepared, where: str) -> None:
         print(f"[raytopk] resuming from {prep.checkpoint}", flush=True)
 
 
-def _run_local(prep: Prepared, verbose: bool) -> bool:
+def _run_local(prep: Prepared, verbose: bool, on_report: Any = None) -> bool:
     from raytopk.train.local import LocalSession, local_device
     from raytopk.train.loop import train_loop
 
@@ -179,7 +188,7 @@ def _run_local(prep: Prepared, verbose: bool) -> bool:
     threads = int(per) if per != "auto" else max(1, (os.cpu_count() or 2) - 1)  # 1 for data
     if verbose:
         _announce(prep, f"local backend on {device}, {threads} torch thread(s)")
-    session = LocalSession(prep, dataset_specs(prep), device, verbose)
+    session = LocalSession(prep, dataset_specs(prep), device, verbose, on_report)
     train_loop(loop_config(prep, threads), session)
     return device.type == "cuda"
 

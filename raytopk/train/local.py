@@ -43,9 +43,15 @@ class LocalSession:
     rank, world = 0, 1
 
     def __init__(
-        self, prep: Prepared, datasets: dict[str, Any], device: torch.device, verbose: bool
+        self,
+        prep: Prepared,
+        datasets: dict[str, Any],
+        device: torch.device,
+        verbose: bool,
+        on_report: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.prep, self.datasets, self.device = prep, datasets, device
+        self.on_report = on_report
         self.out = prep.output_dir
         cfg = prep.cfg
         self.log = ProgressLog(self.out, cfg.run.name, len(cfg.model.stages), verbose)
@@ -87,6 +93,8 @@ class LocalSession:
         if write_checkpoint is not None:
             self._checkpoint(write_checkpoint, name or f"checkpoint_{len(self._kept())}")
         self.log([metrics], name if write_checkpoint is not None else None)
+        if self.on_report is not None:
+            self.on_report(metrics)
 
     # ---- checkpoints: <output_dir>/checkpoints/<name>/, latest recorded as Ray records it ----
 

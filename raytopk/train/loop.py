@@ -37,6 +37,7 @@ from raytopk.data.batch import CascadeBatch
 from raytopk.data.batches import CascadeBatches
 from raytopk.losses.forms import is_operator
 from raytopk.ops import warmup as warmup_op
+from raytopk.train.anytime import VALID_KEY, Anytime
 from raytopk.train.checkpoint import Position, load_state, rng_state, save_state, set_rng_state
 from raytopk.train.config import TrainConfig, from_dict
 from raytopk.train.evaluate import evaluate
@@ -276,6 +277,7 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)  # noqa: NPY002  (legacy global RNG, for third-party code)
     module = CascadeModel.from_config(cfg, config["vocab"], device)  # optim.amp for the device
+    init_digest = param_digest(module.scorers)  # the same for every op at one seed (pairing)
     # Ray 2: the checkpoint to continue from (after a worker failure, or a re-run), or None.
     resumed = session.restored(load_state)
     pos = Position() if resumed is None else Position.from_dict(resumed["position"])
@@ -310,6 +312,7 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
         return evaluate(w.cascade, batches, device, k=cfg.loss.k_truth, **corpus)
 
     days, next_day = w.days, config.get("next_day", {})
+    anytime = Anytime(cfg.run, pos, world, device)  # run.eval_points on run.valid_day
     schedule = [(e, d) for e in range(cfg.run.epochs) for d in days]
     window, stopped = _Window(), None
     upcoming: dict[int, CascadeBatches] = {}  # the next schedule item's batches, warmed
@@ -361,7 +364,14 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
             pos.train_seconds += now - t_step
             window.seconds += now - t_step
             window.wait += batches.wait - wait_seen
+            anytime.observe(pos, now - t_step - (batches.wait - wait_seen))  # compute only
             t_step, wait_seen = now, batches.wait
+            if anytime.due(pos):  # an anytime point: every rank evaluates the validation day
+                base = w.metrics("valid", epoch, day)
+                session.report(anytime.evaluate(base, pos, lambda: evaluate_on(VALID_KEY)))
+                t_step = time.perf_counter()  # evaluation time is not training time
+                _exclude(pos, "anytime_eval", t_step - now)
+                now = t_step
 
             if pos.global_step % cfg.run.report_every_steps == 0:
                 m = w.metrics("step", epoch, day, **window.means())
@@ -409,7 +419,14 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
         from raytopk.data.pipeline import load_items
 
         items = load_items(config["items_path"])
+    last = schedule[min(pos.item, len(schedule) - 1)] if schedule else (0, "")
+    if anytime.pending():  # the last anytime point: at the end of training
+        session.report(anytime.evaluate(w.metrics("valid", *last), pos,
+                                        lambda: evaluate_on(VALID_KEY)))
     t0 = time.perf_counter()
-    ev = evaluate_on(TEST_KEY, corpus_items=items, corpus_ms=cfg.run.corpus_ms)
+    ev = {}
+    if cfg.run.test_eval:  # off in selection trials: they never see the test day
+        ev = evaluate_on(TEST_KEY, corpus_items=items, corpus_ms=cfg.run.corpus_ms)
     final = w.final_metrics(schedule[-1] if schedule else (0, ""), ev, time.perf_counter() - t0)
-    session.report({**final, "test_day": config.get("test_day", "")})
+    extra = {**anytime.summary(pos), "init_param_digest": init_digest}
+    session.report({**final, **extra, "test_day": config.get("test_day", "")})

@@ -88,11 +88,12 @@ def prepare(cfg: TrainConfig) -> Prepared:
     if not present:
         raise ValueError(f"data.path {str(path)!r}: meta.json lists no days")
 
+    valid = cfg.run.valid_day
     test_day = d.test_day or present[-1]
-    train_days = d.train_days or [day for day in present if day < test_day]
+    train_days = d.train_days or [day for day in present if day < test_day and day != valid]
     # Every protocol day the run asks for, named at once with why it is absent (RecFlow's public
     # copy lacks all_stage/2024-01-13.feather: the converter records such incomplete days).
-    missing = missing_days(meta, [*train_days, test_day])
+    missing = missing_days(meta, [*train_days, test_day, *([valid] if valid else [])])
     if missing:
         incomplete = meta.get("days_incomplete") or {}
         why = "; ".join(
@@ -109,6 +110,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
         raise ValueError(f"no training day before test day {test_day} in {str(path)!r}")
     if test_day in train_days:
         raise ValueError(f"data.test_day {test_day} is also a training day")
+    if valid and (valid in train_days or (valid == test_day and cfg.run.test_eval)):
+        raise ValueError(f"run.valid_day {valid} is also a training day or the test day")
     d.train_days, d.test_day = train_days, test_day
 
     next_day = {}

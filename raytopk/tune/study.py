@@ -1,27 +1,37 @@
 """The sample-scaling study (SPEC.md §6, DESIGN.md "Sample-scaling study"): operators compared at
 equal compute while the training samples grow (negatives per request, requests).
 
-Notation: a trial = one training run (operator × sample_num × seed); N = 40 + sample_num
-candidates per request; the budget = training wall-clock seconds per worker (counted inside the
-training loop, after start-up, excluding evaluation) and/or a cap on training requests.
+Notation: a trial = one training run (operator × sample_num × seed, or × parameter value in the
+selection phase); N = 40 + sample_num candidates per request; the budget = training seconds per
+worker (counted inside the training loop, after start-up, excluding evaluation) and/or a cap on
+training requests; T = the training days, v = T[-1] the validation day (never trained on).
 
-Each trial is a Ray Tune function trainable that builds and fits a TorchTrainer through
-``raytopk.train.driver.run`` (the Train V2 pattern of RAY_NOTES.md), with Train's reports
-forwarded to Tune by ``TuneReportCallback`` and the final test-day metrics reported by the trial
-function itself. A trial that cannot run (an O(N²) operator whose soft permutation matrices would
-not fit the memory budget, or any error) is recorded with its reason, not dropped.
+Two phases, each one Ray Tune experiment of function trainables (``_trial_fn``), each trial a
+training run through ``raytopk.train.driver.run``: a TorchTrainer (``study.trial_backend: ray``,
+the Train V2 pattern of RAY_NOTES.md, reports forwarded by ``TuneReportCallback``) or the same
+loop inside the trial's own process (``local``: no TorchTrainer start-up, ~25 s per trial on a
+2-core machine; reports forwarded with ``ray.tune.report``).
 
-Outputs in ``study.output_dir``: ``results.csv`` (one row per trial), ``results.md`` (per
-sample_num, operators ranked by joint recall, mean ± std over seeds), and plots. Re-running the
-same command continues the study (Tune restore): finished trials are not redone, an interrupted
-trial resumes from its own last checkpoint (its run.output_dir is fixed by op/sample_num/seed).
+1. Selection (``study.select``; raytopk.tune.selection): every operator's parameter over a
+   log-spaced grid around its paper value, per sample_num, on one seed, evaluated on day v only
+   (the test day is in none of these trials' datasets), with ASHA per (op, N) stopping hopeless
+   settings at the anytime points. Chosen: the best validation headline at the budget.
+2. Final trials: every (op, sample_num, seed) with the chosen value, the same seeds for every
+   operator (paired: same data order, negatives, initial weights), ``study.eval_points``
+   validation evaluations over the budget (anytime curves), then the test day.
+
+A trial that cannot run is recorded with its reason and number, not dropped: a training step
+needing more than ``study.mem_budget_gb`` (the registry's step_bytes), a single step longer
+than the budget, a failure; a selection trial stopped early is recorded as such.
+
+Outputs in ``study.output_dir`` (raytopk.tune.reports): results.csv, results.md, anytime.csv,
+anytime.png, sample_scaling.png, selection.csv and selection.json. Re-running the same command
+continues the study (Tune restore; selection.json is reused once written).
 """
 
 from __future__ import annotations
 
-import csv
-import math
-import os
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,43 +42,31 @@ import yaml
 from raytopk import ray_env
 from raytopk.data import schema
 from raytopk.metrics import headline_key, metric_keys
+from raytopk.train.anytime import valid_metric
 from raytopk.train.config import ConfigError, TrainConfig, from_dict, load_schema, to_dict, validate
 from raytopk.train.resources import plan_resources
+from raytopk.tune.reports import RESULT_COLUMNS, result_columns, write_reports, write_selection
+from raytopk.tune.selection import (
+    GroupedASHA,
+    choose,
+    op_param,
+    param_grid,
+    selection_trials,
+    split_validation,
+)
 
 __all__ = [
     "StudyConfig",
     "load_study",
+    "study_ops",
+    "resolve_base",
     "trial_configs",
     "step_bytes",
     "run_study",
     "write_reports",
+    "result_columns",
     "RESULT_COLUMNS",
 ]
-
-_TRIAL_COLUMNS = (
-    "trial",
-    "op",
-    "loss_form",
-    "sample_num",
-    "num_candidates",
-    "seed",
-    "status",
-    "samples_seen",
-    "train_seconds",
-    "samples_per_second",
-    "budget_seconds",
-)
-_TAIL_COLUMNS = ("node", "wall_seconds")
-
-
-def result_columns(num_stages: int = 2) -> tuple[str, ...]:
-    """results.csv's columns before the corpus_recall@10@<M> ones: the trial's identity and
-    budget, then the test-day metrics of a ``num_stages`` cascade (raytopk.metrics)."""
-    return (*_TRIAL_COLUMNS, *metric_keys(num_stages))
-
-
-RESULT_COLUMNS = result_columns(2)
-
 
 @dataclass
 class StudyConfig:
@@ -78,19 +76,29 @@ class StudyConfig:
     ops: list[str] = field(default_factory=list)
     sample_nums: list[int] = field(default_factory=lambda: [0, 40, 160, 640])
     seeds: list[int] = field(default_factory=lambda: [42])
-    # Operator parameters per op ({op: {param: value}}); missing: the registry's RecFlow default.
+    # Fixed operator parameters per op ({op: {param: value}}), used when select is false (or for
+    # an op with no grid); missing: the registry's RecFlow default.
     op_params: dict[str, dict[str, float]] = field(default_factory=dict)
     # Loss form per op ({op: form}, raytopk.losses.forms); missing: the form chosen for the op.
     loss_forms: dict[str, str] = field(default_factory=dict)
+    select: bool = True  # tune each op's parameter on the validation day first
+    grid_size: int = 5  # values per op: paper value * grid_factor^j, j centred on 0
+    grid_factor: float = 3.0
+    grids: dict[str, list[float]] = field(default_factory=dict)  # explicit grids per op
+    select_seed: int = -1  # the seed selection trials use; -1: the first of seeds
+    asha_reduction: float = 3.0  # ASHA's reduction factor (keeps the top 1/r at each rung)
+    eval_points: int = 6  # validation evaluations per trial over its budget (anytime curves)
     budget_seconds: float = 60.0  # training seconds per worker per trial (equal compute)
     max_samples: int = 0  # optional cap on training requests per trial (0: none)
+    trial_backend: str = "ray"  # ray: a TorchTrainer per trial; local: the loop in the trial
     workers_per_trial: int = 1
     cpus_per_worker: float = 0.0  # 0: derived from the cluster (Ray Data keeps >= 1 CPU)
     max_concurrent: int = 0  # 0: derived from the cluster's CPUs (GPUs when trials use them)
     # Extra custom resources per trial function, e.g. {"study_slot": 1} with one slot per node
     # to run one trial per node.
     trial_resources: dict[str, float] = field(default_factory=dict)
-    mem_budget_gb: float = 8.0  # O(N²) trials needing more (estimate) are recorded as skipped
+    mem_budget_gb: float = 8.0  # trials needing more for one step (estimate) are recorded
+    reference_op: str = "dftopk"  # paired differences are taken to this operator
     output_dir: str = "runs/sample_scaling"
     storage_path: str = ""  # Tune's storage (shared storage on a cluster); empty: output_dir/tune
     name: str = "sample_scaling"
@@ -112,14 +120,22 @@ def load_study(
     then ``study.<key>=value`` / ``train.<key>=value`` overrides. Unknown keys raise ConfigError
     naming the closest valid one; values are typed as the schema says."""
     f = load_schema(StudyFile, path, overrides)
-    _check_study(f.study)
+    _check_study(f.study, f.train)
     return f.study, f.train
 
 
-def _check_study(s: StudyConfig) -> None:
+def study_ops(study: StudyConfig, base: TrainConfig | None = None) -> list[str]:
+    """The study's operators: study.ops, or every registered one and the bce baseline."""
+    from raytopk.losses import list_methods
+
+    return list(study.ops) if study.ops else list_methods()
+
+
+def _check_study(s: StudyConfig, base: TrainConfig) -> None:
     from raytopk.losses import list_methods, resolve_form
 
-    for key, ops in (("ops", s.ops), ("op_params", s.op_params), ("loss_forms", s.loss_forms)):
+    for key, ops in (("ops", s.ops), ("op_params", s.op_params), ("loss_forms", s.loss_forms),
+                     ("grids", s.grids)):
         for op in (op for op in ops if op not in list_methods()):
             raise ConfigError(f"study.{key}: unknown operator {op!r}; valid: {list_methods()}")
     for op, form in s.loss_forms.items():
@@ -129,8 +145,8 @@ def _check_study(s: StudyConfig) -> None:
             raise ConfigError(f"study.loss_forms.{op}: {e}") from e
     if not s.sample_nums or any(not isinstance(n, int) or n < 0 for n in s.sample_nums):
         raise ConfigError(f"study.sample_nums should be ints >= 0 but got {s.sample_nums}")
-    if not s.seeds:
-        raise ConfigError("study.seeds should list at least one seed")
+    if not s.seeds or len(set(s.seeds)) != len(s.seeds):
+        raise ConfigError(f"study.seeds should list distinct seeds but got {s.seeds}")
     if not (s.budget_seconds > 0 or s.max_samples > 0):
         raise ConfigError(
             f"study.budget_seconds={s.budget_seconds} and study.max_samples={s.max_samples}: "
@@ -138,6 +154,17 @@ def _check_study(s: StudyConfig) -> None:
         )
     if s.workers_per_trial < 1:
         raise ConfigError(f"study.workers_per_trial should be >= 1 but got {s.workers_per_trial}")
+    if s.trial_backend not in ("ray", "local"):
+        raise ConfigError(f"study.trial_backend must be ray or local, got {s.trial_backend!r}")
+    if s.trial_backend == "local" and s.workers_per_trial != 1:
+        raise ConfigError("study.trial_backend=local runs one worker: study.workers_per_trial=1")
+    if s.eval_points < 0 or (s.select and s.eval_points < 1):
+        raise ConfigError(f"study.eval_points should be >= 1 with selection, got {s.eval_points}")
+    if s.grid_size < 1 or s.grid_factor <= 1 or s.asha_reduction <= 1:
+        raise ConfigError(
+            f"study.grid_size={s.grid_size} (>= 1), study.grid_factor={s.grid_factor} (> 1), "
+            f"study.asha_reduction={s.asha_reduction} (> 1)"
+        )
 
 
 _TRIAL_CPU = 0.1  # the CPU of a trial's own function (Tune rejects 0), beside its workers
@@ -159,34 +186,47 @@ def step_bytes(op: str, batch_size: int, num_candidates: int, num_stages: int = 
     return num_stages * get_spec(op).step_bytes(batch_size, num_candidates)
 
 
-def trial_configs(study: StudyConfig, base: TrainConfig) -> list[dict[str, Any]]:
-    """One Tune config per (op, sample_num, seed): the complete, validated TrainConfig dict."""
-    from raytopk.losses import list_methods, resolve_form
+def _budgeted(study: StudyConfig, base: TrainConfig) -> TrainConfig:
+    """``base`` with the study's budget, anytime points and trial backend."""
+    cfg = from_dict(to_dict(base))
+    cfg.run.resume = True
+    cfg.run.max_train_seconds = float(study.budget_seconds)
+    cfg.run.max_samples = int(study.max_samples)
+    cfg.run.epochs = max(cfg.run.epochs, 1000)  # the budget, not the data, ends training
+    cfg.run.backend = study.trial_backend
+    cfg.scaling.num_workers = study.workers_per_trial
+    if cfg.run.valid_day:  # resolved bases only (resolve_base): anytime curves on day v
+        cfg.run.eval_points = study.eval_points
+    return cfg
+
+
+def trial_configs(
+    study: StudyConfig, base: TrainConfig, chosen: dict[str, dict[int, float]] | None = None
+) -> list[dict[str, Any]]:
+    """One Tune config per (op, sample_num, seed) of the final phase: the complete TrainConfig
+    dict with the chosen parameter value (``chosen[op][sample_num]``), else study.op_params."""
+    from raytopk.losses import resolve_form
 
     out_root = Path(study.output_dir).resolve()
+    budgeted = _budgeted(study, base)
     trials = []
-    for op in study.ops or list_methods():
+    for op in study_ops(study, base):
+        p = op_param(op)
         for n in study.sample_nums:
             for seed in study.seeds:
-                cfg = from_dict(to_dict(base))
+                cfg = from_dict(to_dict(budgeted))
                 name = trial_name(op, n, seed)
                 cfg.op.name = op
                 cfg.op.params = dict(study.op_params.get(op, {}))
                 cfg.loss.form = resolve_form(op, study.loss_forms.get(op, "auto"))
+                if chosen and p is not None and n in chosen.get(op, {}):
+                    cfg.op.params[p[0]] = chosen[op][n]
                 cfg.data.sample_num = n
-                cfg.run.seed = seed
-                cfg.run.name = name
+                cfg.run.seed, cfg.run.name = seed, name
                 cfg.run.output_dir = str(out_root / "trials" / name)
-                cfg.run.resume = True
-                cfg.run.max_train_seconds = float(study.budget_seconds)
-                cfg.run.max_samples = int(study.max_samples)
-                # The budget, not the data, ends training: enough passes to spend it.
-                cfg.run.epochs = max(cfg.run.epochs, 1000)
-                cfg.scaling.num_workers = study.workers_per_trial
-                trials.append(
-                    {"trial": name, "op": op, "loss_form": cfg.loss.form, "sample_num": n,
-                     "seed": seed, "train": to_dict(cfg)}
-                )
+                trials.append({"trial": name, "phase": "final", "op": op,
+                               "loss_form": cfg.loss.form, "sample_num": n, "seed": seed,
+                               "train": to_dict(cfg)})
     return trials
 
 
@@ -197,64 +237,72 @@ def _trial_fn(config: dict[str, Any]) -> None:
     from raytopk.train.driver import run
 
     t0 = time.perf_counter()
-    config = config["trial"]  # the grid_search value: one entry of trial_configs()
+    config = config["trial"]  # the grid_search value: one trial config
     cfg = from_dict(config["train"])
-    base = {
-        "trial": config["trial"],
-        "op": config["op"],
-        "loss_form": config.get("loss_form", cfg.loss.form),
-        "sample_num": config["sample_num"],
-        "num_candidates": schema.N_OWN + config["sample_num"],
-        "seed": config["seed"],
-        "budget_seconds": cfg.run.max_train_seconds,
-        "node": ray_env.node_id(),
-    }
+    base = {k: config[k] for k in ("trial", "phase", "op", "sample_num", "seed") if k in config}
+    base["loss_form"] = config.get("loss_form", cfg.loss.form)
+    base.update({k: config[k] for k in ("param", "value") if k in config})
+    base["num_candidates"] = schema.N_OWN + config["sample_num"]
+    base["budget_seconds"] = cfg.run.max_train_seconds
+    base["op_params"] = json.dumps(cfg.op.params, sort_keys=True)
+    base["node"] = ray_env.node_id()
     stages = len(cfg.model.stages)
     need = step_bytes(cfg.op.name, cfg.data.batch_size, base["num_candidates"], stages)
     if need > config["mem_budget_gb"] * 1024**3:
-        ray.tune.report(
-            {
-                **base,
-                "status": f"skipped: a training step needs ~{need / 1024**3:.1f} GiB for "
-                f"{cfg.op.name} > study.mem_budget_gb={config['mem_budget_gb']:g}",
-                "wall_seconds": round(time.perf_counter() - t0, 3),
-            }
-        )
+        ray.tune.report({
+            **base,
+            "status": f"does not fit: a training step needs ~{need / 1024**3:.1f} GiB for "
+            f"{cfg.op.name} > study.mem_budget_gb={config['mem_budget_gb']:g}",
+            "step_gib": round(need / 1024**3, 2),
+            "wall_seconds": round(time.perf_counter() - t0, 3),
+        })
         return
+
+    def forward(m: dict[str, Any]) -> None:  # local backend: the loop's reports to Tune
+        ray.tune.report({k: v for k, v in m.items() if isinstance(v, int | float | str)})
+
     try:
-        final = run(cfg, callbacks=[ray_env.tune_report_callback()], verbose=False)
+        if cfg.run.backend == "local":
+            final = run(cfg, verbose=False, on_report=forward)
+        else:
+            final = run(cfg, callbacks=[ray_env.tune_report_callback()], verbose=False)
         status = "ok"
     except Exception as e:  # recorded per trial: the study goes on
         final, status = {}, f"failed: {type(e).__name__}: {str(e)[:300]}"
-    seen = final.get("samples_seen", 0)
-    secs = final.get("train_seconds", 0.0)
+    seen, secs = final.get("samples_seen", 0), final.get("train_seconds", 0.0)
+    step = float(final.get("max_step_seconds", 0.0))
+    if status == "ok" and cfg.run.max_train_seconds > 0 and step > cfg.run.max_train_seconds:
+        status = (f"does not fit: one training step took {step:.1f} s > the budget "
+                  f"{cfg.run.max_train_seconds:g} s")
+    wall = time.perf_counter() - t0
+    evals = float(final.get("valid_eval_seconds", 0.0)) + float(final.get("eval_seconds", 0.0))
     row = {
         **base,
         "status": status,
         "samples_seen": seen,
         "train_seconds": secs,
         "samples_per_second": round(seen / secs, 2) if secs else 0.0,
-        "wall_seconds": round(time.perf_counter() - t0, 3),
+        "steady_samples_per_s": final.get("steady_samples_per_s", 0.0),
+        "max_step_seconds": step,
+        "eval_seconds": round(evals, 3),
+        # Everything but training and evaluation: the trial's start-up (a TorchTrainer's start
+        # with the Ray backend), data warm-up, day boundaries, checkpoints.
+        "overhead_seconds": round(max(0.0, wall - secs - evals), 3),
+        "wall_seconds": round(wall, 3),
+        "anytime_curve": final.get("anytime_curve", []),
+        "init_param_digest": final.get("init_param_digest", ""),
     }
     for key, value in final.items():
-        if key in metric_keys(stages) or key.startswith("corpus_recall@"):
+        if key in metric_keys(stages) or key.startswith(("corpus_recall@", "valid_joint")):
             row[key] = value
     ray.tune.report(row)
 
 
-def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) -> list[dict]:
-    """Run (or continue) the study on the connected Ray cluster; returns the result rows and
-    writes results.csv, results.md and the plots into study.output_dir."""
-    import ray
-    import ray.tune
-    from ray.tune import RunConfig, TuneConfig, Tuner
-
+def resolve_base(study: StudyConfig, base: TrainConfig, out: Path) -> TrainConfig:
+    """The base config every trial starts from: data resolved once (synthetic data generated
+    now, not by every trial), the last training day held out as run.valid_day. No Ray."""
     from raytopk.train.driver import prepare
 
-    out = Path(study.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    # Resolve the dataset once here (synthetic data is generated now, not by every trial) and
-    # validate the base config before any trial starts.
     probe = from_dict(to_dict(base))
     probe.run.output_dir = str(out / "_base")  # never trained: only validated
     prep = prepare(probe)
@@ -263,43 +311,18 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
     base.data.synthetic.enabled = False
     base.data.train_days = prep.cfg.data.train_days
     base.data.test_day = prep.cfg.data.test_day
+    return split_validation(base)
 
-    stages = len(base.model.stages)
-    cluster = ray.cluster_resources()
-    use_gpu = base.scaling.use_gpu is True or (
-        base.scaling.use_gpu == "auto" and cluster.get("GPU", 0) > 0
-    )
-    plan = plan_resources(
-        cluster,
-        num_workers=study.workers_per_trial,
-        cpus_per_worker=study.cpus_per_worker if study.cpus_per_worker > 0 else "auto",
-        use_gpu=use_gpu,
-        trial_cpu=_TRIAL_CPU,
-        concurrent=study.max_concurrent,
-        max_cpus_per_worker=1.0,
-    )
-    per, conc = plan.cpus_per_worker, plan.concurrent
-    base.scaling.cpus_per_worker = per
-    trials = trial_configs(study, base)
-    for t in trials:  # every trial config must be valid before anything runs
-        validate(from_dict(t["train"]))
-        t["mem_budget_gb"] = study.mem_budget_gb
-    (out / "study.yaml").write_text(
-        yaml.safe_dump({"study": asdict(study), "train": to_dict(base)}, sort_keys=False)
-    )
-    if verbose:
-        print(
-            f"[raytopk] study {study.name}: {len(trials)} trial(s), budget "
-            f"{study.budget_seconds:g} s/worker, {conc} concurrent, {study.workers_per_trial} "
-            f"worker(s) x {per:g} CPU each{' + GPU' if use_gpu else ''}, output {out}",
-            flush=True,
-        )
 
-    storage = Path(study.storage_path).resolve() if study.storage_path else out / "tune"
-    exp_dir = storage / study.name
-    trainable = ray.tune.with_resources(
-        _trial_fn, {"cpu": _TRIAL_CPU, **study.trial_resources}
-    )
+def _tune(study: StudyConfig, name: str, trials: list[dict[str, Any]], trainable: Any,
+          conc: int, scheduler: Any, stages: int, verbose: bool) -> list[dict[str, Any]]:
+    """Run (or continue) one Tune experiment over ``trials``; one row per trial."""
+    import ray.tune
+    from ray.tune import RunConfig, TuneConfig, Tuner
+
+    storage = Path(study.storage_path).resolve() if study.storage_path else (
+        Path(study.output_dir).resolve() / "tune")
+    exp_dir = storage / name
     if Tuner.can_restore(str(exp_dir)):
         if verbose:
             print(f"[raytopk] continuing the study in {exp_dir}", flush=True)
@@ -308,149 +331,113 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
         tuner = Tuner(
             trainable,
             param_space={"trial": ray.tune.grid_search(trials)},
-            tune_config=TuneConfig(max_concurrent_trials=conc),
-            run_config=RunConfig(name=study.name, storage_path=str(storage), verbose=0),
+            tune_config=TuneConfig(max_concurrent_trials=conc, scheduler=scheduler),
+            run_config=RunConfig(name=name, storage_path=str(storage), verbose=0),
         )
-    grid = tuner.fit()
     rows = []
-    for result in grid:
+    clock = "samples_seen" if study.budget_seconds <= 0 else "train_seconds"
+    for result in tuner.fit():
         m = dict(result.metrics or {})
         t = (result.config or {}).get("trial") or {}
-        if "status" not in m:  # the trial died before its final report
-            err = str(result.error)[:300] if result.error else "no final report"
-            m = {
-                "trial": t.get("trial", ""),
-                "op": t.get("op", ""),
-                "loss_form": t.get("loss_form", ""),
-                "sample_num": t.get("sample_num", ""),
-                "seed": t.get("seed", ""),
-                "status": f"failed: {err}",
-            }
-        keep = set(_columns([m], stages))
-        rows.append({k: v for k, v in m.items() if k in keep})
-    rows.sort(
-        key=lambda r: (str(r.get("op")), int(r.get("sample_num") or 0), int(r.get("seed") or 0))
-    )
-    write_reports(rows, out, stages)
+        if "status" not in m:  # no final report: stopped early by ASHA, or died
+            head = valid_metric(headline_key(stages))
+            if result.error is None and head in m:
+                why = (f"stopped early (ASHA) at {clock}={float(m.get(clock, 0)):g} with "
+                       f"{head}={float(m[head]):.4f}")
+            else:
+                why = "failed: " + (str(result.error)[:300] if result.error else "no final report")
+            last = {k: m[k] for k in (clock, head) if k in m and result.error is None}
+            ident = ("trial", "phase", "op", "loss_form", "sample_num", "seed", "param",
+                     "value")
+            m = {**{k: t.get(k, "") for k in ident}, **last, "status": why}
+        rows.append(m)
+    rows.sort(key=lambda r: (str(r.get("op")), int(r.get("sample_num") or 0),
+                             float(r.get("value") or 0), int(r.get("seed") or 0)))
     return rows
 
 
-def _columns(rows: list[dict[str, Any]], num_stages: int = 2) -> list[str]:
-    corpus = sorted(
-        {k for r in rows for k in r if k.startswith("corpus_recall@")},
-        key=lambda k: int(k.rsplit("@", 1)[-1]),
+def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) -> list[dict]:
+    """Run (or continue) the study on the connected Ray cluster: selection on the validation
+    day, then the final trials; returns the final rows and writes the reports."""
+    import ray
+    import ray.tune
+
+    out = Path(study.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    base = resolve_base(study, base, out)
+    stages = len(base.model.stages)
+    head = headline_key(stages)
+    cluster = ray.cluster_resources()
+    use_gpu = base.scaling.use_gpu is True or (
+        base.scaling.use_gpu == "auto" and cluster.get("GPU", 0) > 0
     )
-    return [*result_columns(num_stages), *corpus, *_TAIL_COLUMNS]
+    local = study.trial_backend == "local"
+    plan = plan_resources(
+        cluster,
+        num_workers=study.workers_per_trial,
+        cpus_per_worker=study.cpus_per_worker if study.cpus_per_worker > 0 else "auto",
+        use_gpu=use_gpu,
+        trial_cpu=0.0 if local else _TRIAL_CPU,
+        concurrent=study.max_concurrent,
+        max_cpus_per_worker=1.0,
+    )
+    per, conc = plan.cpus_per_worker, plan.concurrent
+    base.scaling.cpus_per_worker = per
+    # Local trials train in the trial's own process: it holds the worker's resources.
+    own = {"cpu": per, **({"gpu": 1} if use_gpu else {})} if local else {"cpu": _TRIAL_CPU}
+    trainable = ray.tune.with_resources(_trial_fn, {**own, **study.trial_resources})
+    (out / "study.yaml").write_text(
+        yaml.safe_dump({"study": asdict(study), "train": to_dict(base)}, sort_keys=False)
+    )
+    ops = study_ops(study, base)
+    if verbose:
+        print(
+            f"[raytopk] study {study.name}: ops {ops}, N offsets {study.sample_nums}, seeds "
+            f"{study.seeds}, budget {study.budget_seconds:g} s/worker, {conc} concurrent, "
+            f"{study.trial_backend} trials of {study.workers_per_trial} worker(s) x {per:g} CPU"
+            f"{' + GPU' if use_gpu else ''}; train {base.data.train_days[0]}.."
+            f"{base.data.train_days[-1]}, validation {base.run.valid_day}, test "
+            f"{base.data.test_day}; output {out}",
+            flush=True,
+        )
 
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return m, s
-
-
-def write_reports(
-    rows: list[dict[str, Any]], out: str | Path, num_stages: int = 2
-) -> dict[str, Path]:
-    """results.csv, results.md and the plots from the trial rows; written atomically. The
-    headline is the joint recall of a ``num_stages`` cascade (raytopk.metrics.headline_key)."""
-    out = Path(out)
-    cols = _columns(rows, num_stages)
-    head = headline_key(num_stages)
-    tmp = out / "results.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: r.get(c, "") for c in cols})
-    os.replace(tmp, out / "results.csv")
-
-    md = ["# Sample scaling at equal compute", ""]
-    ok = [r for r in rows if r.get("status") == "ok"]
-    for n in sorted({int(r["sample_num"]) for r in rows if r.get("sample_num") != ""}):
-        md += [
-            f"## sample_num = {n} (N = {schema.N_OWN + n} candidates per request)",
-            "",
-            f"| rank | op | {head} | samples seen | samples/s | seeds |",
-            "|---:|---|---:|---:|---:|---:|",
-        ]
-        by_op: dict[str, list[dict[str, Any]]] = {}
-        for r in ok:
-            if int(r["sample_num"]) == n:
-                form = f" ({r['loss_form']})" if r.get("loss_form") else ""
-                by_op.setdefault(f"{r['op']}{form}", []).append(r)  # the loss form beside it
-        stats = []
-        for op, rs in by_op.items():
-            jm, js = _mean_std([float(r[head]) for r in rs])
-            sm, ss = _mean_std([float(r["samples_seen"]) for r in rs])
-            tp, _ = _mean_std([float(r["samples_per_second"]) for r in rs])
-            stats.append((jm, js, sm, ss, tp, op, len(rs)))
-        stats.sort(key=lambda s: -s[0])
-        for i, (jm, js, sm, ss, tp, op, cnt) in enumerate(stats, 1):
-            md.append(
-                f"| {i} | {op} | {jm:.4f} ± {js:.4f} | {sm:,.0f} ± {ss:,.0f} | {tp:,.1f} | {cnt} |"
+    chosen: dict[str, dict[int, float]] = {}
+    sel_path = out / "selection.json"
+    if study.select and sel_path.is_file():
+        chosen = {op: {int(n): v for n, v in d.items()}
+                  for op, d in json.loads(sel_path.read_text())["chosen"].items()}
+    elif study.select:
+        grid = {op: param_grid(op, study.grid_size, study.grid_factor, study.grids.get(op))
+                for op in ops}
+        seed = study.select_seed if study.select_seed >= 0 else study.seeds[0]
+        sel = selection_trials(ops, study.sample_nums, seed, grid, _budgeted(study, base), out,
+                               study.loss_forms)
+        for t in sel:
+            validate(from_dict(t["train"]))
+            t["mem_budget_gb"] = study.mem_budget_gb
+        if sel:
+            by_seconds = study.budget_seconds > 0
+            budget = study.budget_seconds if by_seconds else float(study.max_samples)
+            sched = GroupedASHA(
+                metric=valid_metric(head),
+                time_attr="train_seconds" if by_seconds else "samples_seen",
+                max_t=budget, grace_period=budget / study.eval_points,
+                reduction_factor=study.asha_reduction,
             )
-        for r in rows:
-            if int(r.get("sample_num") or -1) == n and r.get("status") != "ok":
-                md.append(f"| - | {r.get('op')} | {r.get('status')} | | | |")
-        md.append("")
-    (out / "results.md").write_text("\n".join(md))
-    paths = {"csv": out / "results.csv", "md": out / "results.md"}
-    paths.update(_plots(ok, out, head))
-    return paths
+            if verbose:
+                print(f"[raytopk] selection: {len(sel)} trial(s) on validation day "
+                      f"{base.run.valid_day}, seed {seed}", flush=True)
+            rows = _tune(study, f"{study.name}_select", sel, trainable, conc, sched, stages,
+                         verbose)
+            chosen = choose(rows, head)
+            write_selection(rows, chosen, grid, out, head)
 
-
-def _plots(rows: list[dict[str, Any]], out: Path, head: str) -> dict[str, Path]:
-    if not rows:
-        return {}
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ops = sorted({str(r["op"]) for r in rows})
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for op in ops:
-        rs = sorted((r for r in rows if r["op"] == op), key=lambda r: int(r["sample_num"]))
-        ns = sorted({int(r["sample_num"]) for r in rs})
-
-        def avg(key: str, n: int, rs: list[dict[str, Any]] = rs) -> float:
-            return _mean_std([float(r[key]) for r in rs if int(r["sample_num"]) == n])[0]
-
-        axes[0].plot(
-            [float(r["samples_seen"]) for r in rs],
-            [float(r[head]) for r in rs],
-            "o",
-            label=op,
-        )
-        axes[1].plot(
-            [schema.N_OWN + n for n in ns],
-            [avg("samples_per_second", n) for n in ns],
-            "o-",
-            label=op,
-        )
-        axes[2].plot(ns, [avg(head, n) for n in ns], "o-", label=op)
-    axes[0].set(
-        xlabel="training requests seen",
-        ylabel=head,
-        title="joint recall vs samples seen",
-    )
-    axes[1].set(
-        xlabel="candidates per request N",
-        ylabel="training requests / s",
-        title="throughput per operator",
-        yscale="log",
-    )
-    axes[2].set(
-        xlabel="sampled negatives per request",
-        ylabel=head,
-        title="joint recall at equal budget",
-    )
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    png = out / "sample_scaling.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return {"png": png}
+    trials = trial_configs(study, base, chosen)
+    for t in trials:  # every trial config must be valid before anything runs
+        validate(from_dict(t["train"]))
+        t["mem_budget_gb"] = study.mem_budget_gb
+    if verbose:
+        print(f"[raytopk] final: {len(trials)} trial(s), chosen {chosen}", flush=True)
+    rows = _tune(study, study.name, trials, trainable, conc, None, stages, verbose)
+    write_reports(rows, out, stages, reference=study.reference_op)
+    return rows

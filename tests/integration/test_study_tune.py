@@ -1,0 +1,67 @@
+"""The study end to end on the session's local Ray: selection on the validation day under ASHA,
+then paired final trials with anytime points, local trials inside Tune (small sizes)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raytopk.tune.study import load_study, run_study
+
+CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+
+pytestmark = [pytest.mark.ray]
+
+
+@pytest.mark.timeout(600)
+def test_selection_then_paired_final_trials(ray_cluster: Any, tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    study, base = load_study(
+        CONFIGS / "sample_scaling_quick.yaml",
+        [
+            "study.ops=[dftopk,softsort]",
+            "study.sample_nums=[0]",
+            "study.seeds=[1,2]",
+            "study.select=true",
+            "study.grid_size=2",
+            "study.grid_factor=10",
+            "study.eval_points=3",
+            "study.budget_seconds=2",
+            "study.cpus_per_worker=1",
+            f"study.output_dir={out}",
+            f"train.data.synthetic.root={tmp_path}/data",
+            "train.data.synthetic.requests_per_day=300",
+            "train.run.eval_max_batches=1",
+            "train.data.eval_batch_size=100",
+            "train.data.batch_size=64",
+            "train.run.corpus_ms=[100]",
+        ],
+    )
+    rows = run_study(study, base, verbose=False)
+    assert sorted((r["op"], r["seed"]) for r in rows) == [
+        ("dftopk", 1), ("dftopk", 2), ("softsort", 1), ("softsort", 2)
+    ]
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    sel = json.loads((out / "selection.json").read_text())
+    assert len(sel["trials"]) == 4 and set(sel["chosen"]) == {"dftopk", "softsort"}
+    for op, d in sel["chosen"].items():
+        assert d["0"] in sel["grid"][op]
+        chosen = {json.loads(r["op_params"])[next(iter(json.loads(r["op_params"])))]
+                  for r in rows if r["op"] == op}
+        assert chosen == {d["0"]}  # the final trials ran with the chosen value
+    for t in sel["trials"]:  # selection never evaluated the test day
+        assert t["status"] == "ok" or t["status"].startswith("stopped early"), t
+    for r in rows:
+        assert 0.0 <= r["joint_recall@10@20"] <= 1.0 and len(r["anytime_curve"]) == 3
+    digests = {r["seed"]: set() for r in rows}
+    for r in rows:
+        digests[r["seed"]].add(r["init_param_digest"])
+    assert all(len(d) == 1 for d in digests.values())  # paired: same initial weights per seed
+    with (out / "anytime.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 12
+    md = (out / "results.md").read_text()
+    assert "Parameter selection (validation day" in md and "vs dftopk (paired)" in md

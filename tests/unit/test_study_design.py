@@ -1,0 +1,207 @@
+"""The study's design, without Ray: selection never sees the test day, grids hold the paper's
+value, the choice, ASHA per (op, N) group, the confidence-interval arithmetic against
+scipy.stats, and the verdict words in results.md."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from scipy import stats
+
+from raytopk.ops import get_spec, list_ops
+from raytopk.train.config import from_dict, to_dict
+from raytopk.train.driver import dataset_specs
+from raytopk.train.prepare import prepare
+from raytopk.tune.reports import write_reports
+from raytopk.tune.selection import GroupedASHA, choose, param_grid, selection_trials
+from raytopk.tune.stats import paired_difference, t_interval, time_to_fraction, verdict
+from raytopk.tune.study import StudyConfig, _budgeted, load_study, resolve_base, trial_configs
+
+CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+
+
+# ---- statistics ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("xs", [[0.5, 0.7], [0.31, 0.29, 0.35, 0.30, 0.33], [1.0, 2.0, 4.0, 8.0]])
+def test_t_interval_matches_scipy(xs: list[float]) -> None:
+    ci = t_interval(xs)
+    low, high = stats.t.interval(0.95, len(xs) - 1, loc=sum(xs) / len(xs), scale=stats.sem(xs))
+    assert ci.low == pytest.approx(low) and ci.high == pytest.approx(high)
+    assert ci.mean == pytest.approx(sum(xs) / len(xs)) and ci.n == len(xs)
+
+
+def test_paired_difference_matches_scipy_ttest_rel() -> None:
+    a = {1: 0.52, 2: 0.55, 3: 0.50, 4: 0.58, 5: 0.54}
+    b = {1: 0.50, 2: 0.51, 3: 0.49, 4: 0.55, 5: 0.50, 9: 0.1}  # seed 9 has no pair: left out
+    d = paired_difference(a, b)
+    ref = stats.ttest_rel([a[s] for s in sorted(a)], [b[s] for s in sorted(a)])
+    low, high = ref.confidence_interval(0.95)
+    assert d is not None and d.n == 5
+    assert d.low == pytest.approx(low) and d.high == pytest.approx(high)
+    assert verdict(d) == "better" and d.excludes_zero()
+    assert verdict(paired_difference(b, a)) == "worse"
+    noisy = paired_difference({1: 0.5, 2: 0.6, 3: 0.4}, {1: 0.55, 2: 0.5, 3: 0.45})
+    assert verdict(noisy) == "no difference measured"
+    assert verdict(paired_difference({1: 0.9}, {1: 0.1})).startswith("no interval")
+    assert paired_difference({1: 0.5}, {2: 0.5}) is None
+
+
+def test_one_value_and_time_to_fraction() -> None:
+    one = t_interval([0.4])
+    assert (one.low, one.high, one.n) == (0.4, 0.4, 1) and "no interval" in one.text()
+    with pytest.raises(ValueError, match="'values'"):
+        t_interval([])
+    curve = [(10.0, 0.2), (20.0, 0.45), (30.0, 0.5)]
+    assert time_to_fraction(curve, 0.4) == 20.0 and time_to_fraction(curve, 0.6) is None
+
+
+# ---- grids and the choice ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", list_ops())
+def test_grid_is_log_spaced_around_the_paper_value(op: str) -> None:
+    default = get_spec(op).default
+    g = param_grid(op, 5, 3.0)
+    assert len(g) == 5 and default in g and g == sorted(g)
+    ratios = [b / a for a, b in zip(g, g[1:])]
+    assert all(r == pytest.approx(3.0, rel=1e-4) for r in ratios)
+    assert default in param_grid(op, 2, 10.0, override=[1.0, 2.0])  # always in an explicit grid
+    assert param_grid("bce", 5, 3.0) == []  # a baseline without a parameter: no search
+
+
+def test_choose_best_valid_recall_ties_to_the_paper_value() -> None:
+    key = "valid_joint_recall@10@20"
+    rows = [
+        {"op": "lapsum", "sample_num": 0, "value": 5.0, "status": "ok", key: 0.40},
+        {"op": "lapsum", "sample_num": 0, "value": 15.0, "status": "ok", key: 0.40},
+        {"op": "lapsum", "sample_num": 0, "value": 45.0, "status": "stopped early", key: 0.9},
+        {"op": "lapsum", "sample_num": 40, "value": 1.67, "status": "ok", key: 0.30},
+        {"op": "lapsum", "sample_num": 40, "value": 5.0, "status": "ok", key: 0.20},
+    ]
+    assert choose(rows, "joint_recall@10@20") == {"lapsum": {0: 5.0, 40: 1.67}}
+
+
+class _Trial(SimpleNamespace):
+    pass
+
+
+def test_grouped_asha_compares_settings_within_their_group_only() -> None:
+    sched = GroupedASHA("valid_m", "train_seconds", max_t=30.0, grace_period=5.0,
+                        reduction_factor=3.0)
+    assert sched.metric is None  # Tune must not require the metric in every (step) report
+
+    def trial(tid: str, group: str) -> _Trial:
+        return _Trial(trial_id=tid, config={"trial": {"group": group, "trial": tid}})
+
+    good = [trial(f"a{i}", "dftopk-n0") for i in range(3)]
+    for t in good:
+        sched.on_trial_add(None, t)
+    for i, t in enumerate(good):
+        assert sched.on_trial_result(None, t, {"train_seconds": 5.1, "valid_m": 0.5 + i}) == (
+            "CONTINUE"
+        )
+    # A weak setting of another group is not judged against dftopk's settings.
+    other = trial("b0", "lapsum-n0")
+    sched.on_trial_add(None, other)
+    assert sched.on_trial_result(None, other, {"train_seconds": 5.1, "valid_m": 0.01}) == (
+        "CONTINUE"
+    )
+    weak = trial("a9", "dftopk-n0")
+    sched.on_trial_add(None, weak)
+    assert sched.on_trial_result(None, weak, {"train_seconds": 5.1, "valid_m": 0.1}) == "STOP"
+    assert sched.on_trial_result(None, weak, {"train_seconds": 1.0}) == "CONTINUE"  # no metric
+    assert sched.stopped == ["a9"]
+
+
+# ---- validation-only selection ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from raytopk.data.synthetic import prepare_synthetic
+
+    root = tmp_path_factory.mktemp("study_data")
+    return Path(prepare_synthetic(root, days=4, requests_per_day=60, seed=2))
+
+
+def test_selection_trials_never_hold_the_test_day(tiny: Path, tmp_path: Path) -> None:
+    study, base = load_study(
+        CONFIGS / "sample_scaling_quick.yaml",
+        [f"train.data.path={tiny}", "train.data.synthetic.enabled=false",
+         f"study.output_dir={tmp_path}", "study.select=true", "study.budget_seconds=5"],
+    )
+    resolved = resolve_base(study, base, tmp_path)
+    days = ["2024-01-13", "2024-01-14", "2024-01-15", "2024-01-16"]
+    test_day, valid_day = days[-1], days[-2]
+    assert resolved.data.test_day == test_day and resolved.run.valid_day == valid_day
+    assert resolved.data.train_days == days[:2]  # the validation day is never trained on
+    ops = ["dftopk", "softsort"]
+    grid = {op: param_grid(op, 3, 3.0) for op in ops}
+    sel = selection_trials(ops, study.sample_nums, 42, grid, _budgeted(study, resolved), tmp_path)
+    assert len(sel) == len(ops) * len(study.sample_nums) * 3
+    for t in sel:
+        assert test_day not in json.dumps(t)  # not in any key of the trial's config
+        cfg = prepare(from_dict(t["train"]))
+        specs = dataset_specs(cfg)
+        assert {d for s in specs.values() for d in s.days} == {*days[:2], valid_day}
+        assert cfg.cfg.run.eval_points == study.eval_points and not cfg.cfg.run.test_eval
+    final = trial_configs(study, resolved, {"dftopk": {0: 1500.0}})
+    by = {t["trial"]: from_dict(t["train"]) for t in final}
+    d0 = by["dftopk-n0-s42"]
+    assert d0.op.params == {"tau": 1500.0} and d0.data.test_day == test_day
+    assert d0.run.valid_day == valid_day and d0.run.eval_points == study.eval_points
+    specs = dataset_specs(prepare(d0))
+    assert specs["test"].days == (test_day,) and specs["valid"].days == (valid_day,)
+    # Paired seeds: every op's trial at one seed has the same data settings and seed.
+    a, b = to_dict(by["dftopk-n0-s42"]), to_dict(by["softsort-n0-s42"])
+    assert a["data"] == b["data"] and a["run"]["seed"] == b["run"]["seed"]
+
+
+def test_study_rejects_bad_design_keys() -> None:
+    from raytopk.train.config import ConfigError
+
+    path = CONFIGS / "sample_scaling_quick.yaml"
+    with pytest.raises(ConfigError, match="distinct seeds"):
+        load_study(path, ["study.seeds=[1,1]"])
+    with pytest.raises(ConfigError, match="trial_backend"):
+        load_study(path, ["study.trial_backend=slurm"])
+    with pytest.raises(ConfigError, match="eval_points"):
+        load_study(path, ["study.select=true", "study.eval_points=0"])
+    assert StudyConfig().reference_op == "dftopk"
+
+
+def test_results_md_words_only_where_the_interval_excludes_zero(tmp_path: Path) -> None:
+    head = "joint_recall@10@20"
+
+    def row(op: str, seed: int, joint: float) -> dict:
+        curve = [{"point": i, "train_seconds": 10.0 * i, "samples_seen": 100 * i,
+                  "valid_" + head: joint * i / 3} for i in (1, 2, 3)]
+        return {"trial": f"{op}-n0-s{seed}", "op": op, "sample_num": 0, "seed": seed,
+                "status": "ok", "samples_seen": 300, "train_seconds": 30.0,
+                "steady_samples_per_s": 10.0 + seed, head: joint, "anytime_curve": curve,
+                "wall_seconds": 40.0, "eval_seconds": 3.0, "overhead_seconds": 7.0}
+
+    rows = [row("dftopk", s, 0.50 + 0.01 * s) for s in (1, 2, 3)]
+    rows += [row("lapsum", s, 0.40 + 0.01 * s) for s in (1, 2, 3)]  # always 0.10 below
+    rows += [row("softsort", s, v) for s, v in zip((1, 2, 3), (0.60, 0.45, 0.52))]  # noisy
+    rows.append({"trial": "diffsort-n0-s1", "op": "diffsort", "sample_num": 0, "seed": 1,
+                 "status": "does not fit: a training step needs ~9.0 GiB"})
+    paths = write_reports(rows, tmp_path)
+    md = paths["md"].read_text()
+    line = {op: next(x for x in md.splitlines() if x.startswith(f"| {op} |"))
+            for op in ("dftopk", "lapsum", "softsort")}
+    assert "| worse |" in line["lapsum"] and "-0.1000 ± 0.0000" in line["lapsum"]
+    assert "no difference measured" in line["softsort"]
+    assert "better" not in md.replace("'better'", "")
+    assert "(reference)" in line["dftopk"]
+    assert "| diffsort (seed 1) | does not fit: a training step needs ~9.0 GiB |" in md
+    # Anytime: dftopk reaches 90% of the best final validation recall (0.52) at its last point.
+    tt = next(x for x in md.splitlines() if x.startswith("| 0 | dftopk |"))
+    assert tt.split("|")[3].strip() == "30.0"
+    assert paths["anytime_png"].is_file() and paths["anytime_csv"].read_text().count("\n") == 28
+    assert math.isclose(float(md.split("overhead ")[1].split(" s")[0]), 7.0)
