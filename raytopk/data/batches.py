@@ -98,8 +98,18 @@ class CascadeBatches:
     def __iter__(self) -> Iterator[CascadeBatch]:
         return self
 
+    def close(self) -> None:
+        """Release the source early (a cap or a budget reached): its prefetching stops."""
+        if self._thread is not None:  # a warm-up still opening the source: let it finish
+            self._thread.join()
+            self._thread = None
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
     def __next__(self) -> CascadeBatch:
         if self._max and self._count >= self._max:
+            self.close()
             raise StopIteration
         t = time.perf_counter()
         try:

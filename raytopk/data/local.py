@@ -132,4 +132,7 @@ def prefetched(
                 raise item
             yield item
     finally:
-        stop.set()  # a consumer that stops early (budget, cap) releases the producer
+        # A consumer that stops early (budget, cap) releases the producer, and waits for it: a
+        # thread still inside torch when the interpreter exits can abort the process.
+        stop.set()
+        thread.join(timeout=60)

@@ -385,6 +385,7 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
                 session.report(w.metrics("checkpoint", epoch, day), w.checkpoint(), name)
             t_step = time.perf_counter()
             _exclude(pos, "reports", t_step - now)  # the report barrier is not the next step's
+        batches.close()  # a day left early (budget, non-finite loss) stops its prefetching
         if stopped is not None:
             break
         if pos.budget_spent:
@@ -406,6 +407,8 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
         name = f"checkpoint_{pos.global_step:09d}_e{epoch}_{day}_day"
         session.report(m, w.checkpoint(), name)
 
+    for left in upcoming.values():  # a next day warmed but never trained (budget spent)
+        left.close()
     if stopped is not None:
         if rank == 0:
             print(f"[raytopk] stopping: {stopped}", flush=True)

@@ -77,13 +77,15 @@ def test_time_budget_excludes_a_slow_start_and_the_reports(
     assert m["budget_spent"] is True
     clock = _step_clock(out)
     steps = np.diff([0.0, *clock])
-    # Neither the slowed start nor a report barrier is in any step's time ...
-    assert steps.max() < min(start, barrier), steps
-    # ... and training stopped within one step of the budget.
+    # Training stopped within one step of the budget ...
     assert budget <= m["train_seconds"] <= budget + steps.max() + 1e-3
+    # ... the slowed start and the report barriers went to the excluded time ...
     ex = m["excluded_seconds"]
     assert ex["first_batch_wait"] >= start - 0.05
     assert ex["reports"] >= barrier * (len(clock) - 1)
+    # ... and not also into the step clock: the run's wall time holds them once (no timing of
+    # the machine is asserted, so a loaded machine cannot fail this).
+    assert m["train_seconds"] + ex["first_batch_wait"] + ex["reports"] <= m["wall_seconds"]
 
 
 def test_sample_budget_stops_at_the_cap(tiny: Path, tmp_path: Path) -> None:
