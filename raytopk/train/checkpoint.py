@@ -58,6 +58,12 @@ class Position:
     starts: int = 0  # how many times the loop started (1 + restarts and resumes)
     budget_spent: bool = False  # max_train_seconds / max_samples reached: training is over
 
+    def advance(self, rows: int) -> None:
+        """One trained step of ``rows`` requests (summed over workers)."""
+        self.step += 1
+        self.global_step += 1
+        self.samples_seen += rows
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -98,6 +98,15 @@ class _Window:
         self.steps += 1
         self.samples += rows
 
+    def report(self) -> dict[str, float]:
+        """The window's mean loss parts, throughput and data-wait fraction."""
+        secs = max(self.seconds, 1e-9)
+        return {
+            **self.means(),
+            "samples_per_s": self.samples / secs,
+            "data_wait_frac": self.wait / secs,
+        }
+
     def means(self) -> dict[str, float]:
         if self.sums is None:
             return {}
@@ -108,6 +117,15 @@ class _Window:
 def _exclude(pos: Position, part: str, seconds: float) -> None:
     """Add ``seconds`` of wall time the step clock does not count to ``part``."""
     pos.excluded_seconds[part] = pos.excluded_seconds.get(part, 0.0) + seconds
+
+
+def _corpus(config: dict[str, Any], cfg: TrainConfig) -> dict[str, np.ndarray] | None:
+    """The item table for full-corpus retrieval recall, when the run asks for it."""
+    if not (config.get("items_path") and cfg.run.corpus_ms):
+        return None
+    from raytopk.data.pipeline import load_items
+
+    return load_items(config["items_path"])
 
 
 def _json_safe(v: Any) -> Any:
@@ -354,9 +372,7 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
             if step.outcome == "non_finite":
                 stopped = step.reason
                 break
-            pos.step += 1
-            pos.global_step += 1
-            pos.samples_seen += step.rows
+            pos.advance(step.rows)
             day_samples += step.rows
             window.add(step.total, step.parts, batch.batch_size)
             day_loss.add(step.total, step.parts, batch.batch_size)
@@ -374,11 +390,9 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
                 now = t_step
 
             if pos.global_step % cfg.run.report_every_steps == 0:
-                m = w.metrics("step", epoch, day, **window.means())
-                m["samples_per_s"] = window.samples / max(window.seconds, 1e-9)
-                m["data_wait_frac"] = window.wait / max(window.seconds, 1e-9)
+                # Ray 5: every rank reports, the same number of times.
+                session.report(w.metrics("step", epoch, day, **window.report()))
                 window = _Window()
-                session.report(m)  # Ray 5: every rank reports, the same number of times
             every = cfg.run.checkpoint_every_steps
             if every and pos.global_step % every == 0:
                 name = f"checkpoint_{pos.global_step:09d}_e{epoch}_{day}_step"
@@ -417,11 +431,7 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
         return
 
     # Final evaluation on the test day (SPEC.md §4.5), with the item corpus for full-corpus recall.
-    items = None
-    if config.get("items_path") and cfg.run.corpus_ms:
-        from raytopk.data.pipeline import load_items
-
-        items = load_items(config["items_path"])
+    items = _corpus(config, cfg)
     last = schedule[min(pos.item, len(schedule) - 1)] if schedule else (0, "")
     if anytime.pending():  # the last anytime point: at the end of training
         session.report(anytime.evaluate(w.metrics("valid", *last), pos,
