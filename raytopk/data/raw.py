@@ -23,6 +23,7 @@ __all__ = [
     "RawArray",
     "as_array",
     "check_ids",
+    "check_range",
     "discover_days",
     "gc_paused",
     "incomplete_message",
@@ -113,7 +114,11 @@ def check_ids(raw: np.ndarray, field: str, vocab: dict[str, int], where: Path) -
     """Raw ids must satisfy 0 <= raw and raw + 1 < vocab (they fit the embedding table)."""
     if raw.size == 0:
         return
-    lo, hi = int(raw.min()), int(raw.max())
+    check_range(int(raw.min()), int(raw.max()), field, vocab, where)
+
+
+def check_range(lo: int, hi: int, field: str, vocab: dict[str, int], where: Path) -> None:
+    """Raw ids lo..hi of ``field`` must fit its table (id + 1 stored, 0 = padding)."""
     n = vocab[schema.EMBEDDING_TABLE[field]]
     if lo < 0 or hi + 1 >= n:
         bad = lo if lo < 0 else hi

@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 
 from raytopk.data import schema
-from raytopk.data.raw import RawArray, as_array, check_ids
+from raytopk.data.raw import RawArray, as_array, check_ids, check_range
 
 __all__ = [
     "MISSING_RANK_PRIORITY",
@@ -182,7 +182,7 @@ class ItemCorpus:
         lo, hi = _column_min_max(flat)
         for f in _ID_ITEM_FIELDS:
             j = _SF[f]
-            _check_range(int(lo[j]), int(hi[j]), f, self.vocab, self.r_path)
+            check_range(int(lo[j]), int(hi[j]), f, self.vocab, self.r_path)
         new = self._first_new(flat[:, _SF["video_id"]], self.seen)
         if new.size:
             self.tables.append(flat[new][:, self._STAGE_COLS])
@@ -216,16 +216,6 @@ def _column_min_max(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         lo.append(a[k:].min(0))
         hi.append(a[k:].max(0))
     return np.min(lo, 0), np.max(hi, 0)
-
-
-def _check_range(lo: int, hi: int, field: str, vocab: dict[str, int], where: Path) -> None:
-    n = vocab[schema.EMBEDDING_TABLE[field]]
-    if lo < 0 or hi + 1 >= n:
-        bad = lo if lo < 0 else hi
-        raise ValueError(
-            f"{where}: field {field!r} has id {bad} beyond the vocabulary "
-            f"(id_cnt gives {n - 2}, table rows {n})"
-        )
 
 
 def items_table(raw_items: np.ndarray) -> pa.Table:
