@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["sync", "time_fn", "interleaved", "peak_memory"]
+__all__ = ["sync", "time_fn", "interleaved", "calibrated_interleaved", "peak_memory"]
 
 _MMAP_PINNED = False
 
@@ -162,3 +162,23 @@ def interleaved(
             sync(device)
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def calibrated_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device | str,
+    max_seconds: float,
+    *,
+    min_rounds: int,
+    max_rounds: int,
+    warmup: int = 3,
+) -> tuple[dict[str, float], int]:
+    """(median seconds per call of each fn, rounds): one untimed call of every fn (the warm-up of
+    lazily compiled kernels, and a measure of one round) sizes the rounds to about
+    ``max_seconds`` in all, within [min_rounds, max_rounds]; then :func:`interleaved`."""
+    t0 = time.perf_counter()
+    for f in fns.values():
+        f()
+    once = time.perf_counter() - t0
+    rounds = int(max(min_rounds, min(max_rounds, max_seconds / max(once, 1e-6))))
+    return interleaved(fns, device, rounds, warmup=warmup), rounds

@@ -23,14 +23,13 @@ over the training shapes alone (B = 1024, k = 10) as ``training_shapes``.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from raytopk.bench.harness import interleaved
+from raytopk.bench.harness import calibrated_interleaved
 from raytopk.bench.reference import authors_dftopk_logits, elementwise_floor_loss
 from raytopk.bench.sweeps import HEADLINE_SHAPES
 from raytopk.ops.dftopk import DEFAULT_TAU, TORCH_SELECTS, dftopk_logits
@@ -114,12 +113,9 @@ def compare_selects(
         lines = _lines(dev, tau)
         for mode in ("forward", "forward_backward"):
             fns = _calls(lines, x0, y, k, tau, mode)
-            t0 = time.perf_counter()
-            for f in fns.values():  # also the warm-up of lazily compiled kernels
-                f()
-            once = time.perf_counter() - t0
-            rounds = int(max(3, min(max_rounds, max_seconds / max(once, 1e-6))))
-            med = interleaved(fns, dev, rounds, warmup=1)
+            med, rounds = calibrated_interleaved(
+                fns, dev, max_seconds, min_rounds=3, max_rounds=max_rounds, warmup=1
+            )
             rec = {
                 "B": b,
                 "N": n,

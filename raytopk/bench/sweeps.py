@@ -31,7 +31,6 @@ Skips, recorded instead of run:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from raytopk.bench.cost import complexity_exponent, estimate_seconds
-from raytopk.bench.harness import interleaved, peak_memory, time_fn
+from raytopk.bench.harness import calibrated_interleaved, peak_memory, time_fn
 from raytopk.bench.reference import (
     authors_dftopk_logits,
     elementwise_floor_loss,
@@ -357,12 +356,9 @@ def headline(
                         return xg.grad
 
                 fns[name] = call
-            t0 = time.perf_counter()
-            for f in fns.values():
-                f()
-            once = time.perf_counter() - t0
-            rounds = int(max(5, min(200, max_seconds / max(once, 1e-6))))
-            med = interleaved(fns, device, rounds)
+            med, rounds = calibrated_interleaved(
+                fns, device, max_seconds, min_rounds=5, max_rounds=200
+            )
             rec = {
                 "B": b,
                 "N": n,
