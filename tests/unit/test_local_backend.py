@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 from raytopk.data import schema
 from raytopk.metrics import metric_keys
@@ -24,13 +23,6 @@ from raytopk.train.prepare import latest_checkpoint
 DAYS = ["2024-01-13", "2024-01-14"]
 TEST_DAY = "2024-01-15"
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from raytopk.data.synthetic import prepare_synthetic
-
-    root = tmp_path_factory.mktemp("local_backend_data")
-    return Path(prepare_synthetic(root, days=3, requests_per_day=120, seed=1))
 
 
 def _cfg(data: Path, out: Path, *extra: str) -> TrainConfig:
