@@ -20,18 +20,27 @@ The hidden world (notation: u = user, i = item, h = request hour, d = latent dim
 - behaviour sequences are each user's last 50 effective views (seeded before the first day by
   preference-driven choices), so they reflect the same preferences.
 
-Density: by default a request logs ~37 items (stages of 4..14); ``density="recflow"`` shapes the
-stages like the release (rank_pos 10, negative stages of tens to hundreds, ~200 logged items per
-request, at most 490), for testing at the scale users bring.
+The rank stage passes exactly its top 10 to rank_pos, as RecFlow defines it ("the video ranks top-10
+in the rank stage"); only a request whose rank stage saw fewer than 10 candidates (probability
+``p_short_rank``, 1% by default) has fewer (4..9) and then no rank_neg.
+
+Density: by default a request logs ~35 items (rank_pos 10, negative stages of 4..14);
+``density="recflow"`` shapes the stages like the release (rank_pos 10, negative stages of tens to
+hundreds, ~200 logged items per request, at most 490), for testing at the scale users bring.
 
 Quirks of the real release reproduced here: id_cnt keys ``photo_id`` and ``' category_level_two'``;
-stage keys missing or empty for some requests; stages longer than 10 items; stage items in no
-particular order; left-padded behaviour sequences (padding iff time_ms == 0), some empty; a few
-rank_pos items absent from all_stage (so their rank_index cannot be looked up).
+negative-stage keys missing or empty for some requests; stages longer than 10 items; stage items
+in no particular order; left-padded behaviour sequences (padding iff time_ms == 0), some empty.
+Quirks a real reader would not survive are off by default (the reference loader looks every
+rank_pos item's rank_index up in all_stage and reads request_id_dict[rid]["rank_pos"]
+unconditionally, so the release it ran on has neither): ``rank_pos_quirks=True`` also drops 1% of
+rank_pos items' all_stage rows and lets the rank_pos key be missing or empty, to exercise the
+converter's handling of both.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -66,18 +75,20 @@ STAGE_NOISE = (0.6, 0.45, 0.3, 0.2)  # pre-rank, coarse, rank, re-rank score noi
 SHOWN = 6  # realshow items per request (top of rank_pos by the re-rank score)
 P_KEY_MISSING = 0.02  # per (request, stage): key absent from request_id_dict
 P_KEY_EMPTY = 0.02  # per (request, stage): empty (0, 8) array
-P_RANK_ROW_DROPPED = 0.01  # per rank_pos item: its all_stage row is missing
+P_RANK_ROW_DROPPED = 0.01  # rank_pos_quirks only: per rank_pos item, its all_stage row is missing
+P_SHORT_RANK = 0.01  # per request: its rank stage saw < 10 candidates (rank_pos 4..9, no rank_neg)
+RANK_POS = 10  # the rank stage's top 10 (RecFlow's rank_pos)
 RETRIEVE_DRAWS = 3  # retrieval keeps the best third of its popularity-weighted draws
 RETRIEVE_NOISE = 1.0
 CHUNK = 50_000  # requests generated at once (bounds the per-chunk arrays)
 
-# Stage density. "default": the small stages above (~37 logged items per request; what every
-# quickstart and test figure was made with). "recflow": shaped like the real release, ~200 stage
-# items per request: rank_pos exactly 10 (the rank stage always sees >= 10 candidates), and the
+# Stage density. "default": the small negative stages above (~35 logged items per request; what
+# every quickstart and test figure was made with). "recflow": shaped like the real release, ~200
+# stage items per request: rank_pos 10 (as in every density), and the
 # negative stages gamma-distributed over tens to hundreds, capped so a request logs at most
 # RECFLOW_MAX_ITEMS items (RecFlow's test feathers pad to 500 and 430 candidates per request).
 DENSITIES = ("default", "recflow")
-RECFLOW_RANK_POS = 10
+RECFLOW_RANK_POS = RANK_POS
 RECFLOW_NEG = {  # stage -> (mean before clipping, max), gamma shape RECFLOW_NEG_SHAPE
     "rank_neg": (50.0, 120),
     "coarse_neg": (62.0, 160),
@@ -126,30 +137,40 @@ def _desc_rank(score: np.ndarray) -> np.ndarray:
     return rank
 
 
-def stage_sizes(density: str, rng: np.random.Generator, R: int) -> tuple[np.ndarray, ...]:
+def stage_sizes(
+    density: str, rng: np.random.Generator, R: int, p_short_rank: float = 0.0
+) -> tuple[np.ndarray, ...]:
     """Items per request in (rank_pos, rank_neg, coarse_neg, prerank_neg) under ``density``,
     before the corpus-size guard of _gen_chunk; each (R,) int64. (rerank/realshow are subsets of
-    rank_pos.) Draws from ``rng`` in a fixed order, so generation stays deterministic."""
+    rank_pos.) rank_pos is RANK_POS except where the rank stage saw fewer candidates (probability
+    ``p_short_rank``): then 4..9, all of which pass, so rank_neg is empty. Draws from ``rng`` in a
+    fixed order, so generation stays deterministic."""
     if density == "default":
-        return tuple(rng.integers(lo, MAX_PER_STAGE + 1, R) for lo in (6, 4, 4, 4))
-    if density == "recflow":
-        sizes = [np.full(R, RECFLOW_RANK_POS, dtype=np.int64)]
+        neg = [rng.integers(4, MAX_PER_STAGE + 1, R) for _ in range(3)]
+    elif density == "recflow":
+        neg = []
         for mean, cap in RECFLOW_NEG.values():
             g = rng.gamma(RECFLOW_NEG_SHAPE, mean / RECFLOW_NEG_SHAPE, R)
-            sizes.append(np.clip(np.rint(g), RECFLOW_NEG_MIN, cap).astype(np.int64))
-        return tuple(sizes)
-    raise ValueError(f"'density' should be one of {DENSITIES} but got {density!r}")
+            neg.append(np.clip(np.rint(g), RECFLOW_NEG_MIN, cap).astype(np.int64))
+    else:
+        raise ValueError(f"'density' should be one of {DENSITIES} but got {density!r}")
+    short = rng.random(R) < p_short_rank
+    n_pos = np.where(short, rng.integers(4, RANK_POS, R), RANK_POS).astype(np.int64)
+    neg[0] = np.where(short, 0, neg[0]).astype(np.int64)
+    return (n_pos, *neg)
 
 
-def _gen_chunk(world, hist, rng, rid, ts, users, density: str = "default"):
-    """One chunk of requests -> (all_stage columns, request_id_dict, seq dict, view events)."""
+def _gen_chunk(world, hist, rng, rid, ts, users, gen: dict):
+    """One chunk of requests -> (all_stage columns, request_id_dict, seq dict, view events).
+    ``gen``: density, p_short_rank, rank_pos_quirks (see generate)."""
+    density = gen["density"]
     R = users.size
     hours = ((ts // 1000 + 8 * 3600) % 86_400) // 3600  # Asia/Shanghai hour
     if density == "default":  # rng order of the original generator: pool first, then sizes
         pool, n_unique = _retrieve(world, users, hours, rng)
-        n_pos, n_rneg, n_cneg, n_pneg = stage_sizes(density, rng, R)
+        n_pos, n_rneg, n_cneg, n_pneg = stage_sizes(density, rng, R, gen["p_short_rank"])
     else:  # sizes first: the pool is as wide as the chunk's largest request
-        n_pos, n_rneg, n_cneg, n_pneg = stage_sizes(density, rng, R)
+        n_pos, n_rneg, n_cneg, n_pneg = stage_sizes(density, rng, R, gen["p_short_rank"])
         width = int((n_pos + n_rneg + n_cneg + n_pneg).max())
         pool, n_unique = _retrieve(world, users, hours, rng, width, RECFLOW_RETRIEVE_DRAWS)
     n_pneg = np.minimum(n_pneg, n_unique - n_pos - n_rneg - n_cneg)  # tiny corpora only
@@ -202,7 +223,9 @@ def _gen_chunk(world, hist, rng, rid, ts, users, density: str = "default"):
     }
 
     # ---- all_stage rows: one per logged (request, item), rows in random order per request
-    row_ok = valid & ~(rank_pos & (rng.random(t.shape) < P_RANK_ROW_DROPPED))
+    row_ok = valid
+    if gen["rank_pos_quirks"]:
+        row_ok = valid & ~(rank_pos & (rng.random(t.shape) < P_RANK_ROW_DROPPED))
     key = np.where(row_ok, rng.random(t.shape), 2.0)
     order = np.argsort(key, axis=1)
     rows_r, rows_c = np.nonzero(np.take_along_axis(row_ok, order, 1))
@@ -259,6 +282,8 @@ def _gen_chunk(world, hist, rng, rid, ts, users, density: str = "default"):
         flat = feats[rr, order[rr, cc]]
         per_stage[stage] = np.split(flat, np.cumsum(cnt)[:-1])
     quirk = rng.random((R, len(schema.RAW_STAGES)))
+    if not gen["rank_pos_quirks"]:
+        quirk[:, schema.RAW_STAGES.index("rank_pos")] = 1.0
     rid_dict = {}
     for r in range(R):
         d = {}
@@ -303,7 +328,7 @@ class _FeatherWriter:
 
 
 def _write_day(
-    raw: Path, day: str, world, hist, rng, requests: int, next_rid: int, density: str
+    raw: Path, day: str, world, hist, rng, requests: int, next_rid: int, gen: dict
 ) -> int:
     """Generate and write one day; returns the next free request id."""
     day_ms = day_start_ms(day)
@@ -322,11 +347,11 @@ def _write_day(
     rid_dict: dict = {}
     seq_dict: dict = {}
     events = []
-    chunk = CHUNK if density == "default" else RECFLOW_CHUNK
+    chunk = CHUNK if gen["density"] == "default" else RECFLOW_CHUNK
     try:
         for lo in range(0, requests, chunk):
             sl = slice(lo, min(requests, lo + chunk))
-            a, rd, sd, ev = _gen_chunk(world, hist, rng, rids[sl], ts[sl], users[sl], density)
+            a, rd, sd, ev = _gen_chunk(world, hist, rng, rids[sl], ts[sl], users[sl], gen)
             tbl = pa.table(a)
             all_w.write(tbl)
             show_w.write(tbl.filter(pa.array(a["realshow"] == 1)))
@@ -357,16 +382,23 @@ def generate(
     items: int = 4000,
     seed: int = 0,
     density: str = "default",
+    p_short_rank: float = P_SHORT_RANK,
+    rank_pos_quirks: bool = False,
 ) -> Path:
     """Write a synthetic RecFlow release to ``raw_dir`` (SPEC.md §4.1 layout); returns it.
 
     Days are consecutive from schema.FIRST_DAY. Generation is day by day (requests in chunks of
     CHUNK, or RECFLOW_CHUNK at density "recflow"; all_stage is written chunk by chunk), so memory
     is bounded by one day's pickles. ``density``: one of DENSITIES (see stage_sizes).
+    ``p_short_rank``: per request, the probability that its rank stage saw fewer than 10
+    candidates (then rank_pos has 4..9 items). ``rank_pos_quirks``: also drop 1% of rank_pos
+    items' all_stage rows and let the rank_pos key be missing/empty (converter tests only).
     """
     for name, v, lo in (("days", days, 1), ("requests_per_day", requests_per_day, 1)):
         if int(v) < lo:
             raise ValueError(f"'{name}' should be >= {lo} but got {v}")
+    if not 0.0 <= p_short_rank <= 1.0:
+        raise ValueError(f"'p_short_rank' should be in [0, 1] but got {p_short_rank}")
     if density not in DENSITIES:
         raise ValueError(f"'density' should be one of {DENSITIES} but got {density!r}")
     if density == "recflow" and items < RECFLOW_MIN_ITEMS:
@@ -381,8 +413,9 @@ def generate(
     rng = np.random.default_rng([seed, 2])
     hist = warm_up_histories(world, rng)
     next_rid = 7_000_000_000
+    gen = {"density": density, "p_short_rank": p_short_rank, "rank_pos_quirks": rank_pos_quirks}
     for day in day_names(days):
-        next_rid = _write_day(raw, day, world, hist, rng, requests_per_day, next_rid, density)
+        next_rid = _write_day(raw, day, world, hist, rng, requests_per_day, next_rid, gen)
     with open(raw / "others" / "id_cnt.pkl", "wb") as f:
         pickle.dump(dict(world.id_cnt), f, protocol=4)
     return raw
@@ -398,6 +431,10 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+GENERATOR_VERSION = 2  # 2: rank_pos is the rank stage's top 10; no reader-hostile quirks by default
+STAMP = "synthetic.json"  # root/raw/STAMP: the generator version and arguments that made root/raw
+
+
 def prepare_synthetic(
     root: str | os.PathLike,
     *,
@@ -409,21 +446,28 @@ def prepare_synthetic(
     """Idempotent: generate root/raw and convert it to root/parquet where absent; return the latter.
 
     Both steps write into a private temporary directory and rename it into place, so concurrent
-    callers never see (or produce) a half-written dataset. An existing root/raw or root/parquet is
-    reused as is, whatever arguments made it.
+    callers never see (or produce) a half-written dataset. An existing root/raw is reused only if
+    its stamp (root/raw/synthetic.json) names this generator version and these arguments;
+    otherwise a ValueError says what differs (delete the root to regenerate it).
     """
     from raytopk.data.convert import convert  # local: convert imports nothing from here
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     raw, out = root / "raw", root / "parquet"
-    if not raw.is_dir():
+    stamp = {"generator": GENERATOR_VERSION, "days": days, "requests_per_day": requests_per_day,
+             "seed": seed, **gen_kwargs}  # fmt: skip
+    if raw.is_dir():
+        _check_stamp(raw, stamp)
+    else:
         tmp = root / f".raw-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             generate(tmp, days=days, requests_per_day=requests_per_day, seed=seed, **gen_kwargs)
+            (tmp / STAMP).write_text(json.dumps(stamp, sort_keys=True) + "\n")
             _publish(tmp, raw)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        _check_stamp(raw, stamp)  # a concurrent caller with other arguments may have won
     if not (out / "meta.json").is_file():
         tmp = root / f".parquet-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
@@ -432,3 +476,22 @@ def prepare_synthetic(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _check_stamp(raw: Path, want: dict) -> None:
+    path = raw / STAMP
+    try:
+        have = json.loads(path.read_text())
+    except FileNotFoundError:
+        have = {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable synthetic-data stamp ({e})") from None
+    diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    if diff:
+        what = ", ".join(
+            f"{k}: {have.get(k, 'absent')} there, {want.get(k, 'absent')} asked" for k in diff
+        )
+        raise ValueError(
+            f"synthetic data at {raw} was made with other settings ({what}); delete "
+            f"{raw.parent} to regenerate it, or point the synthetic root elsewhere"
+        )

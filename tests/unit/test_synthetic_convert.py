@@ -25,7 +25,9 @@ from raytopk.data import schema
 from raytopk.data.convert import MISSING_RANK_PRIORITY, convert, read_meta
 from raytopk.data.synthetic import build_world, day_names, generate, prepare_synthetic
 
-GEN = {"days": 2, "requests_per_day": 300, "users": 100, "items": 1000, "seed": 3}
+# rank_pos_quirks: missing rank_pos rows/keys too, so the round trip covers the converter's handling
+GEN = {"days": 2, "requests_per_day": 300, "users": 100, "items": 1000, "seed": 3,
+       "rank_pos_quirks": True}  # fmt: skip
 TZ = ZoneInfo(schema.TIME_ZONE)
 DAYS = day_names(GEN["days"])
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,6 +226,29 @@ def test_quirks_of_the_release_are_present(raw):
         assert (seq[:, schema.RAW_SEQ_FIELDS.index("time_ms")] < ts[rid]).all()
 
 
+def test_default_funnel_is_recflows(tmp_path):
+    """By default the rank stage passes exactly its top 10 (RecFlow's rank_pos): exactly 10 in
+    >= 95% of requests, never more, every rank_pos item in all_stage (its rank_index found)."""
+    kw = {k: v for k, v in GEN.items() if k != "rank_pos_quirks"}
+    raw = generate(tmp_path / "raw", **{**kw, "requests_per_day": 600})
+    counts = convert(raw, tmp_path / "out")
+    assert counts["rank_pos_missing_rank_index"] == 0
+    for day in DAYS:
+        d = _load(raw / "request_id_dict" / f"{day}.pkl")
+        assert all("rank_pos" in s for s in d.values())  # the key is never missing
+        n = np.array([len(s["rank_pos"]) for s in d.values()])
+        assert n.max() == 10 and n.min() >= 4 and (n == 10).mean() >= 0.95, np.bincount(n)
+        a = feather.read_table(raw / "all_stage" / f"{day}.feather").to_pandas()
+        per_req = a.groupby("request_id")["rank_pos"].sum()
+        assert per_req.to_dict() == {rid: len(s["rank_pos"]) for rid, s in d.items()}
+        t = pq.read_table(tmp_path / "out" / "requests" / f"day={day}")
+        prio = np.array(t["cand_priority"].to_pylist())
+        mask = np.array(t["cand_mask"].to_pylist())
+        rank_pos = (prio >= 20) & mask  # priority 30 - rank_index for rank_pos (SPEC.md §4.2)
+        want = [len(d[rid]["rank_pos"]) for rid in t["request_id"].to_pylist()]
+        np.testing.assert_array_equal(rank_pos.sum(1), want)
+
+
 def test_generator_is_deterministic(tmp_path):
     kw = {**GEN, "days": 1, "requests_per_day": 50}
     a, b = generate(tmp_path / "a", **kw), generate(tmp_path / "b", **kw)
@@ -381,6 +406,16 @@ def test_prepare_synthetic_is_idempotent_and_race_safe(tmp_path):
     stamp = (tmp_path / "parquet" / "meta.json").stat().st_mtime_ns
     assert prepare_synthetic(tmp_path, **kw) == paths[0]
     assert (tmp_path / "parquet" / "meta.json").stat().st_mtime_ns == stamp
+
+
+def test_prepare_synthetic_refuses_a_root_made_otherwise(tmp_path):
+    kw = {"days": 1, "requests_per_day": 60, "users": 50, "items": 500, "seed": 1}
+    prepare_synthetic(tmp_path, **kw)
+    with pytest.raises(ValueError, match=r"requests_per_day: 60 there, 80 asked.*delete"):
+        prepare_synthetic(tmp_path, **{**kw, "requests_per_day": 80})
+    (tmp_path / "raw" / "synthetic.json").unlink()  # made by the generator before the stamp
+    with pytest.raises(ValueError, match=r"generator: absent there, 2 asked"):
+        prepare_synthetic(tmp_path, **kw)
 
 
 def test_cli_round_trip(tmp_path, capsys):
