@@ -20,7 +20,7 @@ import sys
 import time
 
 from raytopk.data.convert import convert, incomplete_message
-from raytopk.data.synthetic import DENSITIES, generate
+from raytopk.data.synthetic import DENSITIES, P_SHORT_RANK, generate
 
 __all__ = ["main", "build_parser"]
 
@@ -39,9 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--density",
         choices=DENSITIES,
         default="default",
-        help="stage sizes: 'default' (~37 logged items per request, what the quickstart uses) "
-        "or 'recflow' (shaped like the real release: rank_pos 10, ~200 items per request; "
-        "needs --items >= 4900)",
+        help="stage sizes: 'default' (~35 logged items per request, what the quickstart uses) "
+        "or 'recflow' (shaped like the real release: ~200 items per request; needs --items >= "
+        "4900); rank_pos is the rank stage's top 10 in both",
+    )
+    s.add_argument(
+        "--p-short-rank",
+        type=float,
+        default=P_SHORT_RANK,
+        help="per request, probability that its rank stage saw fewer than 10 candidates "
+        f"(rank_pos 4..9, no rank_neg; default {P_SHORT_RANK})",
+    )
+    s.add_argument(
+        "--rank-pos-quirks",
+        action="store_true",
+        help="also drop 1%% of rank_pos items' all_stage rows and let the rank_pos key be "
+        "missing/empty (quirks a real reader would not survive; for converter tests)",
     )
     c = sub.add_parser("convert", help="convert a RecFlow layout to the parquet dataset")
     c.add_argument("--src", required=True, help="raw RecFlow directory (all_stage/, ...)")
@@ -74,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
             items=args.items,
             seed=args.seed,
             density=args.density,
+            p_short_rank=args.p_short_rank,
+            rank_pos_quirks=args.rank_pos_quirks,
         )
         dt = time.perf_counter() - t0
         n = args.days * args.requests_per_day

@@ -435,3 +435,12 @@ def test_cli_round_trip(tmp_path, capsys):
     res = main(["convert", "--src", str(raw), "--out", str(tmp_path / "pq")])
     assert res["days_skipped"] == [DAYS[1]] and res["days_converted"] == [DAYS[0]]
     assert json.loads((tmp_path / "pq" / "meta.json").read_text())["days"] == DAYS
+    # the funnel's knobs: every rank stage sees >= 10 candidates; the reader-hostile quirks on
+    main(["synthetic", "--out", str(tmp_path / "q"), "--days", "1", "--requests-per-day", "300",
+          "--users", "30", "--items", "400",
+          "--p-short-rank", "0", "--rank-pos-quirks"])  # fmt: skip
+    d = _load(tmp_path / "q" / "request_id_dict" / f"{DAYS[0]}.pkl")
+    n = [len(s["rank_pos"]) for s in d.values() if "rank_pos" in s]
+    assert len(n) < len(d) and set(n) <= {0, 10} and 10 in n
+    res = main(["convert", "--src", str(tmp_path / "q"), "--out", str(tmp_path / "pq_q")])
+    assert read_meta(tmp_path / "pq_q")["counts"]["rank_pos_missing_rank_index"] > 0
