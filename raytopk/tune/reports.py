@@ -81,8 +81,8 @@ def write_selection(
     """selection.csv (every selection trial) and selection.json (grids, chosen values, trials)."""
     out = Path(out)
     key = valid_metric(head)
-    cols = ["trial", "op", "sample_num", "seed", "param", "value", "status", key,
-            "train_seconds", "samples_seen", "wall_seconds"]
+    cols = ["trial", "op", "sample_num", "seed", "param", "value", "round", "status", key,
+            "train_seconds", "samples_seen", "wall_seconds"]  # round: 0 the grid, r >= 1 extensions
     _write_csv(out / "selection.csv", cols, rows)
     doc = {
         "metric": key,

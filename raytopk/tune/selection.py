@@ -12,6 +12,12 @@ Selection trials have ``run.test_eval=false`` and their ``data.test_day`` set to
 day is in none of their datasets. An operator without a parameter (a baseline such as ``bce``)
 has no grid and is not searched.
 
+A grid whose best value sits on its edge has not bracketed the optimum: ``edge_extensions``
+proposes, per (op, N) whose chosen value is the smallest (largest) value tried, one value a
+grid_factor further out; the study runs those (rounds up to ``study.grid_extend``) and chooses
+again over everything tried. The same rule for every operator, so no operator is searched wider
+than its own results ask for.
+
 Hopeless settings stop early: :class:`GroupedASHA` runs one ``AsyncHyperBandScheduler`` per
 (op, sample_num) group (settings compete only with settings of the same operator and N), on the
 training clock (``train_seconds``, or ``samples_seen`` for a sample budget) at the anytime
@@ -20,16 +26,20 @@ points.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
+from raytopk.metrics import headline_key
 from raytopk.train.anytime import valid_metric
-from raytopk.train.config import TrainConfig, from_dict, to_dict
+from raytopk.train.config import TrainConfig, from_dict, to_dict, validate
 
 __all__ = [
     "GroupedASHA",
     "choose",
+    "edge_extensions",
+    "run_selection",
     "op_param",
     "param_grid",
     "selection_trials",
@@ -135,6 +145,96 @@ def choose(rows: list[dict[str, Any]], headline: str) -> dict[str, dict[int, flo
     for (op, n), (_, _, v) in sorted(best.items()):
         out.setdefault(op, {})[n] = v
     return out
+
+
+def edge_extensions(
+    rows: list[dict[str, Any]], chosen: dict[str, dict[int, float]], factor: float
+) -> list[tuple[str, int, float]]:
+    """(op, sample_num, value) to try next: for each (op, N) whose chosen value is the smallest
+    (largest) value tried for it, the value ``factor`` further out, if not tried yet. A value
+    counts as tried whatever its status (ASHA-stopped or not fitting too); a grid of one value
+    extends both ways."""
+    tried: dict[tuple[str, int], set[float]] = {}
+    for r in rows:
+        if r.get("value") not in (None, ""):
+            tried.setdefault((str(r["op"]), int(r["sample_num"])), set()).add(float(r["value"]))
+    out = []
+    for op, by_n in sorted(chosen.items()):
+        for n, v in sorted(by_n.items()):
+            vals = tried.get((op, int(n)), {v})
+            for edge, new in ((min(vals), v / factor), (max(vals), v * factor)):
+                new = float(f"{new:.6g}")
+                if math.isclose(v, edge) and not any(math.isclose(new, t) for t in vals):
+                    out.append((op, int(n), new))
+    return out
+
+
+def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seed: int, out: Path,
+                  trainable: Any, conc: int, stages: int, verbose: bool
+                  ) -> dict[str, dict[int, float]]:
+    """The study's phase 1 on the connected Ray cluster: the grids under ASHA per (op, N), then
+    up to ``study.grid_extend`` rounds extending the grids whose best value is on their edge.
+    ``budgeted``: the study's trial config (budget, eval points, valid_day). Writes
+    selection.csv/json after each round (a re-run continues from it); returns
+    {op: {sample_num: chosen value}}."""
+    from raytopk.tune.experiments import run_experiment
+    from raytopk.tune.reports import write_selection
+
+    head = headline_key(stages)
+
+    def prepared(trials: list[dict[str, Any]], rnd: int) -> list[dict[str, Any]]:
+        for t in trials:
+            validate(from_dict(t["train"]))
+            t["mem_budget_gb"], t["round"] = study.mem_budget_gb, rnd
+        return trials
+
+    path = Path(out) / "selection.json"
+    if path.is_file():
+        doc = json.loads(path.read_text())
+        rows, grid = list(doc["trials"]), {op: list(v) for op, v in doc["grid"].items()}
+    else:
+        grid = {op: param_grid(op, study.grid_size, study.grid_factor, study.grids.get(op))
+                for op in ops}
+        sel = prepared(selection_trials(ops, study.sample_nums, seed, grid, budgeted, out,
+                                        study.loss_forms), 0)
+        rows = []
+        if sel:
+            by_seconds = study.budget_seconds > 0
+            budget = study.budget_seconds if by_seconds else float(study.max_samples)
+            sched = GroupedASHA(
+                metric=valid_metric(head),
+                time_attr="train_seconds" if by_seconds else "samples_seen",
+                max_t=budget, grace_period=budget / study.eval_points,
+                reduction_factor=study.asha_reduction,
+            )
+            if verbose:
+                print(f"[raytopk] selection: {len(sel)} trial(s) on validation day "
+                      f"{budgeted.run.valid_day}, seed {seed}", flush=True)
+            rows = run_experiment(study, f"{study.name}_select", sel, trainable, conc, sched,
+                                  stages, verbose)
+        write_selection(rows, choose(rows, head), grid, out, head)
+    chosen = choose(rows, head)
+    done = max((int(r.get("round") or 0) for r in rows), default=0)
+    for rnd in range(done + 1, study.grid_extend + 1):
+        ext = edge_extensions(rows, chosen, study.grid_factor)
+        if not ext:
+            break
+        sel = prepared([t for op, n, v in ext for t in selection_trials(
+            [op], [n], seed, {op: [v]}, budgeted, out, study.loss_forms)], rnd)
+        if verbose:
+            print(f"[raytopk] selection round {rnd}: best value on its grid's edge, trying "
+                  f"{ext}", flush=True)
+        # No scheduler: one value per (op, N), nothing in this round to compare it with.
+        new = run_experiment(study, f"{study.name}_select_ext{rnd}", sel, trainable, conc, None,
+                             stages, verbose)
+        for r in new:
+            r["round"] = rnd
+        rows += new
+        for op, _, v in ext:
+            grid[op] = sorted({*grid.get(op, []), v})
+        chosen = choose(rows, head)
+        write_selection(rows, chosen, grid, out, head)
+    return chosen
 
 
 def _scheduler_base() -> type:

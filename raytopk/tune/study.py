@@ -15,7 +15,9 @@ loop inside the trial's own process (``local``: no TorchTrainer start-up, ~25 s 
 1. Selection (``study.select``; raytopk.tune.selection): every operator's parameter over a
    log-spaced grid around its paper value, per sample_num, on one seed, evaluated on day v only
    (the test day is in none of these trials' datasets), with ASHA per (op, N) stopping hopeless
-   settings at the anytime points. Chosen: the best validation headline at the budget.
+   settings at the anytime points, then up to ``study.grid_extend`` rounds that extend a grid
+   whose best value is on its edge by one value a grid_factor further out. Chosen: the best
+   validation headline at the budget over everything tried.
 2. Final trials: every (op, sample_num, seed) with the chosen value, the same seeds for every
    operator (paired: same data order, negatives, initial weights), ``study.eval_points``
    validation evaluations over the budget (anytime curves), then the test day.
@@ -26,7 +28,9 @@ than the budget, a failure; a selection trial stopped early is recorded as such.
 
 Outputs in ``study.output_dir`` (raytopk.tune.reports): results.csv, results.md, anytime.csv,
 anytime.png, sample_scaling.png, selection.csv and selection.json. Re-running the same command
-continues the study (Tune restore; selection.json is reused once written).
+continues the study: selection.json is reused (and its pending extension rounds run), and a final
+trial that an earlier final experiment already ran with the same training config
+(raytopk.tune.experiments.config_digest) is not run again.
 """
 
 from __future__ import annotations
@@ -41,19 +45,17 @@ import yaml
 
 from raytopk import ray_env
 from raytopk.data import schema
-from raytopk.metrics import headline_key, metric_keys
-from raytopk.train.anytime import valid_metric
+from raytopk.metrics import metric_keys
 from raytopk.train.config import ConfigError, TrainConfig, from_dict, load_schema, to_dict, validate
 from raytopk.train.resources import plan_resources
-from raytopk.tune.reports import RESULT_COLUMNS, result_columns, write_reports, write_selection
-from raytopk.tune.selection import (
-    GroupedASHA,
-    choose,
-    op_param,
-    param_grid,
-    selection_trials,
-    split_validation,
+from raytopk.tune.experiments import (
+    config_digest,
+    earlier_final_rows,
+    final_tag,
+    run_experiment,
 )
+from raytopk.tune.reports import RESULT_COLUMNS, result_columns, write_reports
+from raytopk.tune.selection import op_param, run_selection, split_validation
 
 __all__ = [
     "StudyConfig",
@@ -85,6 +87,9 @@ class StudyConfig:
     grid_size: int = 5  # values per op: paper value * grid_factor^j, j centred on 0
     grid_factor: float = 3.0
     grids: dict[str, list[float]] = field(default_factory=dict)  # explicit grids per op
+    # Rounds of edge extension: an (op, N) whose best value is the smallest/largest tried gets
+    # one value a grid_factor further out per round (selection.edge_extensions); 0: none.
+    grid_extend: int = 2
     select_seed: int = -1  # the seed selection trials use; -1: the first of seeds
     asha_reduction: float = 3.0  # ASHA's reduction factor (keeps the top 1/r at each rung)
     eval_points: int = 6  # validation evaluations per trial over its budget (anytime curves)
@@ -160,6 +165,8 @@ def _check_study(s: StudyConfig, base: TrainConfig) -> None:
         raise ConfigError("study.trial_backend=local runs one worker: study.workers_per_trial=1")
     if s.eval_points < 0 or (s.select and s.eval_points < 1):
         raise ConfigError(f"study.eval_points should be >= 1 with selection, got {s.eval_points}")
+    if s.grid_extend < 0:
+        raise ConfigError(f"study.grid_extend should be >= 0 but got {s.grid_extend}")
     if s.grid_size < 1 or s.grid_factor <= 1 or s.asha_reduction <= 1:
         raise ConfigError(
             f"study.grid_size={s.grid_size} (>= 1), study.grid_factor={s.grid_factor} (> 1), "
@@ -170,8 +177,10 @@ def _check_study(s: StudyConfig, base: TrainConfig) -> None:
 _TRIAL_CPU = 0.1  # the CPU of a trial's own function (Tune rejects 0), beside its workers
 
 
-def trial_name(op: str, sample_num: int, seed: int) -> str:
-    return f"{op}-n{sample_num}-s{seed}"
+def trial_name(op: str, sample_num: int, seed: int, param: str = "", value: float = 0.0) -> str:
+    """``op-nN[-paramV]-sS``: the parameter value is part of a final trial's name (and so of
+    its output directory), so a trial whose chosen value changed never resumes the old one."""
+    return f"{op}-n{sample_num}{f'-{param}{value:g}' if param else ''}-s{seed}"
 
 
 def step_bytes(op: str, batch_size: int, num_candidates: int, num_stages: int = 2) -> int:
@@ -215,12 +224,13 @@ def trial_configs(
         for n in study.sample_nums:
             for seed in study.seeds:
                 cfg = from_dict(to_dict(budgeted))
-                name = trial_name(op, n, seed)
                 cfg.op.name = op
                 cfg.op.params = dict(study.op_params.get(op, {}))
                 cfg.loss.form = resolve_form(op, study.loss_forms.get(op, "auto"))
                 if chosen and p is not None and n in chosen.get(op, {}):
                     cfg.op.params[p[0]] = chosen[op][n]
+                value = (p[0], cfg.op.params.get(p[0], p[1])) if p else ()
+                name = trial_name(op, n, seed, *value)
                 cfg.data.sample_num = n
                 cfg.run.seed, cfg.run.name = seed, name
                 cfg.run.output_dir = str(out_root / "trials" / name)
@@ -314,48 +324,6 @@ def resolve_base(study: StudyConfig, base: TrainConfig, out: Path) -> TrainConfi
     return split_validation(base)
 
 
-def _tune(study: StudyConfig, name: str, trials: list[dict[str, Any]], trainable: Any,
-          conc: int, scheduler: Any, stages: int, verbose: bool) -> list[dict[str, Any]]:
-    """Run (or continue) one Tune experiment over ``trials``; one row per trial."""
-    import ray.tune
-    from ray.tune import RunConfig, TuneConfig, Tuner
-
-    storage = Path(study.storage_path).resolve() if study.storage_path else (
-        Path(study.output_dir).resolve() / "tune")
-    exp_dir = storage / name
-    if Tuner.can_restore(str(exp_dir)):
-        if verbose:
-            print(f"[raytopk] continuing the study in {exp_dir}", flush=True)
-        tuner = Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
-    else:
-        tuner = Tuner(
-            trainable,
-            param_space={"trial": ray.tune.grid_search(trials)},
-            tune_config=TuneConfig(max_concurrent_trials=conc, scheduler=scheduler),
-            run_config=RunConfig(name=name, storage_path=str(storage), verbose=0),
-        )
-    rows = []
-    clock = "samples_seen" if study.budget_seconds <= 0 else "train_seconds"
-    for result in tuner.fit():
-        m = dict(result.metrics or {})
-        t = (result.config or {}).get("trial") or {}
-        if "status" not in m:  # no final report: stopped early by ASHA, or died
-            head = valid_metric(headline_key(stages))
-            if result.error is None and head in m:
-                why = (f"stopped early (ASHA) at {clock}={float(m.get(clock, 0)):g} with "
-                       f"{head}={float(m[head]):.4f}")
-            else:
-                why = "failed: " + (str(result.error)[:300] if result.error else "no final report")
-            last = {k: m[k] for k in (clock, head) if k in m and result.error is None}
-            ident = ("trial", "phase", "op", "loss_form", "sample_num", "seed", "param",
-                     "value")
-            m = {**{k: t.get(k, "") for k in ident}, **last, "status": why}
-        rows.append(m)
-    rows.sort(key=lambda r: (str(r.get("op")), int(r.get("sample_num") or 0),
-                             float(r.get("value") or 0), int(r.get("seed") or 0)))
-    return rows
-
-
 def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) -> list[dict]:
     """Run (or continue) the study on the connected Ray cluster: selection on the validation
     day, then the final trials; returns the final rows and writes the reports."""
@@ -366,7 +334,6 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
     out.mkdir(parents=True, exist_ok=True)
     base = resolve_base(study, base, out)
     stages = len(base.model.stages)
-    head = headline_key(stages)
     cluster = ray.cluster_resources()
     use_gpu = base.scaling.use_gpu is True or (
         base.scaling.use_gpu == "auto" and cluster.get("GPU", 0) > 0
@@ -402,42 +369,24 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
         )
 
     chosen: dict[str, dict[int, float]] = {}
-    sel_path = out / "selection.json"
-    if study.select and sel_path.is_file():
-        chosen = {op: {int(n): v for n, v in d.items()}
-                  for op, d in json.loads(sel_path.read_text())["chosen"].items()}
-    elif study.select:
-        grid = {op: param_grid(op, study.grid_size, study.grid_factor, study.grids.get(op))
-                for op in ops}
+    if study.select:
         seed = study.select_seed if study.select_seed >= 0 else study.seeds[0]
-        sel = selection_trials(ops, study.sample_nums, seed, grid, _budgeted(study, base), out,
-                               study.loss_forms)
-        for t in sel:
-            validate(from_dict(t["train"]))
-            t["mem_budget_gb"] = study.mem_budget_gb
-        if sel:
-            by_seconds = study.budget_seconds > 0
-            budget = study.budget_seconds if by_seconds else float(study.max_samples)
-            sched = GroupedASHA(
-                metric=valid_metric(head),
-                time_attr="train_seconds" if by_seconds else "samples_seen",
-                max_t=budget, grace_period=budget / study.eval_points,
-                reduction_factor=study.asha_reduction,
-            )
-            if verbose:
-                print(f"[raytopk] selection: {len(sel)} trial(s) on validation day "
-                      f"{base.run.valid_day}, seed {seed}", flush=True)
-            rows = _tune(study, f"{study.name}_select", sel, trainable, conc, sched, stages,
-                         verbose)
-            chosen = choose(rows, head)
-            write_selection(rows, chosen, grid, out, head)
+        chosen = run_selection(study, _budgeted(study, base), ops, seed, out, trainable, conc,
+                               stages, verbose)
 
     trials = trial_configs(study, base, chosen)
     for t in trials:  # every trial config must be valid before anything runs
         validate(from_dict(t["train"]))
         t["mem_budget_gb"] = study.mem_budget_gb
+    # A trial an earlier final experiment ran with the same training config is not run again.
+    earlier = earlier_final_rows(study, trainable)
+    todo = [t for t in trials if config_digest(t["train"]) not in earlier]
+    rows = [earlier[d] for d in (config_digest(t["train"]) for t in trials) if d in earlier]
     if verbose:
-        print(f"[raytopk] final: {len(trials)} trial(s), chosen {chosen}", flush=True)
-    rows = _tune(study, study.name, trials, trainable, conc, None, stages, verbose)
+        print(f"[raytopk] final: {len(trials)} trial(s), {len(rows)} run earlier; chosen "
+              f"{chosen}", flush=True)
+    if todo:
+        rows += run_experiment(study, f"{study.name}_final_{final_tag(todo)}", todo, trainable,
+                               conc, None, stages, verbose)
     write_reports(rows, out, stages, reference=study.reference_op)
     return rows

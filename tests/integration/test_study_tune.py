@@ -29,6 +29,7 @@ def test_selection_then_paired_final_trials(ray_cluster: Any, tmp_path: Path) ->
             "study.select=true",
             "study.grid_size=2",
             "study.grid_factor=10",
+            "study.grid_extend=1",
             "study.eval_points=3",
             "study.budget_seconds=2",
             "study.cpus_per_worker=1",
@@ -47,7 +48,15 @@ def test_selection_then_paired_final_trials(ray_cluster: Any, tmp_path: Path) ->
     ]
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
     sel = json.loads((out / "selection.json").read_text())
-    assert len(sel["trials"]) == 4 and set(sel["chosen"]) == {"dftopk", "softsort"}
+    assert set(sel["chosen"]) == {"dftopk", "softsort"}
+    # A grid of 2 values always has its best on an edge: one extension round, one value a
+    # factor 10 further out per op, run without ASHA and chosen from with the rest.
+    first = [t for t in sel["trials"] if not t.get("round")]
+    ext = [t for t in sel["trials"] if t.get("round") == 1]
+    assert len(first) == 4 and len(ext) == 2, sel["trials"]
+    for t in ext:
+        vals = sorted(f["value"] for f in first if f["op"] == t["op"])
+        assert t["value"] in (vals[0] / 10, vals[-1] * 10) and t["value"] in sel["grid"][t["op"]]
     for op, d in sel["chosen"].items():
         assert d["0"] in sel["grid"][op]
         chosen = {json.loads(r["op_params"])[next(iter(json.loads(r["op_params"])))]
@@ -65,3 +74,9 @@ def test_selection_then_paired_final_trials(ray_cluster: Any, tmp_path: Path) ->
         assert len(list(csv.DictReader(f))) == 12
     md = (out / "results.md").read_text()
     assert "Parameter selection (validation day" in md and "vs dftopk (paired)" in md
+    # The same command again: selection and every final trial are found done, nothing re-runs.
+    finals = sorted(p.name for p in (out / "tune").iterdir() if "_final_" in p.name)
+    again = run_study(study, base, verbose=False)
+    assert sorted(p.name for p in (out / "tune").iterdir() if "_final_" in p.name) == finals
+    assert sorted((r["trial"], r["joint_recall@10@20"]) for r in again) == sorted(
+        (r["trial"], r["joint_recall@10@20"]) for r in rows)

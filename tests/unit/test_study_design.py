@@ -16,8 +16,15 @@ from raytopk.ops import get_spec, list_ops
 from raytopk.train.config import from_dict, to_dict
 from raytopk.train.driver import dataset_specs
 from raytopk.train.prepare import prepare
+from raytopk.tune.experiments import config_digest, final_tag
 from raytopk.tune.reports import write_reports
-from raytopk.tune.selection import GroupedASHA, choose, param_grid, selection_trials
+from raytopk.tune.selection import (
+    GroupedASHA,
+    choose,
+    edge_extensions,
+    param_grid,
+    selection_trials,
+)
 from raytopk.tune.stats import paired_difference, t_interval, time_to_fraction, verdict
 from raytopk.tune.study import StudyConfig, _budgeted, load_study, resolve_base, trial_configs
 
@@ -152,14 +159,54 @@ def test_selection_trials_never_hold_the_test_day(tiny: Path, tmp_path: Path) ->
         assert cfg.cfg.run.eval_points == study.eval_points and not cfg.cfg.run.test_eval
     final = trial_configs(study, resolved, {"dftopk": {0: 1500.0}})
     by = {t["trial"]: from_dict(t["train"]) for t in final}
-    d0 = by["dftopk-n0-s42"]
+    d0 = by["dftopk-n0-tau1500-s42"]  # the value is in the name: a new value, a new trial dir
     assert d0.op.params == {"tau": 1500.0} and d0.data.test_day == test_day
     assert d0.run.valid_day == valid_day and d0.run.eval_points == study.eval_points
     specs = dataset_specs(prepare(d0))
     assert specs["test"].days == (test_day,) and specs["valid"].days == (valid_day,)
     # Paired seeds: every op's trial at one seed has the same data settings and seed.
-    a, b = to_dict(by["dftopk-n0-s42"]), to_dict(by["softsort-n0-s42"])
+    a, b = to_dict(by["dftopk-n0-tau1500-s42"]), to_dict(by["softsort-n0-tau50-s42"])
     assert a["data"] == b["data"] and a["run"]["seed"] == b["run"]["seed"]
+
+
+def test_edge_extensions_bracket_the_best_value() -> None:
+    def row(op, n, v, status="ok"):
+        return {"op": op, "sample_num": n, "value": v, "status": status}
+
+    rows = [row("dftopk", 0, v) for v in (5.0, 500.0, 50000.0)]
+    rows += [row("dftopk", 40, v) for v in (5.0, 500.0)] + [row("dftopk", 40, 50000.0, "stopped")]
+    rows += [row("lapsum", 0, v) for v in (0.05, 5.0, 500.0)]
+    rows += [row("neuralsort", 0, 50.0)]
+    chosen = {"dftopk": {0: 5.0, 40: 50000.0}, "lapsum": {0: 5.0}, "neuralsort": {0: 50.0}}
+    got = edge_extensions(rows, chosen, 100.0)
+    # low edge -> one step lower; an ASHA-stopped value still counts as tried (its edge too);
+    # an inside value -> nothing; a grid of one value -> both ways
+    assert got == [("dftopk", 0, 0.05), ("dftopk", 40, 5e6), ("neuralsort", 0, 0.5),
+                   ("neuralsort", 0, 5000.0)]
+    rows += [row("dftopk", 0, 0.05)]
+    assert ("dftopk", 0, 0.0005) in edge_extensions(rows, {"dftopk": {0: 0.05}}, 100.0)
+    assert edge_extensions(rows, {"dftopk": {0: 5.0}}, 100.0) == []  # now inside
+
+
+def test_trial_identity_is_what_it_trains(tmp_path: Path) -> None:
+    study, base = load_study(CONFIGS / "sample_scaling_quick.yaml",
+                             [f"study.output_dir={tmp_path}", "study.seeds=[1]"])
+    a = {t["trial"]: t for t in trial_configs(study, base, {"dftopk": {0: 5.0}})}
+    b = {t["trial"]: t for t in trial_configs(study, base, {"dftopk": {0: 0.05}})}
+    assert "dftopk-n0-tau5-s1" in a and "dftopk-n0-tau0.05-s1" in b
+    same = [n for n in a if n in b]
+    assert "lapsum-n0-alpha5-s1" in same and "bce-n0-s1" in same
+    for n in same:  # unchanged trials: the same digest -> not run again
+        assert config_digest(a[n]["train"]) == config_digest(b[n]["train"])
+    da, db = config_digest(a["dftopk-n0-tau5-s1"]["train"]), config_digest(
+        b["dftopk-n0-tau0.05-s1"]["train"])
+    assert da != db
+    moved = json.loads(json.dumps(a["lapsum-n0-alpha5-s1"]["train"]))
+    moved["run"]["output_dir"], moved["run"]["name"] = "/elsewhere", "renamed"
+    assert config_digest(moved) == config_digest(a["lapsum-n0-alpha5-s1"]["train"])
+    moved["optim"]["lr"] = 0.5
+    assert config_digest(moved) != config_digest(a["lapsum-n0-alpha5-s1"]["train"])
+    assert final_tag(list(a.values())) != final_tag(list(b.values()))
 
 
 def test_study_rejects_bad_design_keys() -> None:
@@ -172,6 +219,8 @@ def test_study_rejects_bad_design_keys() -> None:
         load_study(path, ["study.trial_backend=slurm"])
     with pytest.raises(ConfigError, match="eval_points"):
         load_study(path, ["study.select=true", "study.eval_points=0"])
+    with pytest.raises(ConfigError, match="grid_extend"):
+        load_study(path, ["study.grid_extend=-1"])
     assert StudyConfig().reference_op == "dftopk"
 
 
