@@ -161,12 +161,12 @@ def test_quick_study_on_two_nodes_and_resume(two_node_cluster: str, tmp_path: Pa
     assert len({r["node"] for r in rows}) == 2, rows  # one trial per node (study_slot)
     assert (out / "results.md").is_file() and (out / "sample_scaling.png").is_file()
 
-    # Same command again: Tune restores the study; the finished trials are not run again.
+    # Same command again: the finished trials are found (same training config) and not run again.
     before = {r["trial"]: r["wall_seconds"] for r in rows}
     again = _submit(two_node_cluster, out, timeout=300)
     log2 = again.stdout + again.stderr
     assert again.returncode == 0, log2[-4000:]
-    assert "continuing the study" in log2
+    assert "final: 2 trial(s), 2 run earlier" in log2, log2[-3000:]
     with (out / "results.csv").open() as f:
         rows2 = list(csv.DictReader(f))
     assert {r["trial"]: r["wall_seconds"] for r in rows2} == before
