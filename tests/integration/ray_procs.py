@@ -14,10 +14,20 @@ from pathlib import Path
 __all__ = ["free_port", "pids_with", "stop_processes"]
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port, never one this process handed out before: the OS may give a just-released
+    port again, and two Ray components on one port fail `ray start` ("is trying to use a port
+    number ... that is used by other components")."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def pids_with(marker: str) -> list[int]:
