@@ -199,6 +199,15 @@ def expand_days(entries: list[str], key: str = "data.train_days") -> list[str]:
     return days
 
 
+def _one_day(key: str, day: str, train_days: list[str]) -> None:
+    """``key`` names one valid day YYYY-MM-DD that is not a training day (a test/validation day)."""
+    if ".." in day:
+        raise ConfigError(f"{key} must be one day YYYY-MM-DD, got {day!r}")
+    expand_days([day], key)
+    if day in train_days:
+        raise ConfigError(f"{key} {day} is also a training day")
+
+
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
@@ -258,11 +267,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         )
     cfg.data.train_days = expand_days(d.train_days)
     if d.test_day:
-        if ".." in d.test_day:
-            raise ConfigError(f"data.test_day must be one day YYYY-MM-DD, got {d.test_day!r}")
-        expand_days([d.test_day], "data.test_day")
-        if d.test_day in cfg.data.train_days:
-            raise ConfigError(f"data.test_day {d.test_day} is also a training day")
+        _one_day("data.test_day", d.test_day, cfg.data.train_days)
     _positive("data.sample_num", d.sample_num, allow_zero=True)
     _positive("data.batch_size", d.batch_size)
     _positive("data.eval_batch_size", d.eval_batch_size)
@@ -301,11 +306,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _positive("run.eval_max_batches", r.eval_max_batches, allow_zero=True)
     _positive("run.eval_points", r.eval_points, allow_zero=True)
     if r.valid_day:
-        if ".." in r.valid_day:
-            raise ConfigError(f"run.valid_day must be one day YYYY-MM-DD, got {r.valid_day!r}")
-        expand_days([r.valid_day], "run.valid_day")
-        if r.valid_day in cfg.data.train_days:
-            raise ConfigError(f"run.valid_day {r.valid_day} is also a training day")
+        _one_day("run.valid_day", r.valid_day, cfg.data.train_days)
         if r.test_eval and r.valid_day == d.test_day:
             raise ConfigError(
                 f"run.valid_day {r.valid_day} is the test day: validation must be another day"
