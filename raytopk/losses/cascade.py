@@ -241,6 +241,7 @@ def stage_membership(
     out. ``form`` = ``bce_log`` computes LapSum's logs from its threshold (losses.forms).
     """
     keep = mask & ~decided.unsqueeze(-1)
+    u = None  # sparse top-k's unclipped membership, form hinge only
     if op in ("dftopk", "bce"):
         if op == "dftopk":
             from raytopk.ops.dftopk import dftopk_logits
@@ -263,9 +264,7 @@ def stage_membership(
     full = decided.unsqueeze(-1)
     log_p = torch.where(full, torch.zeros_like(log_p), log_p)
     p = torch.where(full, torch.ones_like(p), p)
-    if op == "sparse_topk" and form == "hinge":
-        return Membership(log_p, log_1mp, p, u)
-    return Membership(log_p, log_1mp, p)
+    return Membership(log_p, log_1mp, p, u)
 
 
 def stage_log_membership(
