@@ -380,8 +380,9 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
         t["mem_budget_gb"] = study.mem_budget_gb
     # A trial an earlier final experiment ran with the same training config is not run again.
     earlier = earlier_final_rows(study, trainable)
-    todo = [t for t in trials if config_digest(t["train"]) not in earlier]
-    rows = [earlier[d] for d in (config_digest(t["train"]) for t in trials) if d in earlier]
+    digests = [config_digest(t["train"]) for t in trials]
+    todo = [t for t, d in zip(trials, digests) if d not in earlier]
+    rows = [earlier[d] for d in digests if d in earlier]
     if verbose:
         print(f"[raytopk] final: {len(trials)} trial(s), {len(rows)} run earlier; chosen "
               f"{chosen}", flush=True)
