@@ -13,37 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from local_runs import DAYS, TEST_DAY, local_config
 
 from raytopk.data import schema
 from raytopk.metrics import metric_keys
-from raytopk.train.config import TrainConfig, load_config
+from raytopk.train.config import TrainConfig
 from raytopk.train.driver import run
 from raytopk.train.prepare import latest_checkpoint
 
-DAYS = ["2024-01-13", "2024-01-14"]
-TEST_DAY = "2024-01-15"
-
-
 
 def _cfg(data: Path, out: Path, *extra: str) -> TrainConfig:
-    return load_config(
-        None,
-        [
-            f"data.path={data}",
-            f"data.train_days=[{DAYS[0]}..{DAYS[-1]}]",
-            f"data.test_day={TEST_DAY}",
-            "data.batch_size=32",
-            "data.eval_batch_size=40",
-            "data.sample_num=8",
-            "scaling.use_gpu=false",
-            "scaling.cpus_per_worker=1",
-            "run.backend=local",
-            "run.report_every_steps=2",
-            "run.corpus_ms=[20]",
-            f"run.output_dir={out}",
-            "run.name=local",
-            *extra,
-        ],
+    return local_config(
+        data, out, "run.report_every_steps=2", "run.corpus_ms=[20]", "run.name=local", *extra
     )
 
 

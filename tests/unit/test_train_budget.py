@@ -11,36 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from local_runs import DAYS, local_config
 
 from raytopk.train import local as local_backend
-from raytopk.train.config import TrainConfig, load_config
+from raytopk.train.config import TrainConfig
 from raytopk.train.driver import run
-
-DAYS = ["2024-01-13", "2024-01-14"]
-
 
 
 def _cfg(data: Path, out: Path, *extra: str) -> TrainConfig:
-    return load_config(
-        None,
-        [
-            f"data.path={data}",
-            f"data.train_days=[{DAYS[0]}..{DAYS[-1]}]",
-            "data.test_day=2024-01-15",
-            "data.batch_size=32",
-            "data.eval_batch_size=40",
-            "data.sample_num=8",
-            "scaling.use_gpu=false",
-            "scaling.cpus_per_worker=1",
-            "run.backend=local",
-            "run.report_every_steps=1",
-            "run.eval_max_batches=1",
-            "run.corpus_ms=[]",
-            f"run.output_dir={out}",
-            "run.name=budget",
-            *extra,
-        ],
-    )
+    return local_config(data, out, "run.report_every_steps=1", "run.eval_max_batches=1",
+                        "run.corpus_ms=[]", "run.name=budget", *extra)  # fmt: skip
 
 
 def _step_clock(out: Path) -> list[float]:
