@@ -33,7 +33,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["sync", "time_fn", "interleaved", "calibrated_interleaved", "peak_memory"]
+__all__ = [
+    "sync",
+    "time_fn",
+    "interleaved",
+    "calibrated_interleaved",
+    "timing_record",
+    "peak_memory",
+]
 
 _MMAP_PINNED = False
 
@@ -182,3 +189,18 @@ def calibrated_interleaved(
     once = time.perf_counter() - t0
     rounds = int(max(min_rounds, min(max_rounds, max_seconds / max(once, 1e-6))))
     return interleaved(fns, device, rounds, warmup=warmup), rounds
+
+
+def timing_record(
+    b: int, n: int, k: int, mode: str, med: dict[str, float], rounds: int
+) -> dict[str, object]:
+    """One (B, N, k, mode) row of an interleaved comparison: its rounds and every fn's median
+    in milliseconds (the caller adds its ratios)."""
+    return {
+        "B": b,
+        "N": n,
+        "k": k,
+        "mode": mode,
+        "rounds": rounds,
+        "ms": {name: round(s * 1e3, 4) for name, s in med.items()},
+    }

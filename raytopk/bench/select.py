@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from raytopk.bench.harness import calibrated_interleaved
+from raytopk.bench.harness import calibrated_interleaved, timing_record
 from raytopk.bench.reference import authors_dftopk_logits, elementwise_floor_loss
 from raytopk.bench.sweeps import HEADLINE_SHAPES
 from raytopk.ops.dftopk import DEFAULT_TAU, TORCH_SELECTS, dftopk_logits
@@ -116,14 +116,7 @@ def compare_selects(
             med, rounds = calibrated_interleaved(
                 fns, dev, max_seconds, min_rounds=3, max_rounds=max_rounds, warmup=1
             )
-            rec = {
-                "B": b,
-                "N": n,
-                "k": k,
-                "mode": mode,
-                "rounds": rounds,
-                "ms": {name: round(s * 1e3, 4) for name, s in med.items()},
-            }
+            rec = timing_record(b, n, k, mode, med, rounds)
             best = min((s for s in med if s.startswith("dftopk")), key=med.__getitem__)
             rec["fastest"] = best
             rec["fastest_vs_authors"] = round(med["authors_dftopk"] / med[best], 2)

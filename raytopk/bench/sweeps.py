@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from raytopk.bench.cost import complexity_exponent, estimate_seconds
-from raytopk.bench.harness import calibrated_interleaved, peak_memory, time_fn
+from raytopk.bench.harness import calibrated_interleaved, peak_memory, time_fn, timing_record
 from raytopk.bench.reference import (
     authors_dftopk_logits,
     elementwise_floor_loss,
@@ -359,14 +359,7 @@ def headline(
             med, rounds = calibrated_interleaved(
                 fns, device, max_seconds, min_rounds=5, max_rounds=200
             )
-            rec = {
-                "B": b,
-                "N": n,
-                "k": k,
-                "mode": mode,
-                "rounds": rounds,
-                "ms": {name: round(s * 1e3, 4) for name, s in med.items()},
-            }
+            rec = timing_record(b, n, k, mode, med, rounds)
             rec["speedup_vs_authors"] = round(med["authors_dftopk"] / med["dftopk"], 2)
             rec["speedup_vs_sort"] = round(med["full_sort"] / med["dftopk"], 2)
             rec["over_floor"] = round(med["dftopk"] / med["elementwise_floor"], 2)
