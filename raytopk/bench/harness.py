@@ -37,6 +37,7 @@ __all__ = [
     "sync",
     "time_fn",
     "interleaved",
+    "interleaved_times",
     "calibrated_interleaved",
     "timing_record",
     "peak_memory",
@@ -155,6 +156,15 @@ def interleaved(
     """Median seconds per call of each fn, measured in rounds that call every fn once, in a
     rotating order: on a shared machine a burst of load hits every line alike, so the ratios
     between lines stay meaningful even when the absolute times drift."""
+    times = interleaved_times(fns, device, rounds, warmup)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def interleaved_times(
+    fns: dict[str, Callable[[], object]], device: torch.device | str, rounds: int, warmup: int = 3
+) -> dict[str, list[float]]:
+    """Every round's seconds per fn, for :func:`interleaved` (which keeps the medians) and for
+    callers that report a spread."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -168,7 +178,7 @@ def interleaved(
             fns[name]()
             sync(device)
             times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def calibrated_interleaved(

@@ -25,8 +25,13 @@ SCORERS: dict[str, type[nn.Module]] = {"dssm": RetrievalDSSM, "din": PrerankDIN}
 SCORER_KINDS: tuple[str, ...] = tuple(SCORERS)  # the config's model.stages values
 
 
-def build_scorer(kind: str, vocab: Mapping[str, int], dim: int = 8) -> nn.Module:
-    """A fresh scorer of ``kind`` ("dssm" or "din") with embedding dimension ``dim``."""
+def build_scorer(
+    kind: str, vocab: Mapping[str, int], dim: int = 8, attention: str = "auto"
+) -> nn.Module:
+    """A fresh scorer of ``kind`` ("dssm" or "din") with embedding dimension ``dim``;
+    ``attention`` picks DIN's attention path (raytopk.models.attention; unused by "dssm")."""
     if kind not in SCORERS:
         raise ValueError(f"unknown scorer kind {kind!r}; valid kinds: {sorted(SCORERS)}")
+    if kind == "din":
+        return PrerankDIN(vocab, dim=dim, attention=attention)
     return SCORERS[kind](vocab, dim=dim)

@@ -13,10 +13,12 @@ upload_type), c = the candidate's embedding over the same 5 fields (5d), m_t = s
 
 Vectorised over (B, N, L): W₁[e_t; c] = W_e e_t + W_c c, so the first layer costs O((L + N)·H)
 per request and only the ReLU/second layer touch the (B, N, L, H) block. That block is the
-model's memory peak (B=1024, N=200, L=50, H=80 is 3.3 GB in float32), so candidates are processed
-in blocks of at most ``attn_chunk_elems`` elements; under autograd the blocks are
-gradient-checkpointed (recomputed in backward) so only one block is alive at a time. At the
-paper's training shape (B=1024, N=40) the whole block fits the default budget and runs unchunked.
+model's memory peak (B=1024, N=200, L=50, H=80 is 3.3 GB in float32). On CPU the score
+w₂ᵀ ReLU(·) + b₂ is computed by a fused kernel that never builds the block, forward or backward
+(raytopk/models/attention.py, with its closed-form backward); ``attention="auto"`` picks it on CPU.
+The plain path ("reference", and "auto" off the CPU) builds the block in candidate chunks of at
+most ``attn_chunk_elems`` elements; under autograd the chunks are gradient-checkpointed
+(recomputed in backward) so only one is alive at a time.
 
 Deviation from the authors' code: the softmax is masked (padded behaviours get weight exactly 0)
 and an empty history gives interest 0 instead of NaN or an average of padding.
@@ -33,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from raytopk.data import schema
 from raytopk.data.batch import CascadeBatch
+from raytopk.models.attention import attention_scores, resolve_impl
 from raytopk.models.embeddings import FeatureEmbeddings
 from raytopk.models.layers import mlp
 from raytopk.nn import masked_softmax
@@ -54,7 +57,9 @@ class PrerankDIN(nn.Module):
         dim: embedding dimension d.
         attn_hidden: H, hidden width of the attention MLP.
         hidden: widths of the scoring MLP (the final width-1 output layer is added).
-        attn_chunk_elems: memory budget, in elements, of one (B, n, L, H) attention block.
+        attn_chunk_elems: memory budget, in elements, of one (B, n, L, H) block (plain path).
+        attention: "auto" (fused on CPU, plain elsewhere), "fused" or "reference" (the plain
+            path); see raytopk.models.attention.
     """
 
     def __init__(
@@ -64,10 +69,13 @@ class PrerankDIN(nn.Module):
         attn_hidden: int = 80,
         hidden: Sequence[int] = (128, 128, 32),
         attn_chunk_elems: int = 2**28,
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         if attn_chunk_elems < 1:
             raise ValueError(f"'attn_chunk_elems' should be >= 1 but got {attn_chunk_elems}")
+        resolve_impl(attention, "cpu")  # a bad name fails here, not at the first batch
+        self.attention = attention
         self.emb = FeatureEmbeddings(vocab, dim)
         e_dim = len(schema.SEQ_FIELDS) * dim  # 5d
         self.attn_in = nn.Linear(2 * e_dim, attn_hidden)  # on [e_t; c]
@@ -82,8 +90,7 @@ class PrerankDIN(nn.Module):
         self, pe: torch.Tensor, pc: torch.Tensor, seq: torch.Tensor, seq_mask: torch.Tensor
     ) -> torch.Tensor:
         """pe (B, L, H), pc (B, n, H), seq (B, L, 5d), seq_mask (B, L) -> interest (B, n, 5d)."""
-        h = (pe.unsqueeze(1) + pc.unsqueeze(2)).relu_()  # (B, n, L, H); add's output is ours
-        a = F.linear(h, self.attn_out.weight, self.attn_out.bias).squeeze(-1)  # (B, n, L)
+        a = attention_scores(pe, pc, self.attn_out.weight, self.attn_out.bias, self.attention)
         # masked_softmax leaves an empty history finite and uniform; the mask zeroes it.
         alpha = masked_softmax(a, seq_mask) * seq_mask.unsqueeze(1).to(a.dtype)  # (B, n, L)
         return torch.matmul(alpha, seq)  # (B, n, 5d)
@@ -94,6 +101,8 @@ class PrerankDIN(nn.Module):
         pe = F.linear(seq, w_e)  # (B, L, H)
         pc = F.linear(c, w_c, self.attn_in.bias)  # (B, N, H)
         b, n, hid = pc.shape
+        if resolve_impl(self.attention, pc.device) == "fused":
+            return self._attend(pe, pc, seq, seq_mask)  # no block to bound: one call
         per_cand = b * seq.shape[1] * hid
         chunk = max(1, self.attn_chunk_elems // max(1, per_cand))
         if chunk >= n:

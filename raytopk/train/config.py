@@ -86,6 +86,9 @@ class DataConfig:
 class ModelConfig:
     stages: list[str] = field(default_factory=lambda: ["dssm", "din"])  # cascade, first to last
     dim: int = 8  # embedding dimension (SPEC §4.6)
+    # DIN's attention score: "auto" (the fused kernel on CPU, the plain path elsewhere), "fused"
+    # (CPU only) or "reference" (the plain (B, N, L, H) path). raytopk/models/attention.py.
+    attention: str = "auto"
 
 
 @dataclass
@@ -248,6 +251,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if kind not in SCORER_KINDS:
             raise ConfigError(f"model.stages[{i}]: unknown scorer {kind!r}; valid: {SCORER_KINDS}")
     _positive("model.dim", cfg.model.dim)
+    from raytopk.models.attention import IMPLS
+
+    if cfg.model.attention not in IMPLS:
+        raise ConfigError(f"model.attention: {cfg.model.attention!r} is not one of {IMPLS}")
+    if cfg.model.attention == "fused" and cfg.scaling.use_gpu is True:
+        raise ConfigError("model.attention 'fused' is CPU-only; use 'auto' with scaling.use_gpu")
     _positive("loss.k_truth", cfg.loss.k_truth)
     if not cfg.loss.ks:
         cfg.loss.ks = [cfg.loss.k_truth] * len(cfg.model.stages)

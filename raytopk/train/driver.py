@@ -263,6 +263,7 @@ def _finish(prep: Prepared, use_gpu: bool, wall_seconds: float) -> dict[str, Any
             "num_workers": cfg.scaling.num_workers if cfg.run.backend == "ray" else 1,
             "backend": cfg.run.backend,
             "use_gpu": use_gpu,
+            "din_attention": _din_attention(cfg, use_gpu),
             "wall_seconds": round(wall_seconds, 3),
             "output_dir": str(out),
             "checkpoint": str(latest_checkpoint(out) or ""),
@@ -274,6 +275,16 @@ def _finish(prep: Prepared, use_gpu: bool, wall_seconds: float) -> dict[str, Any
     stages = len(cfg.model.stages)
     plot_curves(out / "progress.csv", out / "curves.png", f"{cfg.run.name} ({cfg.op.name})", stages)
     return final
+
+
+def _din_attention(cfg: TrainConfig, use_gpu: bool) -> str | None:
+    """The attention path the run's DIN stages used (None without one): model.attention
+    resolved for the device the workers trained on."""
+    from raytopk.models.attention import resolve_impl
+
+    if "din" not in cfg.model.stages:
+        return None
+    return resolve_impl(cfg.model.attention, "cuda" if use_gpu else "cpu")
 
 
 def load_run_config(output_dir: str | Path) -> TrainConfig:

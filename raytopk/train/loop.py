@@ -36,6 +36,8 @@ import torch.distributed as dist
 from raytopk.data.batch import CascadeBatch
 from raytopk.data.batches import CascadeBatches
 from raytopk.losses.forms import is_operator
+from raytopk.models.attention import resolve_impl
+from raytopk.models.attention import warmup as warmup_attention
 from raytopk.ops import warmup as warmup_op
 from raytopk.train.anytime import VALID_KEY, Anytime
 from raytopk.train.checkpoint import Position, load_state, rng_state, save_state, set_rng_state
@@ -309,6 +311,8 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
     # and the step timings measure training, not a JIT compiler.
     if is_operator(cfg.op.name):  # the bce baseline has no operator to compile
         warmup_op(cfg.op.name)
+    if "din" in cfg.model.stages and resolve_impl(cfg.model.attention, device) == "fused":
+        warmup_attention()  # DIN's fused attention kernels (numba), likewise
     w = _Worker(cfg, config, rank, world, model, pos)
     if resumed is not None:
         w.optimizer.load_state_dict(resumed["optimizer"])  # onto the parameters' device

@@ -47,12 +47,15 @@ class CascadeModel(nn.Module):
         ks: list[int],
         k_truth: int,
         form: str = "auto",
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         from raytopk.losses import build_loss
         from raytopk.models import build_scorer
 
-        self.scorers = nn.ModuleList([build_scorer(kind, vocab, dim) for kind in stages])
+        self.scorers = nn.ModuleList(
+            [build_scorer(kind, vocab, dim, attention=attention) for kind in stages]
+        )
         self.loss = build_loss(op, dict(op_params), list(ks), k_truth=k_truth, form=form)
         self.amp_dtype: torch.dtype | None = None  # autocast dtype of the training forward
 
@@ -93,6 +96,7 @@ class CascadeModel(nn.Module):
             cfg.loss.ks,
             cfg.loss.k_truth,
             cfg.loss.form,
+            cfg.model.attention,
         )
         model.amp_dtype = autocast_dtype(cfg.optim.amp, device)
         return model
