@@ -5,7 +5,11 @@ x = the training clock the budget is counted on (training seconds, else samples 
 
 With P > 0 the run evaluates ``run.valid_day`` (dataset :data:`VALID_KEY`) when x first reaches
 budget * i / P for i = 1 .. P-1, and once more when training ends (the P-th point, at the
-budget). Evaluation time is not training time: the loop restarts its step clock after each one.
+budget). ``run.eval_at_samples`` replaces the even points by explicit sample counts (the study's
+step budgets; the end stays the last point); at the points listed in ``run.test_at_samples`` the
+test day is evaluated too (``test_*`` in the curve point), and with ``run.diagnostics`` every
+point carries the operator's diagnostics (raytopk.train.diagnostics). Evaluation time is not
+training time: the loop restarts its step clock after each one.
 Every rank must evaluate at the same step (evaluation all-reduces), so with several workers the
 "point reached" test is all-reduced too (training seconds differ a little between ranks).
 
@@ -25,7 +29,7 @@ import torch.distributed as dist
 from raytopk.train.checkpoint import Position
 from raytopk.train.config import RunConfig
 
-__all__ = ["VALID_KEY", "WARMUP_FRACTION", "Anytime", "valid_metric"]
+__all__ = ["VALID_KEY", "WARMUP_FRACTION", "Anytime", "test_metric", "valid_metric"]
 
 VALID_KEY = "valid"
 WARMUP_FRACTION = 0.2
@@ -36,13 +40,23 @@ def valid_metric(key: str) -> str:
     return f"valid_{key}"
 
 
+def test_metric(key: str) -> str:
+    """The name of an anytime point's test-day metric ``key`` (e.g. test_joint_recall@10@20)."""
+    return f"test_{key}"
+
+
 class Anytime:
     """The evaluation points and the throughput counters of one worker's run."""
 
     def __init__(self, run: RunConfig, pos: Position, world: int, device: torch.device) -> None:
         self.by_seconds = run.max_train_seconds > 0
         self.budget = float(run.max_train_seconds if self.by_seconds else run.max_samples)
-        self.points = run.eval_points if self.budget > 0 else 0
+        self.at = sorted({float(v) for v in run.eval_at_samples if v < self.budget})
+        self.test_at = {float(v) for v in run.test_at_samples}
+        if self.at:
+            self.points = len(self.at) + 1
+        else:
+            self.points = run.eval_points if self.budget > 0 else 0
         self.world, self.device = world, device
         self.done = sum(1 for t in self._thresholds() if self._clock(pos) >= t)  # resumed runs
         self.curve: list[dict[str, float]] = []
@@ -55,7 +69,15 @@ class Anytime:
         return pos.train_seconds if self.by_seconds else float(pos.samples_seen)
 
     def _thresholds(self) -> list[float]:
+        if self.at:
+            return self.at
         return [self.budget * i / self.points for i in range(1, self.points)]
+
+    def test_due(self) -> bool:
+        """Whether the point about to be evaluated is a test point (the end: ``budget``)."""
+        thr = self._thresholds()
+        where = thr[self.done] if self.done < len(thr) else self.budget
+        return where in self.test_at
 
     def observe(self, pos: Position, step_seconds: float) -> None:
         """After each training step: the warm-up mark and the longest step (``step_seconds``:
@@ -83,23 +105,42 @@ class Anytime:
         return self.points > 0 and self.done < self.points
 
     def evaluate(
-        self, base: dict[str, Any], pos: Position, run_eval: Callable[[], dict[str, float]]
+        self,
+        base: dict[str, Any],
+        pos: Position,
+        run_eval: Callable[[], dict[str, float]],
+        run_test: Callable[[], dict[str, float]] | None = None,
+        diagnose: Callable[[], dict[str, float]] | None = None,
     ) -> dict[str, Any]:
-        """Run one evaluation point; the report (``base`` + ``valid_*`` metrics)."""
+        """Run one evaluation point; the report (``base`` + ``valid_*`` metrics, and ``test_*``
+        when ``run_test`` is given and this is a test point, and the diagnostics)."""
         import time
 
         t0 = time.perf_counter()
+        test = run_test() if run_test is not None and self.test_due() else {}
         ev = run_eval()
+        diag = diagnose() if diagnose is not None else {}
         self.done += 1
         m = {**base, **{valid_metric(k): v for k, v in ev.items()}}
+        m.update({test_metric(k): v for k, v in test.items()})
+        m.update(diag)
         m["eval_point"] = self.done
         m["eval_seconds"] = round(time.perf_counter() - t0, 3)
         self.eval_seconds += m["eval_seconds"]
         point = {"point": self.done, "train_seconds": round(pos.train_seconds, 3),
-                 "samples_seen": pos.samples_seen}
+                 "samples_seen": pos.samples_seen, "steps": pos.global_step}
         point.update({valid_metric(k): v for k, v in ev.items() if k.startswith("joint_recall")})
+        point.update({test_metric(k): v for k, v in test.items() if k.startswith("joint_recall")})
+        point.update(diag)
         self.curve.append(point)
         return m
+
+    def add_final_test(self, ev: dict[str, float]) -> None:
+        """The end's test point: the run's own final test evaluation, into the last point."""
+        if self.curve and self.budget in self.test_at:
+            self.curve[-1].update(
+                {test_metric(k): v for k, v in ev.items() if k.startswith("joint_recall")}
+            )
 
     def summary(self, pos: Position) -> dict[str, Any]:
         """For the final report: the curve, the steady-state throughput, the longest step."""

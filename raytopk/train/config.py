@@ -151,6 +151,15 @@ class RunConfig:
     # (max_train_seconds, else max_samples), the last at its end; evaluation time is not
     # training time. 0: none.
     eval_points: int = 0
+    # Anytime points at these samples-seen counts instead of evenly over the budget (a sample
+    # budget only; the study's step budgets); the end of training stays the last point.
+    eval_at_samples: list[int] = field(default_factory=list)
+    # Anytime points (samples seen: among eval_at_samples, or run.max_samples for the end) where
+    # the test day is evaluated too: the study's equal-steps and equal-compute cut points.
+    test_at_samples: list[int] = field(default_factory=list)
+    # DFTopK diagnostics at every anytime point, on the last training batch: Σp/k per stage, the
+    # score gradient's share on the two boundary slots, score std / τ (raytopk.train.diagnostics).
+    diagnostics: bool = False
     test_eval: bool = True  # false: no test-day dataset and no test evaluation (selection)
     # "ray": Ray Train workers + Ray Data (DDP); "local": this process, no Ray (one device; a
     # debugger, a notebook, a lone GPU), the same loop, batches and outputs.
@@ -327,8 +336,38 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"run.eval_points={r.eval_points} needs a budget to spread them over: "
             "run.max_train_seconds or run.max_samples"
         )
+    _check_points(r)
     if r.backend not in ("ray", "local"):
         raise ConfigError(f"run.backend must be ray or local, got {r.backend!r}")
     for i, m in enumerate(r.corpus_ms):
         _positive(f"run.corpus_ms[{i}]", m)
     return cfg
+
+
+def _check_points(r: RunConfig) -> None:
+    """run.eval_at_samples / test_at_samples / diagnostics: explicit anytime points need a
+    sample budget and a validation day, and each test point must be one of them (or the end)."""
+    for key in ("eval_at_samples", "test_at_samples"):
+        vals = getattr(r, key)
+        for i, v in enumerate(vals):
+            _positive(f"run.{key}[{i}]", v)
+        if vals and not (r.max_samples > 0 and r.max_train_seconds == 0):
+            raise ConfigError(
+                f"run.{key} counts samples: it needs run.max_samples > 0 and no "
+                f"run.max_train_seconds (got {r.max_samples} and {r.max_train_seconds})"
+            )
+        if any(v > r.max_samples for v in vals):
+            raise ConfigError(
+                f"run.{key} {vals}: every point should be <= run.max_samples {r.max_samples}"
+            )
+    if (r.eval_at_samples or r.diagnostics) and not r.valid_day:
+        raise ConfigError("run.eval_at_samples and run.diagnostics need run.valid_day")
+    if r.test_at_samples and not r.test_eval:
+        raise ConfigError("run.test_at_samples needs run.test_eval (the test day's dataset)")
+    points = set(r.eval_at_samples) | {r.max_samples}
+    extra = sorted(set(r.test_at_samples) - points)
+    if extra:
+        raise ConfigError(
+            f"run.test_at_samples {extra} are not anytime points: list them in "
+            f"run.eval_at_samples (or use run.max_samples, the end)"
+        )

@@ -42,6 +42,7 @@ from raytopk.ops import warmup as warmup_op
 from raytopk.train.anytime import VALID_KEY, Anytime
 from raytopk.train.checkpoint import Position, load_state, rng_state, save_state, set_rng_state
 from raytopk.train.config import TrainConfig, from_dict
+from raytopk.train.diagnostics import diagnostics
 from raytopk.train.evaluate import evaluate
 from raytopk.train.model import CascadeModel, param_digest
 
@@ -333,7 +334,13 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
         batches = batches_of(key, cfg.data.eval_batch_size, cfg.run.eval_max_batches)
         return evaluate(w.cascade, batches, device, k=cfg.loss.k_truth, **corpus)
 
+    def diagnose(batch: CascadeBatch | None) -> Callable[[], dict[str, float]] | None:
+        if not cfg.run.diagnostics or batch is None:
+            return None
+        return lambda: diagnostics(w.cascade, batch)
+
     days, next_day = w.days, config.get("next_day", {})
+    last_batch: CascadeBatch | None = None  # the diagnostics of the end's anytime point
     anytime = Anytime(cfg.run, pos, world, device)  # run.eval_points on run.valid_day
     schedule = [(e, d) for e in range(cfg.run.epochs) for d in days]
     window, stopped = _Window(), None
@@ -377,6 +384,7 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
                 stopped = step.reason
                 break
             pos.advance(step.rows)
+            last_batch = batch
             day_samples += step.rows
             window.add(step.total, step.parts, batch.batch_size)
             day_loss.add(step.total, step.parts, batch.batch_size)
@@ -388,7 +396,8 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
             t_step, wait_seen = now, batches.wait
             if anytime.due(pos):  # an anytime point: every rank evaluates the validation day
                 base = w.metrics("valid", epoch, day)
-                session.report(anytime.evaluate(base, pos, lambda: evaluate_on(VALID_KEY)))
+                session.report(anytime.evaluate(base, pos, lambda: evaluate_on(VALID_KEY),
+                                                lambda: evaluate_on(TEST_KEY), diagnose(batch)))
                 t_step = time.perf_counter()  # evaluation time is not training time
                 _exclude(pos, "anytime_eval", t_step - now)
                 now = t_step
@@ -439,11 +448,13 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
     last = schedule[min(pos.item, len(schedule) - 1)] if schedule else (0, "")
     if anytime.pending():  # the last anytime point: at the end of training
         session.report(anytime.evaluate(w.metrics("valid", *last), pos,
-                                        lambda: evaluate_on(VALID_KEY)))
+                                        lambda: evaluate_on(VALID_KEY), None,
+                                        diagnose(last_batch)))
     t0 = time.perf_counter()
     ev = {}
     if cfg.run.test_eval:  # off in selection trials: they never see the test day
         ev = evaluate_on(TEST_KEY, corpus_items=items, corpus_ms=cfg.run.corpus_ms)
+        anytime.add_final_test(ev)
     final = w.final_metrics(schedule[-1] if schedule else (0, ""), ev, time.perf_counter() - t0)
     extra = {**anytime.summary(pos), "init_param_digest": init_digest}
     session.report({**final, **extra, "test_day": config.get("test_day", "")})

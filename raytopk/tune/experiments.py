@@ -1,25 +1,36 @@
 """The study's Ray Tune experiments: run or continue one, and find the trials an earlier one ran.
 
 A study (raytopk.tune.study) is a few Tune experiments in ``storage_dir(study)``: the selection
-grid (``{name}_select``), its edge-extension rounds (``{name}_select_ext{r}``) and the final
-trials (``{name}_final_{tag}``, tag = a hash of the trials it runs). A trial is identified by
-what it trains, ``config_digest`` of its TrainConfig dict (name and output directory left out):
-a final trial whose digest an earlier experiment already ran to a result is not run again, so
-a selection round that changes some operators' values re-runs only their trials, and an
-interrupted study continues where it stopped.
+grid, its edge-extension rounds and the final trials, each named with a hash of the trials it
+runs. A trial is identified by what it trains, ``config_digest`` of its TrainConfig dict (name
+and output directory left out). Every trial's row is appended to the study's row log
+(``trials.jsonl`` in study.results_dir) the moment the trial ends; a trial whose digest the log
+holds is never run again. The log is the study's state: committed with the results, it lets a
+re-run on a fresh clone (no Tune directories) continue where the study stopped, and a selection
+round that changes some operators' values re-runs only their trials.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from raytopk.metrics import headline_key
 from raytopk.train.anytime import valid_metric
 
-__all__ = ["config_digest", "storage_dir", "run_experiment", "earlier_final_rows", "final_tag"]
+__all__ = [
+    "ROW_LOG",
+    "RowLogger",
+    "config_digest",
+    "final_tag",
+    "logged_rows",
+    "row_log",
+    "run_experiment",
+    "storage_dir",
+]
 
 
 def config_digest(train: dict[str, Any]) -> str:
@@ -44,63 +55,138 @@ def storage_dir(study: Any) -> Path:
     return Path(study.output_dir).resolve() / "tune"
 
 
-def earlier_final_rows(study: Any, trainable: Any) -> dict[str, dict[str, Any]]:
-    """{config digest: final row} of every final trial that ran to a result (ok, or recorded as
-    not fitting) in this study's earlier final experiments: ``{name}_final_*``, and ``{name}``
-    (the final experiment's name before it was tagged)."""
-    from ray.tune import Tuner
+ROW_LOG = "trials.jsonl"  # one finished trial per line, in the study's results directory
 
-    storage, out = storage_dir(study), {}
-    if not storage.is_dir():
+
+def row_log(study: Any) -> Path:
+    """Where the study's finished trials are logged: study.results_dir, else output_dir."""
+    return Path(study.results_dir or study.output_dir).resolve() / ROW_LOG
+
+
+def logged_rows(study: Any, phase: str) -> dict[str, dict[str, Any]]:
+    """{config digest: row} of the trials of ``phase`` ("select" or "final") in the study's row
+    log that ran to a result (ok, stopped early by ASHA, or not fitting); failed trials are run
+    again. This file, committed with the results, is what a re-run on a fresh clone resumes
+    from: Tune's own directories are not needed. A later line wins."""
+    path, out = row_log(study), {}
+    if not path.is_file():
         return out
-    for exp in sorted(storage.iterdir()):
-        if exp.name != study.name and not exp.name.startswith(f"{study.name}_final_"):
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
             continue
-        if not Tuner.can_restore(str(exp)):
-            continue
-        for result in Tuner.restore(str(exp), trainable=trainable).get_results():
-            m, t = dict(result.metrics or {}), (result.config or {}).get("trial") or {}
-            if "train" in t and str(m.get("status", "")).startswith(("ok", "does not fit")):
-                out[config_digest(t["train"])] = m
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {i} is not JSON ({e}); fix or delete it") from e
+        ok = str(row.get("status", "")).startswith(("ok", "does not fit", "stopped early"))
+        if row.get("phase") == phase and ok and row.get("config_digest"):
+            out[row["config_digest"]] = row
     return out
 
 
+def _append_row(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:  # one write of one line: a reader never sees half a row
+        fh.write(json.dumps(row, default=str, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _row(m: dict[str, Any], t: dict[str, Any], error: Any, stages: int, clock: str
+         ) -> dict[str, Any]:
+    """A trial's row: its final report, or why it has none (stopped early by ASHA, or died)."""
+    if "status" not in m:
+        head = valid_metric(headline_key(stages))
+        if error is None and head in m:
+            why = (f"stopped early (ASHA) at {clock}={float(m.get(clock, 0)):g} with "
+                   f"{head}={float(m[head]):.4f}")
+        else:
+            why = "failed: " + (str(error)[:300] if error else "no final report")
+        last = {k: m[k] for k in (clock, head) if k in m and error is None}
+        ident = ("trial", "phase", "op", "loss_form", "sample_num", "seed", "param", "value",
+                 "lr")
+        m = {**{k: t.get(k, "") for k in ident}, **last, "status": why}
+    if "train" in t:
+        m["config_digest"] = config_digest(t["train"])
+    return m
+
+
+def _callback_base() -> type:
+    from ray.tune import Callback
+
+    return Callback
+
+
+class RowLogger(_callback_base()):  # type: ignore[misc]
+    """Appends each trial's row to the study's row log as soon as the trial ends (its final
+    report, or its end without one: ASHA, failure), so an interrupted study loses only the
+    trials that were running."""
+
+    def __init__(self, path: Path, stages: int, clock: str) -> None:
+        self.path, self.stages, self.clock = path, stages, clock
+        self.done: set[str] = set()
+
+    def _log(self, trial: Any, m: dict[str, Any], error: Any = None) -> None:
+        if trial.trial_id in self.done:
+            return
+        self.done.add(trial.trial_id)
+        t = (trial.config or {}).get("trial") or {}
+        _append_row(self.path, _row(dict(m or {}), t, error, self.stages, self.clock))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        if "status" in result:
+            self._log(trial, result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._log(trial, trial.last_result)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._log(trial, {}, error=getattr(trial, "error_msg", None) or "trial error")
+
+
 def run_experiment(study: Any, name: str, trials: list[dict[str, Any]], trainable: Any,
-                   conc: int, scheduler: Any, stages: int, verbose: bool) -> list[dict[str, Any]]:
-    """Run (or continue: Tune restore of the experiment ``name``) one Tune experiment over
-    ``trials``; one row per trial, a trial without a final report recorded with why."""
+                   conc: int, scheduler: Any, stages: int, verbose: bool,
+                   clock: str | None = None) -> list[dict[str, Any]]:
+    """Run ``trials`` as one Tune experiment (``name`` + a hash of the trials, so a re-run with
+    other trials left is a new experiment), skipping every trial the row log already holds with
+    the same config digest; one row per trial (logged ones included), a trial without a final
+    report recorded with why. ``clock``: the budget's clock (default by study.budget_seconds)."""
     import ray.tune
     from ray.tune import RunConfig, TuneConfig, Tuner
 
-    exp_dir = storage_dir(study) / name
-    if Tuner.can_restore(str(exp_dir)):
-        if verbose:
-            print(f"[raytopk] continuing the study in {exp_dir}", flush=True)
-        tuner = Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
-    else:
+    clock = clock or ("samples_seen" if study.budget_seconds <= 0 else "train_seconds")
+    phase = str(trials[0].get("phase", "final")) if trials else "final"
+    done = logged_rows(study, phase)
+    digests = [config_digest(t["train"]) for t in trials]
+    rows = [done[d] for d in digests if d in done]
+    todo = [t for t, d in zip(trials, digests) if d not in done]
+    if verbose and rows:
+        print(f"[raytopk] {name}: {len(rows)} of {len(trials)} trial(s) already in "
+              f"{row_log(study)}; running {len(todo)}", flush=True)
+    if todo:
+        exp = f"{name}_{final_tag(todo)}"
         tuner = Tuner(
             trainable,
-            param_space={"trial": ray.tune.grid_search(trials)},
+            param_space={"trial": ray.tune.grid_search(todo)},
             tune_config=TuneConfig(max_concurrent_trials=conc, scheduler=scheduler),
-            run_config=RunConfig(name=name, storage_path=str(exp_dir.parent), verbose=0),
+            run_config=RunConfig(name=exp, storage_path=str(storage_dir(study)), verbose=0,
+                                 callbacks=[RowLogger(row_log(study), stages, clock)]),
         )
-    rows = []
-    clock = "samples_seen" if study.budget_seconds <= 0 else "train_seconds"
-    for result in tuner.fit():
-        m = dict(result.metrics or {})
-        t = (result.config or {}).get("trial") or {}
-        if "status" not in m:  # no final report: stopped early by ASHA, or died
-            head = valid_metric(headline_key(stages))
-            if result.error is None and head in m:
-                why = (f"stopped early (ASHA) at {clock}={float(m.get(clock, 0)):g} with "
-                       f"{head}={float(m[head]):.4f}")
-            else:
-                why = "failed: " + (str(result.error)[:300] if result.error else "no final report")
-            last = {k: m[k] for k in (clock, head) if k in m and result.error is None}
-            ident = ("trial", "phase", "op", "loss_form", "sample_num", "seed", "param",
-                     "value")
-            m = {**{k: t.get(k, "") for k in ident}, **last, "status": why}
-        rows.append(m)
+        logged_now = len(rows)
+        for result in tuner.fit():
+            t = (result.config or {}).get("trial") or {}
+            rows.append(_row(dict(result.metrics or {}), t, result.error, stages, clock))
+        # A trial whose end the callback did not see (none should be) is logged now.
+        seen = set(logged_rows(study, phase)) | {
+            json.loads(x).get("config_digest")
+            for x in (row_log(study).read_text().splitlines() if row_log(study).is_file() else [])
+            if x.strip()
+        }
+        for r in rows[logged_now:]:
+            if r.get("config_digest") not in seen:
+                _append_row(row_log(study), r)
     rows.sort(key=lambda r: (str(r.get("op")), int(r.get("sample_num") or 0),
-                             float(r.get("value") or 0), int(r.get("seed") or 0)))
+                             float(r.get("value") or 0), float(r.get("lr") or 0),
+                             int(r.get("seed") or 0)))
     return rows

@@ -73,21 +73,26 @@ def _curve(r: dict[str, Any]) -> list[dict[str, Any]]:
 
 def write_selection(
     rows: list[dict[str, Any]],
-    chosen: dict[str, dict[int, float]],
+    joint: dict[tuple[str, int], dict[str, Any]],
     grid: dict[str, list[float]],
     out: str | Path,
     head: str,
 ) -> None:
-    """selection.csv (every selection trial) and selection.json (grids, chosen values, trials)."""
+    """selection.csv (every selection trial) and selection.json (grids, the chosen parameter
+    value and learning rate per (op, N) with their mean validation score over seeds, trials).
+    ``joint``: raytopk.tune.selection.choose_joint's choice."""
     out = Path(out)
     key = valid_metric(head)
-    cols = ["trial", "op", "sample_num", "seed", "param", "value", "round", "status", key,
+    cols = ["trial", "op", "sample_num", "seed", "param", "value", "lr", "round", "status", key,
             "train_seconds", "samples_seen", "wall_seconds"]  # round: 0 the grid, r >= 1 extensions
     _write_csv(out / "selection.csv", cols, rows)
+    chosen: dict[str, dict[str, Any]] = {}
+    for (op, n), c in joint.items():
+        chosen.setdefault(op, {})[str(n)] = dict(c)
     doc = {
         "metric": key,
         "grid": grid,
-        "chosen": {op: {str(n): v for n, v in d.items()} for op, d in chosen.items()},
+        "chosen": chosen,
         "trials": [{c: r.get(c) for c in cols if c in r} for r in rows],
     }
     tmp = out / "selection.json.tmp"
@@ -247,11 +252,16 @@ def _selection_section(path: Path) -> list[str]:
         f"Chosen by {doc['metric']} at the budget; grids: "
         + "; ".join(f"{op} {vals}" for op, vals in doc["grid"].items() if vals),
         "",
-        "| op | sample_num | chosen |",
-        "|---|---:|---:|",
+        "| op | sample_num | chosen value | chosen lr | mean validation score (seeds) |",
+        "|---|---:|---:|---:|---:|",
     ]
     for op, d in doc["chosen"].items():
-        md += [f"| {op} | {n} | {v:g} |" for n, v in d.items()]
+        for n, c in d.items():
+            c = c if isinstance(c, dict) else {"value": c}  # studies before the lr search
+            v, lr = c.get("value"), c.get("lr")
+            score = f"{c['score']:.4f} ({c.get('seeds')})" if "score" in c else ""
+            md.append(f"| {op} | {n} | {'' if v is None else f'{v:g}'} | "
+                      f"{'' if lr is None else f'{lr:g}'} | {score} |")
     md += ["", "Every selection trial:", "", "| trial | status | " + doc["metric"] + " |",
            "|---|---|---:|"]
     for t in doc["trials"]:

@@ -26,8 +26,8 @@ points.
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,10 @@ from raytopk.train.config import TrainConfig, from_dict, to_dict, validate
 __all__ = [
     "GroupedASHA",
     "choose",
+    "choose_joint",
+    "chosen_lrs",
     "edge_extensions",
+    "lr_extensions",
     "run_selection",
     "op_param",
     "param_grid",
@@ -93,57 +96,136 @@ def split_validation(cfg: TrainConfig) -> TrainConfig:
 def selection_trials(
     ops: list[str],
     sample_nums: list[int],
-    seed: int,
+    seed: int | list[int],
     grid: dict[str, list[float]],
     base: TrainConfig,
     out_root: Path,
     loss_forms: dict[str, str] | None = None,
+    lrs: list[float] | None = None,
+    plan: Callable[[TrainConfig, str, int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One Tune config per (op, sample_num, value) on ``seed``; ``base`` is a study trial config
+    """One Tune config per (op, sample_num, value, lr, seed); ``base`` is a study trial config
     (budget, eval points, valid_day set); each op trains with its loss form (``loss_forms[op]``,
-    default: the form chosen for it). The test day is not in them."""
+    default: the form chosen for it). The test day is not in them.
+
+    ``lrs``: learning rates tried with every value (empty/None: the base lr only, and a method
+    without a parameter is then not searched at all). ``plan(cfg, op, n)``, when given, sets a
+    trial's budget in place (the study's compute-matched steps)."""
     from raytopk.losses import resolve_form
 
+    seeds = [seed] if isinstance(seed, int) else list(seed)
     trials = []
     for op in ops:
         p = op_param(op)
         form = resolve_form(op, (loss_forms or {}).get(op, "auto"))
+        values: list[float | None] = list(grid.get(op, []))
+        if not values and lrs:
+            values = [None]  # no parameter: the learning rate alone is searched
         for n in sample_nums:
-            for value in grid.get(op, []):
-                cfg = from_dict(to_dict(base))
-                name = f"{op}-n{n}-{p[0]}{value:g}-s{seed}"
-                cfg.op.name, cfg.op.params, cfg.loss.form = op, {p[0]: value}, form
-                cfg.data.sample_num = n
-                cfg.data.test_day = cfg.run.valid_day  # the real test day appears nowhere
-                cfg.run.test_eval = False
-                cfg.run.seed, cfg.run.name = seed, name
-                cfg.run.output_dir = str(out_root / "trials" / "select" / name)
-                trials.append({
-                    "trial": name, "phase": "select", "group": f"{op}-n{n}", "op": op,
-                    "loss_form": form,
-                    "sample_num": n, "seed": seed, "param": p[0], "value": value,
-                    "train": to_dict(cfg),
-                })
+            for value in values:
+                for lr in lrs or [None]:
+                    for sd in seeds:
+                        cfg = from_dict(to_dict(base))
+                        name = f"{op}-n{n}" + (f"-{p[0]}{value:g}" if value is not None else "")
+                        name += (f"-lr{lr:g}" if lr is not None else "") + f"-s{sd}"
+                        cfg.op.name, cfg.loss.form = op, form
+                        cfg.op.params = {p[0]: value} if value is not None else {}
+                        if lr is not None:
+                            cfg.optim.lr = float(lr)
+                        cfg.data.sample_num = n
+                        cfg.data.test_day = cfg.run.valid_day  # the real test day: nowhere
+                        cfg.run.test_eval = False
+                        cfg.run.seed, cfg.run.name = sd, name
+                        cfg.run.output_dir = str(out_root / "trials" / "select" / name)
+                        if plan is not None:
+                            plan(cfg, op, n)
+                        trials.append({
+                            "trial": name, "phase": "select", "group": f"{op}-n{n}", "op": op,
+                            "loss_form": form, "sample_num": n, "seed": sd,
+                            "param": p[0] if value is not None else "",
+                            "value": value if value is not None else "",
+                            "lr": cfg.optim.lr, "train": to_dict(cfg),
+                        })
     return trials
 
 
-def choose(rows: list[dict[str, Any]], headline: str) -> dict[str, dict[int, float]]:
-    """{op: {sample_num: chosen value}} from selection rows: the best validation headline at the
-    budget among trials that reached it (status ok); ties -> closest to the paper's value."""
+def _log_dist(v: float | None, ref: float | None) -> float:
+    if v is None or ref is None or v <= 0 or ref <= 0:
+        return 0.0
+    return abs(math.log(v / ref))
+
+
+def choose_joint(
+    rows: list[dict[str, Any]], headline: str, base_lr: float | None = None
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """{(op, sample_num): {"value", "lr", "score", "seeds"}}: the (value, lr) setting with the
+    best validation headline at the budget, averaged over the seeds that reached it (status
+    ok). A setting every selection seed completed beats one that some seed did not (ASHA
+    stopped it); ties -> closest to the paper's value, then to ``base_lr`` (log scale)."""
     key = valid_metric(headline)
-    best: dict[tuple[str, int], tuple[float, float, float]] = {}
+    seeds_of: dict[tuple[str, int], set] = {}
+    runs: dict[tuple[str, int, Any, Any], list[float]] = {}
     for r in rows:
+        op, n = str(r["op"]), int(r["sample_num"])
+        seeds_of.setdefault((op, n), set()).add(r.get("seed"))
         if r.get("status") != "ok" or key not in r:
             continue
-        op, n, v = str(r["op"]), int(r["sample_num"]), float(r["value"])
+        v = None if r.get("value") in (None, "") else float(r["value"])
+        lr = None if r.get("lr") in (None, "") else float(r["lr"])
+        runs.setdefault((op, n, v, lr), []).append(float(r[key]))
+    best: dict[tuple[str, int], tuple] = {}
+    for (op, n, v, lr), scores in runs.items():
         p = op_param(op)
-        dist = abs(math.log(v / p[1])) if p and v > 0 else 0.0
-        cand = (float(r[key]), -dist, v)
-        if (op, n) not in best or cand > best[(op, n)]:
-            best[(op, n)] = cand
+        mean = sum(scores) / len(scores)
+        full = len(scores) >= len(seeds_of[(op, n)])
+        cand = (full, mean, -_log_dist(v, p[1] if p else None), -_log_dist(lr, base_lr))
+        if (op, n) not in best or cand > best[(op, n)][0]:
+            best[(op, n)] = (cand, {"value": v, "lr": lr, "score": round(mean, 6),
+                                    "seeds": len(scores)})
+    return {k: c for k, (_, c) in sorted(best.items())}
+
+
+def choose(rows: list[dict[str, Any]], headline: str) -> dict[str, dict[int, float]]:
+    """{op: {sample_num: chosen parameter value}} of :func:`choose_joint` (ops with a parameter
+    only): the best validation headline at the budget among trials that reached it (status ok);
+    ties -> closest to the paper's value."""
     out: dict[str, dict[int, float]] = {}
-    for (op, n), (_, _, v) in sorted(best.items()):
-        out.setdefault(op, {})[n] = v
+    for (op, n), c in choose_joint(rows, headline).items():
+        if c["value"] is not None:
+            out.setdefault(op, {})[n] = c["value"]
+    return out
+
+
+def chosen_lrs(joint: dict[tuple[str, int], dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """{op: {sample_num: chosen lr}} of :func:`choose_joint` (settings that had an lr)."""
+    out: dict[str, dict[int, float]] = {}
+    for (op, n), c in joint.items():
+        if c["lr"] is not None:
+            out.setdefault(op, {})[n] = c["lr"]
+    return out
+
+
+def lr_extensions(
+    rows: list[dict[str, Any]], joint: dict[tuple[str, int], dict[str, Any]], factor: float
+) -> list[tuple[str, int, float | None, float]]:
+    """(op, sample_num, value, lr) to try next: where the chosen lr is the smallest (largest) lr
+    tried with the chosen value, the lr ``factor`` further out (the edge rule of
+    :func:`edge_extensions`, on the learning-rate axis)."""
+    tried: dict[tuple[str, int, Any], set[float]] = {}
+    for r in rows:
+        if r.get("lr") in (None, ""):
+            continue
+        v = None if r.get("value") in (None, "") else float(r["value"])
+        tried.setdefault((str(r["op"]), int(r["sample_num"]), v), set()).add(float(r["lr"]))
+    out = []
+    for (op, n), c in joint.items():
+        if c["lr"] is None:
+            continue
+        lrs = tried.get((op, n, c["value"]), {c["lr"]})
+        for edge, new in ((min(lrs), c["lr"] / factor), (max(lrs), c["lr"] * factor)):
+            new = float(f"{new:.6g}")
+            if math.isclose(c["lr"], edge) and not any(math.isclose(new, t) for t in lrs):
+                out.append((op, n, c["value"], new))
     return out
 
 
@@ -169,18 +251,25 @@ def edge_extensions(
     return out
 
 
-def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seed: int, out: Path,
-                  trainable: Any, conc: int, stages: int, verbose: bool
-                  ) -> dict[str, dict[int, float]]:
-    """The study's phase 1 on the connected Ray cluster: the grids under ASHA per (op, N), then
-    up to ``study.grid_extend`` rounds extending the grids whose best value is on their edge.
-    ``budgeted``: the study's trial config (budget, eval points, valid_day). Writes
-    selection.csv/json after each round (a re-run continues from it); returns
-    {op: {sample_num: chosen value}}."""
+def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list[int],
+                  out: Path, trainable: Any, conc: int, stages: int, verbose: bool,
+                  plan: Callable[[TrainConfig, str, int], None] | None = None,
+                  max_t: dict[str, float] | None = None,
+                  ) -> dict[tuple[str, int], dict[str, Any]]:
+    """The study's phase 1 on the connected Ray cluster: every (parameter value, lr) of each
+    (op, N) on ``seeds`` under ASHA per (op, N), then up to ``study.grid_extend`` rounds
+    extending, at the chosen setting, a parameter grid or lr grid whose best value is on its
+    edge. ``budgeted``: the study's trial config (budget, eval points, valid_day); ``plan``
+    sets a trial's compute-matched budget, ``max_t`` its ASHA clock's end per group ("op-nN").
+    Trials already in the study's row log are not run again. Writes selection.csv/json after
+    each round; returns :func:`choose_joint`'s choice per (op, N)."""
     from raytopk.tune.experiments import run_experiment
     from raytopk.tune.reports import write_selection
 
     head = headline_key(stages)
+    lrs = list(getattr(study, "lrs", []) or [])
+    clock = "samples_seen" if plan is not None or study.budget_seconds <= 0 else "train_seconds"
+    base_lr = budgeted.optim.lr
 
     def prepared(trials: list[dict[str, Any]], rnd: int) -> list[dict[str, Any]]:
         for t in trials:
@@ -188,53 +277,51 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seed: int, 
             t["mem_budget_gb"], t["round"] = study.mem_budget_gb, rnd
         return trials
 
-    path = Path(out) / "selection.json"
-    if path.is_file():
-        doc = json.loads(path.read_text())
-        rows, grid = list(doc["trials"]), {op: list(v) for op, v in doc["grid"].items()}
-    else:
-        grid = {op: param_grid(op, study.grid_size, study.grid_factor, study.grids.get(op))
-                for op in ops}
-        sel = prepared(selection_trials(ops, study.sample_nums, seed, grid, budgeted, out,
-                                        study.loss_forms), 0)
-        rows = []
-        if sel:
-            by_seconds = study.budget_seconds > 0
-            budget = study.budget_seconds if by_seconds else float(study.max_samples)
-            sched = GroupedASHA(
-                metric=valid_metric(head),
-                time_attr="train_seconds" if by_seconds else "samples_seen",
-                max_t=budget, grace_period=budget / study.eval_points,
-                reduction_factor=study.asha_reduction,
-            )
-            if verbose:
-                print(f"[raytopk] selection: {len(sel)} trial(s) on validation day "
-                      f"{budgeted.run.valid_day}, seed {seed}", flush=True)
-            rows = run_experiment(study, f"{study.name}_select", sel, trainable, conc, sched,
-                                  stages, verbose)
-        write_selection(rows, choose(rows, head), grid, out, head)
-    chosen = choose(rows, head)
-    done = max((int(r.get("round") or 0) for r in rows), default=0)
-    for rnd in range(done + 1, study.grid_extend + 1):
-        ext = edge_extensions(rows, chosen, study.grid_factor)
+    def trials_of(op: str, n: int, values: list[float], lr_list: list[float] | None,
+                  rnd: int) -> list[dict[str, Any]]:
+        return prepared(selection_trials([op], [n], seeds, {op: values}, budgeted, out,
+                                         study.loss_forms, lr_list, plan), rnd)
+
+    grid = {op: param_grid(op, study.grid_size, study.grid_factor, study.grids.get(op))
+            for op in ops}
+    sel = prepared(selection_trials(ops, study.sample_nums, seeds, grid, budgeted, out,
+                                    study.loss_forms, lrs, plan), 0)
+    rows: list[dict[str, Any]] = []
+    if sel:
+        if max_t is None:
+            budget = study.budget_seconds if clock == "train_seconds" else float(study.max_samples)
+            max_t = {t["group"]: budget for t in sel}
+        sched = GroupedASHA(metric=valid_metric(head), time_attr=clock, max_t=max_t,
+                            grace_period={g: v / study.eval_points for g, v in max_t.items()},
+                            reduction_factor=study.asha_reduction)
+        if verbose:
+            print(f"[raytopk] selection: {len(sel)} trial(s) on validation day "
+                  f"{budgeted.run.valid_day}, seeds {seeds}, lrs {lrs or [base_lr]}", flush=True)
+        rows = run_experiment(study, f"{study.name}_select", sel, trainable, conc, sched,
+                              stages, verbose, clock)
+    joint = choose_joint(rows, head, base_lr)
+    write_selection(rows, joint, grid, out, head)
+    for rnd in range(1, study.grid_extend + 1):
+        ext: list[dict[str, Any]] = []
+        for op, n, v in edge_extensions(rows, choose(rows, head), study.grid_factor):
+            lr = joint[(op, n)]["lr"]
+            ext += trials_of(op, n, [v], [lr] if lr is not None else None, rnd)
+        for op, n, v, lr in lr_extensions(rows, joint, getattr(study, "lr_factor", 3.0)):
+            ext += trials_of(op, n, [v] if v is not None else [], [lr], rnd)
         if not ext:
             break
-        sel = prepared([t for op, n, v in ext for t in selection_trials(
-            [op], [n], seed, {op: [v]}, budgeted, out, study.loss_forms)], rnd)
         if verbose:
-            print(f"[raytopk] selection round {rnd}: best value on its grid's edge, trying "
-                  f"{ext}", flush=True)
-        # No scheduler: one value per (op, N), nothing in this round to compare it with.
-        new = run_experiment(study, f"{study.name}_select_ext{rnd}", sel, trainable, conc, None,
-                             stages, verbose)
-        for r in new:
-            r["round"] = rnd
-        rows += new
-        for op, _, v in ext:
-            grid[op] = sorted({*grid.get(op, []), v})
-        chosen = choose(rows, head)
-        write_selection(rows, chosen, grid, out, head)
-    return chosen
+            print(f"[raytopk] selection round {rnd}: best setting on its grid's edge, trying "
+                  f"{sorted({t['trial'].rsplit('-s', 1)[0] for t in ext})}", flush=True)
+        # No scheduler: few settings per (op, N), nothing in this round to compare them with.
+        rows += run_experiment(study, f"{study.name}_select_ext{rnd}", ext, trainable, conc,
+                               None, stages, verbose, clock)
+        for t in ext:
+            if t.get("param") and t.get("value") not in (None, ""):
+                grid[t["op"]] = sorted({*grid.get(t["op"], []), float(t["value"])})
+        joint = choose_joint(rows, head, base_lr)
+        write_selection(rows, joint, grid, out, head)
+    return joint
 
 
 def _scheduler_base() -> type:
@@ -248,12 +335,12 @@ class GroupedASHA(_scheduler_base()):  # type: ignore[misc]
     (op, sample_num). ``metric`` stays unset on this wrapper so that Tune does not require it in
     every result (the loop's step reports carry none; only the anytime points do)."""
 
-    def __init__(self, metric: str, time_attr: str, max_t: float, grace_period: float,
-                 reduction_factor: float = 3.0) -> None:
+    def __init__(self, metric: str, time_attr: str, max_t: float | dict[str, float],
+                 grace_period: float | dict[str, float], reduction_factor: float = 3.0) -> None:
         super().__init__()
-        self._args = dict(metric=metric, mode="max", time_attr=time_attr, max_t=max_t,
-                          grace_period=grace_period, reduction_factor=reduction_factor,
-                          stop_last_trials=False)
+        self._args = dict(metric=metric, mode="max", time_attr=time_attr,
+                          reduction_factor=reduction_factor, stop_last_trials=False)
+        self._max_t, self._grace = max_t, grace_period  # one value, or one per group
         self._groups: dict[str, Any] = {}
         self._of: dict[str, str] = {}
         self.stopped: list[str] = []
@@ -267,7 +354,9 @@ class GroupedASHA(_scheduler_base()):  # type: ignore[misc]
         group = str((trial.config.get("trial") or {}).get("group", ""))
         self._of[trial.trial_id] = group
         if group not in self._groups:
-            self._groups[group] = AsyncHyperBandScheduler(**self._args)
+            per = {k: (v[group] if isinstance(v, dict) else v)
+                   for k, v in (("max_t", self._max_t), ("grace_period", self._grace))}
+            self._groups[group] = AsyncHyperBandScheduler(**self._args, **per)
         return self._groups[group]
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,14 +49,9 @@ from raytopk.data import schema
 from raytopk.metrics import metric_keys
 from raytopk.train.config import ConfigError, TrainConfig, from_dict, load_schema, to_dict, validate
 from raytopk.train.resources import plan_resources
-from raytopk.tune.experiments import (
-    config_digest,
-    earlier_final_rows,
-    final_tag,
-    run_experiment,
-)
+from raytopk.tune.experiments import run_experiment
 from raytopk.tune.reports import RESULT_COLUMNS, result_columns, write_reports
-from raytopk.tune.selection import op_param, run_selection, split_validation
+from raytopk.tune.selection import chosen_lrs, op_param, run_selection, split_validation
 
 __all__ = [
     "StudyConfig",
@@ -104,6 +100,19 @@ class StudyConfig:
     trial_resources: dict[str, float] = field(default_factory=dict)
     mem_budget_gb: float = 8.0  # trials needing more for one step (estimate) are recorded
     reference_op: str = "dftopk"  # paired differences are taken to this operator
+    # Compute matched from measured step times (raytopk.tune.compute): a step_times.json of
+    # jobs/bench_step.py. Set: no time budget; method m trains steps(m, N) = T_N / t(m, N)
+    # steps, T_N = slowest_steps[N] x the slowest method's t; test day at the cut points.
+    step_table: str = ""
+    slowest_steps: dict[int, int] = field(default_factory=dict)  # per sample_num: S_N
+    compute_cuts: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    lrs: list[float] = field(default_factory=list)  # selection: lrs tried with every value
+    lr_factor: float = 3.0  # the lr grid's edge extension steps by this factor
+    select_seeds: list[int] = field(default_factory=list)  # empty: [select_seed]
+    diagnostics: bool = True  # DFTopK diagnostics in its trials' anytime rows
+    # Where trials.jsonl (the row log a re-run resumes from) and the reports go; empty:
+    # output_dir. Trial directories (checkpoints) and Tune's storage stay in output_dir.
+    results_dir: str = ""
     output_dir: str = "runs/sample_scaling"
     storage_path: str = ""  # Tune's storage (shared storage on a cluster); empty: output_dir/tune
     name: str = "sample_scaling"
@@ -152,7 +161,7 @@ def _check_study(s: StudyConfig, base: TrainConfig) -> None:
         raise ConfigError(f"study.sample_nums should be ints >= 0 but got {s.sample_nums}")
     if not s.seeds or len(set(s.seeds)) != len(s.seeds):
         raise ConfigError(f"study.seeds should list distinct seeds but got {s.seeds}")
-    if not (s.budget_seconds > 0 or s.max_samples > 0):
+    if not (s.budget_seconds > 0 or s.max_samples > 0 or s.step_table):
         raise ConfigError(
             f"study.budget_seconds={s.budget_seconds} and study.max_samples={s.max_samples}: "
             "set at least one budget (equal compute needs one)"
@@ -167,6 +176,32 @@ def _check_study(s: StudyConfig, base: TrainConfig) -> None:
         raise ConfigError(f"study.eval_points should be >= 1 with selection, got {s.eval_points}")
     if s.grid_extend < 0:
         raise ConfigError(f"study.grid_extend should be >= 0 but got {s.grid_extend}")
+    try:
+        s.slowest_steps = {int(k): int(v) for k, v in s.slowest_steps.items()}
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"study.slowest_steps should map sample_num to steps, e.g. {{0: 300}}, got "
+            f"{s.slowest_steps!r}"
+        ) from e
+    if s.step_table:
+        if s.budget_seconds > 0 or s.max_samples > 0:
+            raise ConfigError(
+                "study.step_table sets every trial's steps: set study.budget_seconds=0 and "
+                f"study.max_samples=0 (got {s.budget_seconds} and {s.max_samples})"
+            )
+        missing = [n for n in s.sample_nums if int(s.slowest_steps.get(n, 0)) < 1]
+        if missing:
+            raise ConfigError(
+                f"study.slowest_steps: no steps (>= 1) for sample_num {missing}; give one per "
+                f"study.sample_nums entry, e.g. {{{missing[0]}: 300}}"
+            )
+        if not s.compute_cuts or any(not 0 < f <= 1 for f in s.compute_cuts):
+            raise ConfigError(f"study.compute_cuts should be in (0, 1], got {s.compute_cuts}")
+        if s.eval_points < 1:
+            raise ConfigError(f"study.eval_points should be >= 1, got {s.eval_points}")
+    if any(not lr > 0 for lr in s.lrs) or s.lr_factor <= 1:
+        raise ConfigError(f"study.lrs should be > 0 ({s.lrs}) and study.lr_factor > 1 "
+                          f"({s.lr_factor})")
     if s.grid_size < 1 or s.grid_factor <= 1 or s.asha_reduction <= 1:
         raise ConfigError(
             f"study.grid_size={s.grid_size} (>= 1), study.grid_factor={s.grid_factor} (> 1), "
@@ -209,11 +244,59 @@ def _budgeted(study: StudyConfig, base: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def compute_planner(study: StudyConfig, base: TrainConfig
+                    ) -> tuple[Callable[[TrainConfig, str, int], None], dict[str, float]] | None:
+    """With study.step_table: (plan, ASHA clock end per "op-nN" group). ``plan(cfg, op, n)``
+    sets a trial's compute-matched budget in place: run.max_samples = steps(op, N) x the global
+    batch, the anytime points (study.eval_points evenly, plus the cut points) and, when the
+    trial evaluates the test day, the test points; DFTopK trials record their diagnostics."""
+    if not study.step_table:
+        return None
+    from raytopk.tune.compute import load_step_table, trial_plan
+
+    table = load_step_table(study.step_table)
+    if table.batch_size != base.data.batch_size:
+        raise ConfigError(
+            f"study.step_table {study.step_table!r} was measured at batch {table.batch_size}, "
+            f"the study trains at data.batch_size {base.data.batch_size}: measure it at that batch"
+        )
+    ops = study_ops(study, base)
+    batch = base.data.batch_size * study.workers_per_trial
+
+    def plan_of(op: str, sample_num: int) -> Any:
+        n = schema.N_OWN + sample_num
+        fitting = [m for m in ops if step_bytes(m, base.data.batch_size, n) <= study.mem_budget_gb
+                   * 1024**3 and (m, n) in table.seconds]  # fmt: skip
+        return trial_plan(table, fitting or [op], op, n, study.slowest_steps[sample_num],
+                          study.compute_cuts, study.eval_points)
+
+    def plan(cfg: TrainConfig, op: str, sample_num: int) -> None:
+        p = plan_of(op, sample_num).as_samples(batch)
+        cfg.run.max_train_seconds = 0.0
+        cfg.run.max_samples = p["max_samples"]
+        cfg.run.eval_at_samples = p["eval_at_samples"]
+        cfg.run.test_at_samples = p["test_at_samples"] if cfg.run.test_eval else []
+        cfg.run.diagnostics = bool(study.diagnostics and op == "dftopk")
+
+    groups = {}
+    for op in ops:
+        n_ok = [n for n in study.sample_nums if (op, schema.N_OWN + n) in table.seconds]
+        for n in n_ok:
+            groups[f"{op}-n{n}"] = float(plan_of(op, n).steps * batch)
+    return plan, groups
+
+
 def trial_configs(
-    study: StudyConfig, base: TrainConfig, chosen: dict[str, dict[int, float]] | None = None
+    study: StudyConfig,
+    base: TrainConfig,
+    chosen: dict[str, dict[int, float]] | None = None,
+    chosen_lr: dict[str, dict[int, float]] | None = None,
+    plan: Callable[[TrainConfig, str, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """One Tune config per (op, sample_num, seed) of the final phase: the complete TrainConfig
-    dict with the chosen parameter value (``chosen[op][sample_num]``), else study.op_params."""
+    dict with the chosen parameter value (``chosen[op][sample_num]``), else study.op_params,
+    and the chosen learning rate (``chosen_lr[op][sample_num]``), else the base lr. ``plan``:
+    :func:`compute_planner`'s budget setter."""
     from raytopk.losses import resolve_form
 
     out_root = Path(study.output_dir).resolve()
@@ -229,14 +312,21 @@ def trial_configs(
                 cfg.loss.form = resolve_form(op, study.loss_forms.get(op, "auto"))
                 if chosen and p is not None and n in chosen.get(op, {}):
                     cfg.op.params[p[0]] = chosen[op][n]
+                lr = (chosen_lr or {}).get(op, {}).get(n)
+                if lr is not None:
+                    cfg.optim.lr = float(lr)
                 value = (p[0], cfg.op.params.get(p[0], p[1])) if p else ()
                 name = trial_name(op, n, seed, *value)
+                if lr is not None:  # the lr in the name too: a new lr, a new trial directory
+                    name = name.rsplit("-s", 1)[0] + f"-lr{lr:g}-s{seed}"
                 cfg.data.sample_num = n
                 cfg.run.seed, cfg.run.name = seed, name
                 cfg.run.output_dir = str(out_root / "trials" / name)
+                if plan is not None:
+                    plan(cfg, op, n)
                 trials.append({"trial": name, "phase": "final", "op": op,
                                "loss_form": cfg.loss.form, "sample_num": n, "seed": seed,
-                               "train": to_dict(cfg)})
+                               "lr": cfg.optim.lr, "train": to_dict(cfg)})
     return trials
 
 
@@ -249,9 +339,12 @@ def _trial_fn(config: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     config = config["trial"]  # the grid_search value: one trial config
     cfg = from_dict(config["train"])
-    base = {k: config[k] for k in ("trial", "phase", "op", "sample_num", "seed") if k in config}
+    base = {k: config[k] for k in ("trial", "phase", "op", "sample_num", "seed", "round")
+            if k in config}  # fmt: skip
     base["loss_form"] = config.get("loss_form", cfg.loss.form)
     base.update({k: config[k] for k in ("param", "value") if k in config})
+    base["lr"] = cfg.optim.lr
+    base["max_samples"] = cfg.run.max_samples  # the compute-matched steps x batch, if set
     base["num_candidates"] = schema.N_OWN + config["sample_num"]
     base["budget_seconds"] = cfg.run.max_train_seconds
     base["op_params"] = json.dumps(cfg.op.params, sort_keys=True)
@@ -308,6 +401,24 @@ def _trial_fn(config: dict[str, Any]) -> None:
     ray.tune.report(row)
 
 
+def _check_streaming(trials: list[dict[str, Any]], base: TrainConfig) -> None:
+    """Compute-matched trials train one pass at most: the training days must hold every
+    trial's requests (no request seen twice, the paper's streaming regime)."""
+    from raytopk.data.convert import read_meta
+
+    per_day = dict(read_meta(base.data.path).get("counts", {}).get("requests_per_day", {}))
+    have = sum(int(per_day.get(d, 0)) for d in base.data.train_days)
+    need = max((int(t["train"]["run"]["max_samples"]) for t in trials), default=0)
+    if need > have:
+        worst = max(trials, key=lambda t: int(t["train"]["run"]["max_samples"]))
+        raise ConfigError(
+            f"trial {worst['trial']} trains {need:,} requests but the training days "
+            f"{base.data.train_days[0]}..{base.data.train_days[-1]} hold {have:,}: it would see "
+            "requests twice. Generate more (train.data.synthetic.days / requests_per_day) or "
+            "lower study.slowest_steps"
+        )
+
+
 def resolve_base(study: StudyConfig, base: TrainConfig, out: Path) -> TrainConfig:
     """The base config every trial starts from: data resolved once (synthetic data generated
     now, not by every trial), the last training day held out as run.valid_day. No Ray."""
@@ -332,6 +443,8 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
 
     out = Path(study.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    results = Path(study.results_dir).resolve() if study.results_dir else out
+    results.mkdir(parents=True, exist_ok=True)
     base = resolve_base(study, base, out)
     stages = len(base.model.stages)
     cluster = ray.cluster_resources()
@@ -353,14 +466,17 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
     # Local trials train in the trial's own process: it holds the worker's resources.
     own = {"cpu": per, **({"gpu": 1} if use_gpu else {})} if local else {"cpu": _TRIAL_CPU}
     trainable = ray.tune.with_resources(_trial_fn, {**own, **study.trial_resources})
-    (out / "study.yaml").write_text(
+    (results / "study.yaml").write_text(
         yaml.safe_dump({"study": asdict(study), "train": to_dict(base)}, sort_keys=False)
     )
     ops = study_ops(study, base)
     if verbose:
         print(
             f"[raytopk] study {study.name}: ops {ops}, N offsets {study.sample_nums}, seeds "
-            f"{study.seeds}, budget {study.budget_seconds:g} s/worker, {conc} concurrent, "
+            f"{study.seeds}, budget "
+            + (f"{study.budget_seconds:g} s/worker" if not study.step_table else
+               f"steps from {study.step_table} (slowest {study.slowest_steps})")
+            + f", {conc} concurrent, "
             f"{study.trial_backend} trials of {study.workers_per_trial} worker(s) x {per:g} CPU"
             f"{' + GPU' if use_gpu else ''}; train {base.data.train_days[0]}.."
             f"{base.data.train_days[-1]}, validation {base.run.valid_day}, test "
@@ -368,26 +484,37 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
             flush=True,
         )
 
+    planner = compute_planner(study, base)
+    plan, max_t = planner if planner is not None else (None, None)
+    clock = "samples_seen" if plan is not None else None
     chosen: dict[str, dict[int, float]] = {}
+    chosen_lr: dict[str, dict[int, float]] = {}
     if study.select:
-        seed = study.select_seed if study.select_seed >= 0 else study.seeds[0]
-        chosen = run_selection(study, _budgeted(study, base), ops, seed, out, trainable, conc,
-                               stages, verbose)
+        seeds = list(study.select_seeds) or [
+            study.select_seed if study.select_seed >= 0 else study.seeds[0]
+        ]
+        joint = run_selection(study, _budgeted(study, base), ops, seeds, results, trainable,
+                              conc, stages, verbose, plan, max_t)
+        chosen = {op: {n: c["value"] for (o, n), c in joint.items()
+                       if o == op and c["value"] is not None} for op in ops}
+        chosen = {op: d for op, d in chosen.items() if d}
+        chosen_lr = chosen_lrs(joint) if study.lrs else {}
 
-    trials = trial_configs(study, base, chosen)
+    trials = trial_configs(study, base, chosen, chosen_lr, plan)
     for t in trials:  # every trial config must be valid before anything runs
         validate(from_dict(t["train"]))
         t["mem_budget_gb"] = study.mem_budget_gb
-    # A trial an earlier final experiment ran with the same training config is not run again.
-    earlier = earlier_final_rows(study, trainable)
-    digests = [config_digest(t["train"]) for t in trials]
-    todo = [t for t, d in zip(trials, digests) if d not in earlier]
-    rows = [earlier[d] for d in digests if d in earlier]
+    if plan is not None:
+        _check_streaming(trials, base)
     if verbose:
-        print(f"[raytopk] final: {len(trials)} trial(s), {len(rows)} run earlier; chosen "
-              f"{chosen}", flush=True)
-    if todo:
-        rows += run_experiment(study, f"{study.name}_final_{final_tag(todo)}", todo, trainable,
-                               conc, None, stages, verbose)
-    write_reports(rows, out, stages, reference=study.reference_op)
+        print(f"[raytopk] final: {len(trials)} trial(s); chosen {chosen}"
+              + (f", lr {chosen_lr}" if chosen_lr else ""), flush=True)
+    # A trial the study's row log holds with the same training config is not run again.
+    rows = run_experiment(study, f"{study.name}_final", trials, trainable, conc, None, stages,
+                          verbose, clock)
+    write_reports(rows, results, stages, reference=study.reference_op)
+    if plan is not None:
+        from raytopk.tune.compute_reports import write_compute_reports
+
+        write_compute_reports(rows, results, study, base)
     return rows

@@ -58,10 +58,10 @@ def test_selection_then_paired_final_trials(ray_cluster: Any, tmp_path: Path) ->
         vals = sorted(f["value"] for f in first if f["op"] == t["op"])
         assert t["value"] in (vals[0] / 10, vals[-1] * 10) and t["value"] in sel["grid"][t["op"]]
     for op, d in sel["chosen"].items():
-        assert d["0"] in sel["grid"][op]
+        assert d["0"]["value"] in sel["grid"][op] and d["0"]["seeds"] == 1
         chosen = {json.loads(r["op_params"])[next(iter(json.loads(r["op_params"])))]
                   for r in rows if r["op"] == op}
-        assert chosen == {d["0"]}  # the final trials ran with the chosen value
+        assert chosen == {d["0"]["value"]}  # the final trials ran with the chosen value
     for t in sel["trials"]:  # selection never evaluated the test day
         assert t["status"] == "ok" or t["status"].startswith("stopped early"), t
     for r in rows:
@@ -80,3 +80,55 @@ def test_selection_then_paired_final_trials(ray_cluster: Any, tmp_path: Path) ->
     assert sorted(p.name for p in (out / "tune").iterdir() if "_final_" in p.name) == finals
     assert sorted((r["trial"], r["joint_recall@10@20"]) for r in again) == sorted(
         (r["trial"], r["joint_recall@10@20"]) for r in rows)
+
+
+@pytest.mark.timeout(600)
+def test_compute_matched_study_resumes_from_its_row_log_alone(
+    ray_cluster: Any, tmp_path: Path
+) -> None:
+    import shutil
+
+    out, res = tmp_path / "study", tmp_path / "results"
+    table = tmp_path / "step_times.json"  # softsort 3x dftopk's step: 3x the steps for dftopk
+    table.write_text(json.dumps({"batch_size": 64, "machine": {"device_name": "test"},
+                                 "rows": [{"method": "dftopk", "N": 40, "median_s": 0.1},
+                                          {"method": "softsort", "N": 40, "median_s": 0.3}]}))
+    args = [
+        "study.ops=[dftopk,softsort]", "study.sample_nums=[0]", "study.seeds=[1,2]",
+        "study.select=true", "study.grid_size=1", "study.grid_extend=0",
+        "study.lrs=[0.003,0.01]", "study.select_seeds=[1,2]", "study.eval_points=2",
+        "study.budget_seconds=0", f"study.step_table={table}", "study.slowest_steps={0: 2}",
+        "study.compute_cuts=[0.5,1.0]", "study.cpus_per_worker=1",
+        f"study.output_dir={out}", f"study.results_dir={res}",
+        f"train.data.synthetic.root={tmp_path}/data", "train.data.synthetic.requests_per_day=320",
+        "train.run.eval_max_batches=1", "train.data.eval_batch_size=100",
+        "train.data.batch_size=64", "train.run.corpus_ms=[100]",
+    ]
+    study, base = load_study(CONFIGS / "sample_scaling_quick.yaml", args)
+    rows = run_study(study, base, verbose=False)
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    steps = {r["op"]: r["max_samples"] // 64 for r in rows}
+    assert steps == {"softsort": 2, "dftopk": 6}  # T = 2 x 0.3 s: dftopk gets 6 steps
+    for r in rows:
+        curve = r["anytime_curve"]
+        assert curve[-1]["steps"] == steps[r["op"]] and len(curve) >= 2
+        tested = sorted(p["steps"] for p in curve if "test_joint_recall@10@20" in p)
+        # equal steps at 1 and 2 (S = 2), equal compute at half and all of the op's steps
+        assert tested == sorted({1, 2, steps[r["op"]] // 2, steps[r["op"]]})
+        if r["op"] == "dftopk":
+            assert "diag_psum_over_k0" in curve[0]
+    sel = json.loads((res / "selection.json").read_text())
+    assert len(sel["trials"]) == 2 * 2 * 2  # 2 ops x 2 lrs x 2 seeds, one parameter value
+    assert {c["0"]["lr"] for c in sel["chosen"].values()} <= {0.003, 0.01}
+    assert all(c["0"]["seeds"] == 2 for c in sel["chosen"].values())
+    comp = (res / "equal_compute.csv").read_text()
+    assert "compute" in comp and "steps" in comp and (res / "plateau.json").is_file()
+    logged = (res / "trials.jsonl").read_text().splitlines()
+    assert len(logged) == 8 + 4  # every selection and final trial, once
+    # A fresh clone: no Tune storage, no trial directories, only the committed results.
+    shutil.rmtree(out)
+    again = run_study(study, base, verbose=False)
+    assert not (out / "tune").exists()  # nothing ran: no Tune experiment was started
+    assert sorted((r["trial"], r["joint_recall@10@20"]) for r in again) == sorted(
+        (r["trial"], r["joint_recall@10@20"]) for r in rows)
+    assert (res / "trials.jsonl").read_text().splitlines() == logged

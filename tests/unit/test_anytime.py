@@ -129,3 +129,66 @@ def test_same_seed_pairs_data_negatives_and_initial_weights(tiny: Path, tmp_path
     assert ba.request_id.tolist() != bc.request_id.tolist()  # another seed, another order
     ma, mb, mc = (run(x, verbose=False) for x in (a, b, c))
     assert ma["init_param_digest"] == mb["init_param_digest"] != mc["init_param_digest"]
+
+
+def test_explicit_points_test_points_and_dftopk_diagnostics(tiny: Path, tmp_path: Path) -> None:
+    # The study's step budgets: points at given sample counts, the test day evaluated at the cut
+    # points (here 64 and the end, 160), DFTopK's diagnostics at every point.
+    cfg = _cfg(tiny, tmp_path / "pts", "op.name=dftopk", "op.params.tau=1", "run.max_samples=160",
+               "run.eval_at_samples=[32,64,96]", "run.test_at_samples=[64,160]",
+               "run.diagnostics=true")  # fmt: skip
+    m = run(cfg, verbose=False)
+    curve = m["anytime_curve"]
+    # Each point at the first step at or past its count (120 requests a day: day 1 ends with a
+    # batch of 8, so the end, the first step past 160, is at 168).
+    assert [p["samples_seen"] for p in curve] == [32, 64, 96, 168] == [
+        p["steps"] * 16 - (8 if p["steps"] > 8 else 0) for p in curve
+    ]
+    has_test = ["test_joint_recall@10@20" in p for p in curve]
+    assert has_test == [False, True, False, True]
+    # The end's test point is the run's own final test evaluation.
+    assert curve[-1]["test_joint_recall@10@20"] == m["joint_recall@10@20"]
+    for p in curve:
+        for s in (0, 1):
+            assert p[f"diag_psum_over_k{s}"] > 0
+            assert 0.0 <= p[f"diag_boundary_grad_share{s}"] <= 1.0
+            assert p[f"diag_score_std_over_tau{s}"] >= 0.0
+
+
+def test_diagnostics_by_hand() -> None:
+    import torch
+
+    from raytopk.data import schema
+    from raytopk.data.batch import random_batch
+    from raytopk.ops.dftopk import dftopk
+    from raytopk.train.diagnostics import diagnostics
+    from raytopk.train.model import CascadeModel
+
+    vocab = {t: 30 for t in set(schema.EMBEDDING_TABLE.values())}
+    vocab |= {"weekday": 9, "hour": 26, "minute": 62}
+    torch.manual_seed(0)
+    model = CascadeModel(["dssm", "din"], vocab, 8, "dftopk", {"tau": 0.5}, [10, 10], 10)
+    batch = random_batch(6, 30, vocab, seed=3)
+    d = diagnostics(model, batch)
+    # Stage 0 by hand: Σp/k over rows with more than k valid slots; score std / τ.
+    with torch.no_grad():
+        x = model.scores(batch)[0]
+    rows = batch.cand_mask.sum(-1) > 10
+    p = dftopk(x[rows], 10, batch.cand_mask[rows], tau=0.5)
+    assert d["diag_psum_over_k0"] == pytest.approx(float((p.sum(-1) / 10).mean()), abs=1e-4)
+    sd = torch.stack([x[r][batch.cand_mask[r]].std(unbiased=False) for r in range(6) if rows[r]])
+    assert d["diag_score_std_over_tau0"] == pytest.approx(float((sd / 0.5).mean()), abs=1e-3)
+    assert 0.0 < d["diag_boundary_grad_share0"] < 1.0
+    # Another method: nothing measured.
+    lap = CascadeModel(["dssm", "din"], vocab, 8, "lapsum", {}, [10, 10], 10)
+    assert diagnostics(lap, batch) == {}
+
+
+def test_explicit_points_are_checked(tiny: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="counts samples"):
+        _cfg(tiny, tmp_path, "run.max_train_seconds=5", "run.eval_at_samples=[16]")
+    with pytest.raises(ConfigError, match="<= run.max_samples 64"):
+        _cfg(tiny, tmp_path, "run.max_samples=64", "run.eval_at_samples=[16,80]")
+    with pytest.raises(ConfigError, match=r"run.test_at_samples \[48\] are not anytime points"):
+        _cfg(tiny, tmp_path, "run.max_samples=64", "run.eval_at_samples=[16,32]",
+             "run.test_at_samples=[48]")  # fmt: skip

@@ -1,0 +1,123 @@
+"""Compute matched from measured step times: how many steps each method gets in the study.
+
+Notation: t(m, N) = seconds per training step of method m at N candidates, from a step-time table
+(jobs/bench_step.py's step_times.json: interleaved rounds on one machine, batch B); S_N = the
+steps the slowest method of the study gets at N (``study.slowest_steps``); T_N = S_N · max_m
+t(m, N), the compute budget per trial at N; steps(m, N) = ⌊T_N / t(m, N)⌋ ≥ S_N.
+
+Cut points (``study.compute_cuts``, fractions f, e.g. ¼, ½, 1): the test day is evaluated at
+- equal compute: step ⌊f · steps(m, N)⌋ of method m (the compute f · T_N on the table's device);
+- equal steps: step ⌊f · S_N⌋ (every method trains at least S_N steps).
+Quality per step does not depend on the device, so another device's table gives that device's
+equal-compute comparison from the same runs (``recut``: by the validation-day curve, interpolated
+between anytime points, since the test day was evaluated only at this table's cut points).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["StepTable", "load_step_table", "trial_plan", "TrialPlan"]
+
+
+@dataclass(frozen=True)
+class StepTable:
+    """Seconds per step by (method, N), the batch size it was measured at, and its machine."""
+
+    seconds: dict[tuple[str, int], float]
+    batch_size: int
+    machine: str
+    path: str
+
+    def t(self, method: str, n: int) -> float:
+        """t(method, n); KeyError naming the table and what it holds when the row is missing."""
+        try:
+            return self.seconds[(method, n)]
+        except KeyError:
+            have = sorted({f"{m}@N={k}" for m, k in self.seconds})
+            raise KeyError(
+                f"step table {self.path!r} has no row for {method} at N={n}; it holds {have} "
+                "(run jobs/bench_step.py --parts table with that method and N)"
+            ) from None
+
+    def budget(self, methods: list[str], n: int, slowest_steps: int) -> float:
+        """T_N in seconds: the slowest of ``methods`` at ``n`` gets ``slowest_steps`` steps."""
+        return slowest_steps * max(self.t(m, n) for m in methods)
+
+    def steps(self, method: str, n: int, budget_s: float) -> int:
+        """⌊T_N / t(method, n)⌋ (a small epsilon so the slowest gets exactly its S_N)."""
+        return int(math.floor(budget_s / self.t(method, n) + 1e-9))
+
+
+def load_step_table(path: str | Path) -> StepTable:
+    """A step_times.json written by jobs/bench_step.py; ValueError naming the file and field."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"study.step_table: {str(p)!r} does not exist (jobs/bench_step.py)")
+    try:
+        doc = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"step table {str(p)!r} is not JSON: {e}") from e
+    for key in ("rows", "batch_size"):
+        if key not in doc:
+            raise ValueError(f"step table {str(p)!r} has no {key!r} field")
+    seconds = {}
+    for i, r in enumerate(doc["rows"]):
+        try:
+            m, n, s = str(r["method"]), int(r["N"]), float(r["median_s"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"step table {str(p)!r}: rows[{i}] lacks method/N/median_s") from e
+        if not (s > 0 and math.isfinite(s)):
+            raise ValueError(f"step table {str(p)!r}: rows[{i}] median_s={s} is not > 0")
+        seconds[(m, n)] = s
+    machine = doc.get("machine", {})
+    desc = f"{machine.get('device_name', '?')}, {machine.get('cpu_cores', '?')} cores"
+    return StepTable(seconds, int(doc["batch_size"]), desc, str(p))
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """One method's trial at one N: its steps, anytime points and test points (in steps)."""
+
+    steps: int
+    budget_s: float  # T_N
+    slowest_steps: int  # S_N
+    eval_steps: list[int]  # anytime points, ascending, the last = steps
+    compute_cuts: list[int]  # ⌊f · steps⌋
+    step_cuts: list[int]  # ⌊f · S_N⌋
+
+    @property
+    def test_steps(self) -> list[int]:
+        return sorted(set(self.compute_cuts) | set(self.step_cuts))
+
+    def as_samples(self, batch: int) -> dict[str, Any]:
+        """run.max_samples / eval_at_samples / test_at_samples for global batch ``batch``."""
+        return {
+            "max_samples": self.steps * batch,
+            "eval_at_samples": [s * batch for s in self.eval_steps if s < self.steps],
+            "test_at_samples": [s * batch for s in self.test_steps],
+        }
+
+
+def trial_plan(
+    table: StepTable,
+    methods: list[str],
+    method: str,
+    n: int,
+    slowest_steps: int,
+    cuts: list[float],
+    eval_points: int,
+) -> TrialPlan:
+    """``method``'s plan at ``n`` in a study of ``methods``: its steps in T_N, ``eval_points``
+    evenly spaced anytime points, and every cut point added to them."""
+    budget = table.budget(methods, n, slowest_steps)
+    steps = table.steps(method, n, budget)
+    compute = sorted({max(1, int(f * steps + 1e-9)) for f in cuts})
+    by_steps = sorted({max(1, int(f * slowest_steps + 1e-9)) for f in cuts})
+    even = {max(1, round(steps * i / eval_points)) for i in range(1, eval_points + 1)}
+    points = sorted(even | set(compute) | set(by_steps) | {steps})
+    return TrialPlan(steps, budget, slowest_steps, points, compute, by_steps)

@@ -1,0 +1,139 @@
+"""The compute-matched study (raytopk.tune.compute, compute_reports, selection, experiments):
+step counts from a step table, cut points, the equal-compute comparison, the joint lr x
+parameter choice on the validation day over seeds, and resuming from the committed row log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raytopk.tune.compute import load_step_table, trial_plan
+from raytopk.tune.compute_reports import comparison_rows, plateau, recut
+from raytopk.tune.selection import choose, choose_joint, chosen_lrs, lr_extensions
+
+CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+
+
+def _table(tmp_path: Path, rows: dict[tuple[str, int], float], batch: int = 128) -> Path:
+    p = tmp_path / "step_times.json"
+    p.write_text(json.dumps({
+        "batch_size": batch, "machine": {"device_name": "test cpu", "cpu_cores": 2},
+        "rows": [{"method": m, "N": n, "median_s": s} for (m, n), s in rows.items()],
+    }))
+    return p
+
+
+def test_steps_from_the_table_give_equal_compute(tmp_path: Path) -> None:
+    t = load_step_table(_table(tmp_path, {("dftopk", 200): 0.1, ("softsort", 200): 0.25,
+                                          ("bce", 200): 0.08}))  # fmt: skip
+    methods = ["dftopk", "softsort", "bce"]
+    budget = t.budget(methods, 200, 300)
+    assert budget == pytest.approx(75.0)  # the slowest (softsort) gets S_N = 300 steps
+    steps = {m: t.steps(m, 200, budget) for m in methods}
+    assert steps == {"dftopk": 750, "softsort": 300, "bce": 937}
+    for m in methods:  # every method's steps cost at most T_N, and one more step would not fit
+        assert steps[m] * t.t(m, 200) <= budget + 1e-9 < (steps[m] + 1) * t.t(m, 200)
+    plan = trial_plan(t, methods, "dftopk", 200, 300, [0.25, 0.5, 1.0], 8)
+    assert plan.steps == 750 and plan.compute_cuts == [187, 375, 750]
+    assert plan.step_cuts == [75, 150, 300]
+    assert plan.test_steps == [75, 150, 187, 300, 375, 750]
+    assert len(plan.eval_steps) >= 8 and plan.eval_steps[-1] == 750
+    assert set(plan.test_steps) <= set(plan.eval_steps)
+    s = plan.as_samples(128)
+    assert s["max_samples"] == 750 * 128 and 750 * 128 not in s["eval_at_samples"]
+    assert s["test_at_samples"] == [x * 128 for x in plan.test_steps]
+
+
+def test_step_table_errors_name_the_file_and_field(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        load_step_table(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"batch_size": 128, "rows": [{"method": "dftopk", "N": 40}]}))
+    with pytest.raises(ValueError, match=r"bad.json.*rows\[0\] lacks method/N/median_s"):
+        load_step_table(bad)
+    t = load_step_table(_table(tmp_path, {("dftopk", 40): 0.05}))
+    with pytest.raises(KeyError, match="no row for lapsum at N=40"):
+        t.t("lapsum", 40)
+
+
+def _final_row(op: str, seed: int, curve: list[tuple[int, float, float | None]]) -> dict:
+    pts = []
+    for i, (step, valid, test) in enumerate(curve, 1):
+        p = {"point": i, "steps": step, "valid_joint_recall@10@20": valid}
+        if test is not None:
+            p["test_joint_recall@10@20"] = test
+        pts.append(p)
+    return {"status": "ok", "op": op, "sample_num": 160, "seed": seed, "phase": "final",
+            "anytime_curve": pts}
+
+
+def test_equal_compute_and_equal_steps_cut_points(tmp_path: Path) -> None:
+    t = load_step_table(_table(tmp_path, {("dftopk", 200): 0.1, ("softsort", 200): 0.2}))
+    # S_N = 4: softsort 4 steps, dftopk 8 in the same compute. Cuts 1/2 and 1.
+    rows = []
+    for seed, bump in ((1, 0.0), (2, 0.02), (3, 0.01)):
+        rows.append(_final_row("dftopk", seed, [(2, .1, .20 + bump), (4, .2, .30 + bump),
+                                                (8, .3, .50 + bump)]))  # fmt: skip
+        rows.append(_final_row("softsort", seed, [(2, .1, .25 + bump), (4, .2, .40 + bump)]))
+    comp = comparison_rows(rows, t, {160: 4}, [0.5, 1.0], "joint_recall@10@20", "dftopk")
+    get = {(r["comparison"], r["fraction"], r["method"]): r for r in comp}
+    # Equal steps: both at step 4 (and 2); softsort ahead by 0.10 on every seed.
+    assert get[("steps", 1.0, "dftopk")]["step"] == get[("steps", 1.0, "softsort")]["step"] == 4
+    assert get[("steps", 1.0, "softsort")]["diff_to_ref"] == pytest.approx(0.10)
+    # Equal compute: dftopk at step 8, softsort at 4 (0.8 s each); dftopk ahead by 0.10.
+    c = get[("compute", 1.0, "softsort")]
+    assert (get[("compute", 1.0, "dftopk")]["step"], c["step"]) == (8, 4)
+    assert c["compute_s"] == get[("compute", 1.0, "dftopk")]["compute_s"] == pytest.approx(0.8)
+    assert c["diff_to_ref"] == pytest.approx(-0.10) and c["diff_high"] < 0
+    assert get[("compute", 0.5, "dftopk")]["step"] == 4
+    assert get[("steps", 1.0, "dftopk")]["seeds"] == 3
+    pl = plateau(rows, "joint_recall@10@20")[200]
+    assert pl["method"] == "dftopk" and pl["last_quarter_gain"] == pytest.approx(0.1)
+
+
+def test_recut_reads_validation_interpolated_for_another_device(tmp_path: Path) -> None:
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "study.yaml").write_text(
+        "study: {slowest_steps: {160: 4}, compute_cuts: [1.0], reference_op: dftopk}\n"
+        "train: {model: {stages: [dssm, din]}}\n"
+    )
+    rows = [_final_row("dftopk", 1, [(2, .1, None), (4, .2, None), (8, .4, None)]),
+            _final_row("softsort", 1, [(2, .1, None), (4, .3, None)])]
+    (res / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # Another device where dftopk costs 2/3 of softsort: T = 4 x 0.3 = 1.2 s -> dftopk 6 steps.
+    other = _table(tmp_path, {("dftopk", 200): 0.2, ("softsort", 200): 0.3})
+    comp = recut(res, other, tmp_path / "recut")
+    d = next(r for r in comp if r["comparison"] == "compute" and r["method"] == "dftopk")
+    assert d["step"] == 6 and d["mean"] == pytest.approx(0.3)  # between (4, .2) and (8, .4)
+    assert "VALIDATION" in (tmp_path / "recut" / "equal_compute.md").read_text()
+
+
+def test_joint_choice_averages_seeds_over_lr_and_parameter() -> None:
+    key = "valid_joint_recall@10@20"
+
+    def row(v, lr, seed, score, status="ok", op="dftopk"):
+        return {"op": op, "sample_num": 0, "value": v, "lr": lr, "seed": seed,
+                "status": status, key: score}
+
+    rows = [
+        row(0.5, 0.01, 1, 0.50), row(0.5, 0.01, 2, 0.40),  # mean 0.45
+        row(0.5, 0.03, 1, 0.60), row(0.5, 0.03, 2, 0.20),  # mean 0.40
+        row(5.0, 0.01, 1, 0.47), row(5.0, 0.01, 2, 0.46),  # mean 0.465: best
+        row(50., 0.01, 1, 0.90), row(50., 0.01, 2, 0.1, "stopped early (ASHA)"),  # one seed only
+        row("", 0.003, 1, 0.3, op="bce"), row("", 0.003, 2, 0.3, op="bce"),
+        row("", 0.01, 1, 0.2, op="bce"), row("", 0.01, 2, 0.2, op="bce"),
+    ]
+    joint = choose_joint(rows, "joint_recall@10@20", base_lr=0.01)
+    assert joint[("dftopk", 0)] == {"value": 5.0, "lr": 0.01, "score": 0.465, "seeds": 2}
+    assert joint[("bce", 0)]["value"] is None and joint[("bce", 0)]["lr"] == 0.003
+    assert choose(rows, "joint_recall@10@20") == {"dftopk": {0: 5.0}}
+    assert chosen_lrs(joint) == {"dftopk": {0: 0.01}, "bce": {0: 0.003}}
+    # The chosen lr is the edge of those tried with the chosen value: one step further out.
+    ext = lr_extensions(rows, joint, 3.0)
+    assert ("dftopk", 0, 5.0, 0.00333333) in ext and ("bce", 0, None, 0.001) in ext
+    # Only 0.01 was tried with 5.0 (0.03 was tried with 0.5): it extends both ways; bce's
+    # chosen 0.003 is inside on the high side.
+    assert ("dftopk", 0, 5.0, 0.03) in ext and len(ext) == 3
