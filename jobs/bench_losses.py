@@ -1,4 +1,4 @@
-"""Loss forms per operator, measured (SPEC.md §3.5; raytopk.losses.forms).
+"""Loss forms per operator, measured (docs/protocol.md §3.5; raytopk.losses.forms).
 
     PYTHONPATH=. python jobs/bench_losses.py [--seconds 0] [--ops dftopk lapsum sparse_topk bce]
         [--out /tmp/bench_losses]
@@ -14,7 +14,8 @@ valid slots, i.e. of the slot-summed loss; per request, mean) and the fraction o
 where it is exactly 0; the same at scores × ``--scale`` (large scores, as after a long run); and
 the validation joint Recall@10@20. Prints a table and writes ``<out>/bench_losses.json``.
 
-"before" = form bce for every operator (what training used before SPEC §3.5); the forms chosen
+"before" = form bce for every operator (what training used before the loss forms of
+docs/protocol.md §3.5); the forms chosen
 (raytopk.losses.forms) are marked with *.
 """
 

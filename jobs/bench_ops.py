@@ -1,15 +1,15 @@
-"""Operator benchmark of raytopk (issue 2, "Benchmark"): operator-level sweeps and the DFTopK
-paper's step-level runtime protocol (SPEC.md §5), every registered operator side by side with
-the authors' DFTopK formulation and the elementwise floor, measured in the same run.
+"""Operator benchmark of raytopk: operator-level sweeps (docs/protocol.md §5.2) and the DFTopK
+paper's step-level runtime protocol (docs/protocol.md §5.1), every registered operator side by
+side with the authors' DFTopK formulation and the elementwise floor, measured in the same run.
 
     PYTHONPATH=. python jobs/bench_ops.py --quick                # ~1-2 min on a 2-core CPU
     PYTHONPATH=. python jobs/bench_ops.py                        # full sweep, < ~15 min
     PYTHONPATH=. python jobs/bench_ops.py --device cuda --select-compare
 
 Operator level: forward and forward+backward (BCE against a top-k label) timed separately,
-B ∈ {1, 1024}, N ∈ {10, 40, 200, 1000, 10⁴, 10⁵}, k ∈ {10, N//2} (clipped to N − 1), plus the
-issue's target shape (B=64, N=10⁵, k=100); peak extra memory of forward+backward. Definitions
-(what is timed, how memory is measured on CPU and CUDA, the skip rules) are in
+B ∈ {1, 1024}, N ∈ {10, 40, 200, 1000, 10⁴, 10⁵}, k ∈ {10, N//2} (clipped to N − 1), plus the target
+shape (B=64, N=10⁵, k=100; docs/protocol.md §5.3); peak extra memory of forward+backward.
+Definitions (what is timed, how memory is measured on CPU and CUDA, the skip rules) are in
 raytopk/bench/sweeps.py, raytopk/bench/harness.py and raytopk/bench/step.py.
 
 Writes <out>/bench_ops.json (machine, settings, every record, target summary),
@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-target-shapes",
         action="store_true",
-        help=f"leave out the issue's target shapes {list(TARGET_SHAPES)} (B, N, k)",
+        help=f"leave out the target shapes {list(TARGET_SHAPES)} (B, N, k)",
     )
     args = p.parse_args(argv)
     dev = torch.device(args.device)
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return result
     print(markdown_operator_tables(result["operator"]))
     if result["step"]:
-        print("\n**step level** (SPEC §5: batch 1, k = n//2, mean ms per step)\n")
+        print("\n**step level** (docs/protocol.md §5.1: batch 1, k = n//2, mean ms per step)\n")
         print(markdown_step_table(result["step"]))
     print("\n**targets**: " + json.dumps(result["targets"], indent=1))
     path = out / "bench_ops.json"

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-GOALS = {  # fused / plain, at the shapes
+GOALS = {  # fused / plain at these shapes: the targets of docs/protocol.md §5.3
     "attention_fb_128x1000": 5.0,
     "attention_fb_1024x200": 5.0,
     "attention_f_1024x200": 5.0,

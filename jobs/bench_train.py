@@ -1,4 +1,4 @@
-"""Training-throughput benchmark (issue "Performance targets"), side by side in one run.
+"""Training-throughput benchmark (targets: docs/protocol.md §5.3), side by side in one run.
 
     python jobs/bench_train.py [--requests-per-day 30000] [--batch-size 256]
     python jobs/bench_train.py --quick      # ~5 minutes on 2 cores: smaller day, fewer steps

@@ -4,9 +4,9 @@
         --raytopk rt_t1_s1=runs/refcmp/rt_t1_s1 ... \\
         --reference ref_t1_s1=/path/to/root/checkpoints ... --out docs/reference/scores.json
 
-Every model is scored on the same test-day batches (SPEC.md §4.5: the day's requests in file
-order, 40 own slots + 160 sampled from the batch, N = 200; one fixed ``--eval-seed`` for all), by
-``raytopk.train.evaluate.evaluate``. A raytopk run is its output directory (latest checkpoint);
+Every model is scored on the same test-day batches (docs/protocol.md §4.5: the day's requests in
+file order, 40 own slots + 160 sampled from the batch, N = 200; one fixed ``--eval-seed`` for all),
+by ``raytopk.train.evaluate.evaluate``. A raytopk run is its output directory (latest checkpoint);
 a reference run is the directory its training script saved into (``retrival_*_D<n>.pkl`` and
 ``prerank_*_D<n>.pkl``: the largest n, i.e. after the last training day), loaded into the
 reference's own ``models.DSSM`` / ``models.DIN`` imported from ``--reference-dir`` (its torch/

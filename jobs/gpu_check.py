@@ -1,4 +1,4 @@
-"""One GPU check of raytopk (issue 13): the local training loop, mixed precision and DFTopK's
+"""One GPU check of raytopk: the local training loop, mixed precision and DFTopK's
 selection primitive, measured on one device in one short run, written to ONE JSON.
 
     PYTHONPATH=. python jobs/gpu_check.py --device cuda --out runs/gpu_check   # ~3-5 min, H200
@@ -36,7 +36,8 @@ next one runs):
    autocast (``optim.amp``), 80 steps each (20 left out as warm-up), no corpus evaluation:
    requests/s and data-wait fraction from the loop's own reports; the step-time split (data
    wait / host-to-device / forward / backward / optimiser) from a separate synchronised pass;
-   peak GPU memory; the issue's goal (>= 55,000 requests/s, data wait < 10% at N = 40).
+   peak GPU memory; the GPU goal of docs/protocol.md §5.3 (>= 55,000 requests/s, data wait
+   < 10% at N = 40).
 
 Output: ``<out>/gpu_check.json``: machine (device name, torch, CUDA), settings, seconds per
 part, selection, parity, data, train, goal, errors, modules_loaded.

@@ -9,7 +9,7 @@
 convert converts every complete day; days missing a file are named in one message at the end
 (stderr), and make the exit status non-zero only with --strict.
 
-Layouts: SPEC.md §4.1 (raw) and raytopk/data/convert.py (converted); see data/README.md.
+Layouts: docs/protocol.md §4.1 (raw) and raytopk/data/convert.py (converted); see data/README.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Train a cascade with a differentiable top-k operator on Ray (DESIGN.md, "How it is used").
+"""Train a cascade with a differentiable top-k operator on Ray (docs/design.md, How it is
+used).
 
     python jobs/train.py --config jobs/configs/quickstart.yaml [key=value ...]
     ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/<name>.yaml

@@ -1,4 +1,4 @@
-"""Ray in one place: every Ray-version-specific fact raytopk relies on (RAY_NOTES.md, Ray 2.60).
+"""Ray in one place: every Ray-version-specific fact raytopk relies on (docs/ray.md, Ray 2.60).
 
 Upgrading Ray should mean editing this file. It holds:
 
@@ -12,7 +12,7 @@ Upgrading Ray should mean editing this file. It holds:
 - ``progress_callback``: a controller-side ``UserCallback`` around a plain function;
 - ``quiet_train_logs``, ``tune_report_callback``, ``node_id``.
 
-Security (RAY_NOTES.md): Ray 2.60's GCS and raylet listen on every interface whatever the node IP,
+Security (docs/ray.md §2): Ray 2.60's GCS and raylet listen on every interface whatever the node IP,
 the dashboard agent on 0.0.0.0. Token authentication is the protection, so nothing here ever
 turns it off: a local ``ray.init()`` enables it by default (token in ``~/.ray/auth_token``, or
 the file named by ``RAY_AUTH_TOKEN_PATH``); a process joining a cluster needs
@@ -205,7 +205,7 @@ def progress_callback(on_report: Callable[[list[dict[str, Any]], str | None], No
 
 def tune_report_callback() -> Any:
     """The Train callback that forwards a Train run's reports to the enclosing Tune trial
-    (RAY_NOTES.md: Tune over Train runs)."""
+    (docs/ray.md §6: Tune over Train runs)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     return TuneReportCallback()

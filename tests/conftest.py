@@ -1,4 +1,4 @@
-"""Test-wide environment: quiet Ray, token authentication on (RAY_NOTES.md: Ray 2.60 listens on
+"""Test-wide environment: quiet Ray, token authentication on (docs/ray.md §2: Ray 2.60 listens on
 every interface, so the token is what keeps the test clusters to this machine's tests)."""
 
 import os

@@ -6,7 +6,7 @@
 - ``cost``: the skip rules' cost model (complexity exponents, time extrapolation; memory comes
   from each operator's registry entry, ``get_spec(name).step_bytes``);
 - ``sweeps``: operator-level sweeps and the interleaved headline comparison;
-- ``step``: the DFTopK paper's step-level runtime protocol (SPEC.md §5);
+- ``step``: the DFTopK paper's step-level runtime protocol (docs/protocol.md §5.1);
 - ``report``: markdown tables, targets and plots;
 - ``machine``: the machine a benchmark ran on (``machine_info``, one set of keys);
 - ``train``: the plain single-process training loop that jobs/bench_train.py compares Ray with;

@@ -1,4 +1,4 @@
-"""The local backend's training loop measured on one device (jobs/gpu_check.py, issue 13).
+"""The local backend's training loop measured on one device (jobs/gpu_check.py).
 
 Notation: B = requests per batch, N = 40 + sample_num candidates per request.
 
@@ -182,7 +182,7 @@ def measure_configs(
 
 
 def goal(train: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's goal at batch 1024, N = 40 (either precision)."""
+    """The GPU throughput goal (docs/protocol.md §5.3) at batch 1024, N = 40 (either precision)."""
     got = {r["precision"]: r for r in train if r["N"] == 40 and r["batch"] == 1024}
     return {
         **GOAL,

@@ -1,5 +1,5 @@
-"""The machine a benchmark ran on, stated in its JSON (STYLE.md, habit 10): one function and one
-set of keys for every benchmark script (bench_ops, bench_train, bench_data).
+"""The machine a benchmark ran on, stated in its JSON (docs/design.md, Benchmarks): one function
+and one set of keys for every benchmark script (bench_ops, bench_train, bench_data).
 
 Library versions are read from the installed distributions' metadata, so nothing here imports
 Ray or pyarrow (the operator benchmark runs on a bare torch + numba machine).

@@ -1,4 +1,5 @@
-"""Reference formulations the operator benchmark measures DFTopK against (SPEC.md §2.1, §5).
+"""Reference formulations the operator benchmark measures DFTopK against (docs/protocol.md
+§2.1, §5).
 
 Notation: B = rows (requests), N = scores per row, k = selected per row, τ = DFTopK temperature,
 x_[1] ≥ … ≥ x_[N] a row's order statistics, θ_k(x) = (x_[k] + x_[k+1]) / 2.

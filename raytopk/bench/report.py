@@ -1,5 +1,6 @@
 """Reports of the operator benchmark (jobs/bench_ops.py): markdown tables of the sweep and the
-headline comparison, the issue's targets computed from the records, and the PNG plots.
+headline comparison, the performance targets (docs/protocol.md §5.3) computed from the records,
+and the PNG plots.
 
 Notation: B = rows (requests), N = scores per row, k = selected per row. A record is one
 measurement of ``raytopk.bench.sweeps.bench_operators`` (keys line, B, N, k, mode, status,
@@ -21,7 +22,7 @@ __all__ = [
     "plot",
 ]
 
-# The issue's target shapes (B, N, k).
+# The operator target shapes (B, N, k) of docs/protocol.md §5.3.
 TARGET_SHAPES = ((1024, 200, 10), (64, 100_000, 100))
 
 
@@ -114,7 +115,8 @@ def _ratio(a: dict | None, b: dict | None) -> float | None:
 
 
 def targets(records: list[dict[str, Any]], steps: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's targets as measured here (None where a shape was not measured)."""
+    """The performance targets (docs/protocol.md §5.3) as measured here (None where a shape was
+    not measured)."""
     out: dict[str, Any] = {}
     for b, n, k in TARGET_SHAPES:
         out[f"speedup_vs_authors_B{b}_N{n}_k{k}"] = _ratio(
@@ -207,7 +209,7 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
             ax.plot(*zip(*pts), marker="o", ms=3, label=line)
         ax.set(xscale="log", yscale="log", xlabel="n candidates (k = n//2, batch 1)")
         ax.set(ylabel="ms per training step (mean)")
-        ax.set_title("step-level protocol (SPEC §5)")
+        ax.set_title("step-level protocol (docs/protocol.md §5.1)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()

@@ -1,4 +1,4 @@
-"""DFTopK's selection primitive by measurement (SPEC.md §2.1): every ``select`` of
+"""DFTopK's selection primitive by measurement (docs/protocol.md §2.1): every ``select`` of
 ``raytopk.ops.dftopk`` on one device, against the authors' two-kthvalue formulation and the
 elementwise floor, interleaved per shape; the fastest becomes ``_AUTO_SELECT[device]``.
 
@@ -129,7 +129,8 @@ def compare_selects(
                     + " ms"
                 )
     out = {"device": str(dev), "records": records, **recommend(records, device_selects(dev))}
-    # The shapes training runs at (SPEC §4.4-4.5: batch 1024, k = 10), as a second opinion.
+    # The shapes training runs at (docs/protocol.md §4.4–4.5: batch 1024, k = 10), as a second
+    # opinion.
     train = [r for r in records if (r["B"], r["k"]) == (1024, 10)]
     if any(r["mode"] == "forward_backward" for r in train):
         out["training_shapes"] = recommend(train, device_selects(dev))

@@ -1,5 +1,5 @@
 """Step-level runtime protocol of the DFTopK paper (Zhu et al., arXiv 2510.11472, "count time"),
-SPEC.md §5, re-implemented so that every operator is measured side by side in one run.
+docs/protocol.md §5.1, re-implemented so that every operator is measured side by side in one run.
 
 Notation: n = candidates scored per request, k = n // 2, batch of 1 request.
 
@@ -14,11 +14,11 @@ Single-stage loss per line:
 - ``dftopk``: BCE-with-logits(dftopk_logits(s, k, τ), y);
 - ``authors_dftopk`` (reference): BCE-with-logits on the authors' two-``kthvalue`` logits;
 - other non-permutation ops (lapsum, sparse_topk): BCE(membership, y), membership in [0, 1];
-- permutation ops (neuralsort, softsort, diffsort): the LCRON single-stage term L_s of SPEC §3.3
-  (``raytopk.losses.lcron.lcron_single_stage_loss``) between the model's soft permutation of s
-  and the label relaxation of the priority (τ_label / β_label of ``LABEL_PARAMS``, computed
-  without gradient inside the step, as the label of the authors' LCRON script is), which is the
-  loss the authors time for "LCRON + <sort>"; if raytopk.losses cannot be imported, BCE on the
+- permutation ops (neuralsort, softsort, diffsort): the LCRON single-stage term L_s of
+  docs/protocol.md §3.3 (``raytopk.losses.lcron.lcron_single_stage_loss``) between the model's soft
+  permutation of s and the label relaxation of the priority (τ_label / β_label of ``LABEL_PARAMS``,
+  computed without gradient inside the step, as the label of the authors' LCRON script is), which is
+  the loss the authors time for "LCRON + <sort>"; if raytopk.losses cannot be imported, BCE on the
   membership instead (the record's ``loss`` field says which was used).
 Operator parameters are the registry's RecFlow-protocol defaults.
 
@@ -55,7 +55,8 @@ __all__ = [
 
 STEP_SIZES = (5, 10, 50, 100, 500, 1000)
 
-# The authors' own code under this protocol on a 2-core CPU machine (ANCHORS.md), ms per step.
+# The authors' own code under this protocol on a 2-core CPU machine, torch 2.13 (docs/protocol.md
+# §5.1), ms per step.
 ANCHOR_MS: dict[str, dict[int, float | None]] = {
     "dftopk": {10: 3.50, 100: 4.04, 1000: 5.88},
     "sparse_topk": {10: 283.8, 100: 268.1, 1000: 273.9},
@@ -173,7 +174,7 @@ def bench_steps(
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """One record per (line, n): line, n, k, loss, status, mean_ms, median_ms, steps, warmup,
-    anchor_ms (the authors' figure where ANCHORS.md has one) or reason/estimated_s if skipped."""
+    anchor_ms (the authors' figure where ANCHOR_MS has one) or reason/estimated_s if skipped."""
     dev = torch.device(device)
     records: list[dict[str, Any]] = []
     for line in lines:
@@ -234,7 +235,7 @@ def bench_steps(
 
 
 def markdown_step_table(records: Sequence[dict[str, Any]]) -> str:
-    """Rows = lines, columns = n; cells 'mean ms' (the authors' own figure from ANCHORS.md in
+    """Rows = lines, columns = n; cells 'mean ms' (the authors' own figure from ANCHOR_MS in
     brackets where there is one; their code on a 2-core CPU, a different run)."""
     sizes = sorted({r["n"] for r in records})
     lines = list(dict.fromkeys(r["line"] for r in records))

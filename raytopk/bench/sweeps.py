@@ -1,5 +1,5 @@
-"""Operator-level sweeps of the differentiable top-k operators (issue 2, "Benchmark"; SPEC.md §5
-asks for the sweeps the DFTopK paper, Zhu et al. arXiv 2510.11472, lacks), and the interleaved
+"""Operator-level sweeps of the differentiable top-k operators (docs/protocol.md §5.2: the sweeps
+the DFTopK paper, Zhu et al. arXiv 2510.11472, lacks), and the interleaved
 headline comparison of DFTopK against its references.
 
 Notation: B = rows (requests), N = scores per row, k = selected per row, τ = DFTopK temperature,

@@ -1,5 +1,5 @@
-"""The plain training loop jobs/bench_train.py measures the Ray path against (issue
-"Performance targets"): the same day's batches, produced by the same pipeline but materialised in
+"""The plain training loop jobs/bench_train.py measures the Ray path against (the throughput target
+of docs/protocol.md §5.3): the same day's batches, produced by the same pipeline but materialised in
 memory first (``materialise``), fed to a plain single-process PyTorch loop (``plain_throughput``:
 same model, operator, batch size, loss step and optimiser as the Ray worker; the caller sets the
 torch thread count).

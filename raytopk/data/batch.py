@@ -27,7 +27,7 @@ class CascadeBatch:
     seq_mask: torch.Tensor  # (B, L) bool, True = real behaviour
     items: torch.Tensor  # (B, N, F) int64: schema.ITEM_FIELDS
     cand_mask: torch.Tensor  # (B, N) bool, True = valid candidate slot
-    priority: torch.Tensor  # (B, N) float32, SPEC.md §4.3 (0 for sampled negatives)
+    priority: torch.Tensor  # (B, N) float32, docs/protocol.md §4.3 (0 for sampled negatives)
     request_id: torch.Tensor  # (B,) int64
 
     @property
@@ -119,7 +119,7 @@ def _default_vocab() -> dict[str, int]:
 
 
 def _recflow_priority(b: int, n: int, g: torch.Generator) -> torch.Tensor:
-    """SPEC.md §4.3 priorities by slot: the four groups of GROUP_SIZE slots (rank_pos 30 −
+    """docs/protocol.md §4.3 priorities by slot: the four groups of GROUP_SIZE slots (rank_pos 30 −
     rank_index with rank_index a random permutation, then rank_neg, coarse_neg, prerank_neg),
     then sampled negatives (0). (B, N) float32."""
     size = schema.GROUP_SIZE
@@ -159,8 +159,8 @@ def random_batch(
             [1, rows of its table) (0 = padding). Default: 30 rows per id table and the real
             weekday/hour/minute tables.
         seed: seeds the torch.Generator every random draw comes from (same seed, same batch).
-        priority: (B, N) priorities, used as given (dtype kept); default SPEC §4.3's by slot
-            (rank_pos 30 − rank_index, then 7, 6, 5, and 0 for slots past the 40 own ones).
+        priority: (B, N) priorities, used as given (dtype kept); default docs/protocol.md §4.3's
+            by slot (rank_pos 30 − rank_index, then 7, 6, 5, and 0 for slots past the 40 own ones).
         mask: (B, N) bool candidate mask; default about 80% valid slots.
         seq_mask: (B, L) bool behaviour mask; default about 60% valid positions.
         seq_len: L, when seq_mask is not given.

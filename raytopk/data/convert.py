@@ -1,10 +1,11 @@
-"""RecFlow raw layout (SPEC.md §4.1) -> the per-request parquet dataset training reads.
+"""RecFlow raw layout (docs/protocol.md §4.1) -> the per-request parquet dataset training reads.
 
 RecFlow: Liu et al., "RecFlow: An Industrial Full Flow Recommendation Dataset", ICLR 2025.
-One output row per request (SPEC.md §4.2): time features of request_timestamp in Asia/Shanghai,
-user features, the 50-step behaviour sequence + mask, and N = 40 candidate slots in group order
-rank_pos, rank_neg, coarse_neg, prerank_neg (the first <= 10 items of each stage of
-request_id_dict, in stored order), with per-slot mask and ground-truth priority (SPEC.md §4.3)
+One output row per request (docs/protocol.md §4.2): time features of request_timestamp in
+Asia/Shanghai, user features, the 50-step behaviour sequence + mask, and N = 40 candidate slots in
+group order rank_pos, rank_neg, coarse_neg, prerank_neg (the first <= 10 items of each stage of
+request_id_dict, in stored order), with per-slot mask and ground-truth priority
+(docs/protocol.md §4.3)
 
     priority = 30 − rank_index  (rank_pos; rank_index looked up by (request_id, video_id) among the
                                  day's rank_pos rows of all_stage)

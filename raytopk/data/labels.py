@@ -1,9 +1,9 @@
-"""Ground-truth labels of a request (SPEC.md §4.3): the label mass y every loss and every metric
-uses.
+"""Ground-truth labels of a request (docs/protocol.md §4.3): the label mass y every loss and every
+metric uses.
 
 Notation: B = requests, N = candidates per request, V_b = request b's valid slots, K = the
 ground-truth top set size (schema.K_TRUTH = 10), π_j = slot j's priority, O_b = {j ∈ V_b : π_j > 0}
-request b's own valid slots (a sampled negative has priority 0, SPEC §4.2).
+request b's own valid slots (a sampled negative has priority 0, docs/protocol.md §4.2).
 
 The rule (one rule, used by every loss family and every metric):
 

@@ -1,4 +1,4 @@
-"""Ray Data pipeline over the converted RecFlow parquet dataset (SPEC.md §4.2, §4.4, §4.5).
+"""Ray Data pipeline over the converted RecFlow parquet dataset (docs/protocol.md §4.2, §4.4, §4.5).
 
 One row = one request. Two builders read the requested days (only schema.REQUEST_COLUMNS) in
 date order, cut the stream into groups of ``batch_size`` consecutive requests and append
@@ -6,9 +6,9 @@ in-batch negatives to every request of a group in Ray Data workers
 (``raytopk.data.sampling.sample_negatives``: n extra candidates drawn uniformly without
 replacement from the other requests' valid slots, priority 0), so cand_* columns grow from 40 to
 N = 40 + n:
-- ``build_train_dataset``: shuffled within each day, n = ``sample_num`` (SPEC.md §4.2);
+- ``build_train_dataset``: shuffled within each day, n = ``sample_num`` (docs/protocol.md §4.2);
 - ``build_eval_dataset``: the evaluation protocol, no shuffle, n = schema.EVAL_SAMPLE_NUM = 160,
-  N = schema.N_EVAL = 200 (SPEC.md §4.5).
+  N = schema.N_EVAL = 200 (docs/protocol.md §4.5).
 
 Plan (train):  read_parquet(files of the days, date order) -> add key + narrow ids -> sort(key)
                -> repartition(g x batch_size rows per block) -> map_batches(convert + sample)
@@ -40,7 +40,7 @@ Determinism (same path, days, seed -> the same rows in the same order with the s
   gives the same order and the same negatives; build it with another ``seed`` to vary them (the
   training driver passes seed + day index per day).
 
-Ray 2.60 pitfalls (RAY_NOTES.md): the reader and sort flags are set in one place,
+Ray 2.60 pitfalls (docs/ray.md §5.2–5.3): the reader and sort flags are set in one place,
 ``raytopk.ray_env.configure_data_context``; ``read_parquet(columns=...)`` is deprecated (we use
 ``select_columns``); Ray hands fixed_size_list columns to numpy UDFs as object arrays of rows,
 so the sampling UDF takes pyarrow batches and converts list columns to (B, K) arrays in one
@@ -328,8 +328,8 @@ def build_eval_dataset(
     seed: int,
     max_requests: int = 0,
 ) -> Any:
-    """A ``ray.data.Dataset`` of the evaluation requests of ``days`` (SPEC.md §4.5): file order,
-    schema.EVAL_SAMPLE_NUM in-batch negatives per request, N = schema.N_EVAL = 200.
+    """A ``ray.data.Dataset`` of the evaluation requests of ``days`` (docs/protocol.md §4.5): file
+    order, schema.EVAL_SAMPLE_NUM in-batch negatives per request, N = schema.N_EVAL = 200.
 
     Args: as :func:`build_train_dataset`; ``batch_size`` is the evaluation batch size.
         ``max_requests`` (> 0): only the first that many requests, limited right after the read,

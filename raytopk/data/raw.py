@@ -1,6 +1,6 @@
-"""Reading the raw RecFlow layout (SPEC.md §4.1) for the converter, in bounded memory: which days
-are complete, id_cnt, all_stage scanned batch by batch for the needed columns, and the pickles
-loaded once with request_id_dict's arrays kept as their raw bytes (``RawArray``).
+"""Reading the raw RecFlow layout (docs/protocol.md §4.1) for the converter, in bounded memory:
+which days are complete, id_cnt, all_stage scanned batch by batch for the needed columns, and the
+pickles loaded once with request_id_dict's arrays kept as their raw bytes (``RawArray``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Building the converter's output rows from one chunk of raw requests, vectorised over the chunk
-(SPEC.md §4.2–4.3): time features (Asia/Shanghai), candidate slots in group order with masks and
-priorities (rank_index looked up per (request, video)), the behaviour sequence, and the item
-corpus seen on the way.
+(docs/protocol.md §4.2–4.3): time features (Asia/Shanghai), candidate slots in group order with
+masks and priorities (rank_index looked up per (request, video)), the behaviour sequence, and the
+item corpus seen on the way.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""In-batch negative sampling for cascade ranking (SPEC.md §4.2, §4.5), pure vectorised numpy.
+"""In-batch negative sampling for cascade ranking (docs/protocol.md §4.2, §4.5), pure vectorised
+numpy.
 
 Notation: B = requests in a group (one ``map_batches`` batch), N0 = candidate slots per request
 before sampling (schema.N_OWN = 40), n = ``sample_num``, V = set of valid slots of the group
@@ -8,7 +9,7 @@ For every request i, the n sampled negatives are a uniform random n-subset of V 
 without replacement (the protocol of the paper's RecFlow experiments: "for each request, sample
 n extra candidates from the other requests' candidates in the same batch"). They are appended
 after the N0 own slots of every ``cand_*`` column, so N = N0 + n, with ``cand_mask`` True and
-``cand_priority`` = schema.SAMPLED_PRIORITY (0, below every real group, SPEC.md §4.3).
+``cand_priority`` = schema.SAMPLED_PRIORITY (0, below every real group, docs/protocol.md §4.3).
 
 Small pool: if |V \\ V_i| < n, request i gets all of V \\ V_i (in random order) and the remaining
 slots are padding: mask False, priority 0, every feature 0 (stored id 0 = padding). Columns
@@ -24,8 +25,8 @@ Two exact samplers, chosen by pool size (both give each n-subset of V \\ V_i pro
 - dense (small pools): random keys (B, |V|), own slots keyed +inf, take the n smallest keys
   (argsort): a uniform random ordering of V \\ V_i with own slots last.
 
-Only valid slots of other requests are eligible (SPEC.md §4.2): padded slots and the request's
-own candidates are never drawn.
+Only valid slots of other requests are eligible (docs/protocol.md §4.2): padded slots and the
+request's own candidates are never drawn.
 """
 
 from __future__ import annotations

@@ -1,14 +1,15 @@
 """Every column name, field order and dtype of raytopk's data, defined once.
 
 Two layouts:
-- the raw RecFlow layout (SPEC.md §4.1) that users download and the synthetic generator writes;
+- the raw RecFlow layout (docs/protocol.md §4.1) that users download and the synthetic generator
+  writes;
 - the converted parquet dataset that training reads (one row per request, fixed-size list
   columns), written by ``raytopk.data.convert``.
 
 Stored ids in the converted dataset are raw id + 1, with 0 reserved for padding (every field,
 category_level_one included). Every embedding table therefore needs vocab[field] rows, where
-vocab[field] = id_cnt[field] + 2 for RecFlow's id fields (SPEC.md §4.1) and the fixed sizes below
-for the time fields.
+vocab[field] = id_cnt[field] + 2 for RecFlow's id fields (docs/protocol.md §4.1) and the fixed sizes
+below for the time fields.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ GROUP_SIZE = 10  # slots per candidate group
 CAND_GROUPS = ("rank_pos", "rank_neg", "coarse_neg", "prerank_neg")  # slot order in a row
 N_OWN = GROUP_SIZE * len(CAND_GROUPS)  # 40 own candidate slots per request
 K_TRUTH = 10  # |G|: the ground-truth top set
-EVAL_SAMPLE_NUM = 160  # negatives per request at evaluation, SPEC.md §4.5
+EVAL_SAMPLE_NUM = 160  # negatives per request at evaluation, docs/protocol.md §4.5
 N_EVAL = N_OWN + EVAL_SAMPLE_NUM  # candidates per request at evaluation: 200
 
-# SPEC.md §4.3: priority of each slot kind (rank_pos slots: 30 - rank_index).
+# docs/protocol.md §4.3: priority of each slot kind (rank_pos slots: 30 - rank_index).
 RANK_POS_BASE = 30
 GROUP_PRIORITY = {"rank_neg": 7.0, "coarse_neg": 6.0, "prerank_neg": 5.0}
 SAMPLED_PRIORITY = 0.0

@@ -1,4 +1,5 @@
-"""Synthetic RecFlow: the raw layout of SPEC.md §4.1 drawn from a learnable latent preference model.
+"""Synthetic RecFlow: the raw layout of docs/protocol.md §4.1 drawn from a learnable latent
+preference model.
 
 RecFlow (Liu et al., "RecFlow: An Industrial Full Flow Recommendation Dataset", ICLR 2025) logs
 every stage of a cascade: which items each request's pre-rank, coarse-rank, rank and re-rank
@@ -385,7 +386,7 @@ def generate(
     p_short_rank: float = P_SHORT_RANK,
     rank_pos_quirks: bool = False,
 ) -> Path:
-    """Write a synthetic RecFlow release to ``raw_dir`` (SPEC.md §4.1 layout); returns it.
+    """Write a synthetic RecFlow release to ``raw_dir`` (docs/protocol.md §4.1 layout); returns it.
 
     Days are consecutive from schema.FIRST_DAY. Generation is day by day (requests in chunks of
     CHUNK, or RECFLOW_CHUNK at density "recflow"; all_stage is written chunk by chunk), so memory

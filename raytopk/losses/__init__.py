@@ -1,7 +1,8 @@
-"""Cascade losses (DESIGN.md, Contract 4): ``loss(scores_by_stage, batch) -> (total, parts)``.
+"""Cascade losses (docs/design.md, Contract: loss): ``loss(scores_by_stage, batch) -> (total,
+parts)``.
 
-``build_loss`` picks the joint cascade loss (SPEC.md §3.1) for top-k operators and for the ``bce``
-baseline (§3.4, no operator), and the LCRON loss (§3.3) for permutation relaxations
+``build_loss`` picks the joint cascade loss (docs/protocol.md §3.1) for top-k operators and for the
+``bce`` baseline (§3.4, no operator), and the LCRON loss (§3.3) for permutation relaxations
 (``get_spec(op).permutation``). The names a run may train with, and each one's loss form (§3.5),
 are in raytopk.losses.forms.
 """

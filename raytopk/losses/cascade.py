@@ -1,12 +1,13 @@
-"""Joint cascade loss over a top-k operator (SPEC.md §3.1–3.2; Zhu et al., "Differentiable Fast
-Top-K Selection for Large-Scale Recommendation", arXiv 2510.11472).
+"""Joint cascade loss over a top-k operator (docs/protocol.md §3.1–3.2; Zhu et al., "Differentiable
+Fast Top-K Selection for Large-Scale Recommendation", arXiv 2510.11472).
 
 Notation: S stages (retrieval, pre-rank[, rank]), x^s ∈ R^N stage s's scores of one request,
 V = its valid slots, y ∈ [0,1]^N the label mass of the ground-truth top-K (data.labels.ground_truth,
 K = 10: 1 above the K-th priority, tied slots share the rest, never a sampled negative),
-p^s = op(x^s, k_s) the soft top-k_s membership (the bce baseline, SPEC §3.4: p^s = σ(x^s)),
-BCE(p, y) = −y log p − (1 − y) log(1 − p). The form applied to p (bce, bce_log, bce_logits, mse)
-is chosen per operator in raytopk.losses.forms (SPEC §3.5); the formulas below are form bce.
+p^s = op(x^s, k_s) the soft top-k_s membership (the bce baseline, docs/protocol.md §3.4:
+p^s = σ(x^s)), BCE(p, y) = −y log p − (1 − y) log(1 − p). The form applied to p (bce, bce_log,
+bce_logits, mse) is chosen per operator in raytopk.losses.forms (docs/protocol.md §3.5); the
+formulas below are form bce.
 
     L_s = mean_{j∈V} BCE(p^s_j, y_j)
     q   = Π_s p^s,    L_J = mean_{j∈V} BCE(q_j, y_j)
@@ -206,8 +207,8 @@ def _log_laplace_cdf(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _lapsum_t(scores: torch.Tensor, k: int, mask: torch.Tensor, alpha: float,
               keep: torch.Tensor) -> torch.Tensor:
-    """t = x/α − b of LapSum with b's implicit gradient ∂b/∂x = f/(αΣf) (SPEC §2.2), as a
-    differentiable tensor; 0 outside ``keep``."""
+    """t = x/α − b of LapSum with b's implicit gradient ∂b/∂x = f/(αΣf) (docs/protocol.md §2.2), as
+    a differentiable tensor; 0 outside ``keep``."""
     from raytopk.ops.lapsum import lapsum_threshold
 
     x = scores.masked_fill(~mask, 0.0)
@@ -313,8 +314,8 @@ def topk_stage_loss(
     **params: float,
 ) -> torch.Tensor:
     """Single-stage L_s (mean of the ``form`` terms over valid slots of rows with k < #valid) for
-    a non-permutation operator; the step benchmark's loss (SPEC.md §5). labels: y (B, N), bool
-    or the label mass in [0, 1]."""
+    a non-permutation operator; the step benchmark's loss (docs/protocol.md §5.1). labels:
+    y (B, N), bool or the label mass in [0, 1]."""
     params = resolve_op_params(op, params)
     scores = _float_scores(scores)
     if mask is None:
@@ -325,13 +326,14 @@ def topk_stage_loss(
 
 
 class CascadeTopKLoss(nn.Module):
-    """Joint cascade loss of SPEC §3.1 over a non-permutation operator, or the ``bce`` baseline
-    of SPEC §3.4 (no operator: p = σ(x), stage k unused).
+    """Joint cascade loss of docs/protocol.md §3.1 over a non-permutation operator, or the ``bce``
+    baseline of docs/protocol.md §3.4 (no operator: p = σ(x), stage k unused).
 
     Args:
         op: dftopk, lapsum, sparse_topk (a registered operator) or ``bce``.
         op_params: {param: value}; missing -> the registry's RecFlow default (bce: none).
-        ks: per-stage k (SPEC §3.2), e.g. [10, 10] or [30, 20]; len(ks) = number of stages.
+        ks: per-stage k (docs/protocol.md §3.2), e.g. [10, 10] or [30, 20]; len(ks) = number
+            of stages.
         k_truth: K of the ground-truth labels.
         form: the loss form (losses.forms; ``auto``: the form chosen for ``op``).
 

@@ -1,10 +1,10 @@
-"""Loss forms and the names a run may train with (SPEC.md §3.4, §3.5).
+"""Loss forms and the names a run may train with (docs/protocol.md §3.4, §3.5).
 
 Notation: p ∈ [0,1]^N a stage's membership, y ∈ [0,1]^N the label mass (data.labels), q = Π_s p^s
 the joint membership, V the valid slots; every term is a mean over V.
 
 Names. ``list_methods()`` = every registered top-k operator (raytopk.ops.list_ops) plus the
-baselines that use no operator (``BASELINES``: ``bce``, SPEC §3.4, p = σ(x)). The config
+baselines that use no operator (``BASELINES``: ``bce``, docs/protocol.md §3.4, p = σ(x)). The config
 (op.name) and the study (study.ops) consult this list; the operator registry does not hold the
 baselines, so the operator contract tests never apply to them.
 
@@ -13,7 +13,7 @@ Forms (``loss.form``; ``auto`` = ``default_form(method)``):
 - ``bce``: L_s = BCE(p, y), L_J = BCE(q, y) in log space (losses.cascade). DFTopK, the bce
   baseline: log p = logσ(z) exactly (z the logits), never saturates. LapSum, sparse top-k:
   logs of p clamped at the dtype's tiny (torch's BCE clamp): a positive at p = 0 costs
-  −log(tiny) ≈ 87 with zero gradient (SPEC §3.5).
+  −log(tiny) ≈ 87 with zero gradient (docs/protocol.md §3.5).
 - ``bce_log`` (LapSum): the same BCE on LapSum's same membership, computed in log space from its
   threshold b (t = x/α − b; log F(t) = t − log 2 for t ≤ 0, log(1 − ½e^{−t}) above; the gradient
   of b is LapSum's implicit one, ∂b/∂x = f/(αΣf)). Equal to ``bce`` wherever p is representable,
@@ -28,14 +28,14 @@ Forms (``loss.form``; ``auto`` = ``default_form(method)``):
   m at its free slots, with their gradient). L_s = y·(1 − u)_+ + (1 − y)·u_+ (= |m − y| for
   0/1 labels inside [0, 1]); it keeps a gradient of 1/l at a slot saturated on the WRONG side
   (a positive at m = 0, a negative at m = 1), none at one saturated on the right side. L_J as mse.
-- ``lcron``: the LCRON loss (SPEC §3.3), the only form of the permutation operators.
+- ``lcron``: the LCRON loss (docs/protocol.md §3.3), the only form of the permutation operators.
 
 bce, bce_logits and mse only change what is applied to the operator's output m: where m's own
 Jacobian is 0 (sparse top-k at exactly 0 or 1: a singleton isotonic block; LapSum where f
 underflows) none of them gives a gradient; what a bounded form removes is the clamped constant
 (−log(tiny) per saturated positive) that the uncertainty weights absorb, w² ≈ L_s, shrinking
-every useful stage gradient (SPEC §3.5). bce_log (LapSum) and hinge (sparse top-k) reach behind
-the saturation, through the operator's own threshold.
+every useful stage gradient (docs/protocol.md §3.5). bce_log (LapSum) and hinge (sparse top-k) reach
+behind the saturation, through the operator's own threshold.
 
 Choice (jobs/bench_losses.py, seeds 42 and 43; one pass over 2024-01-13..14, 12,000 requests,
 validation on 2024-01-15, the quickstart's last training day): the highest mean validation joint

@@ -1,10 +1,11 @@
-"""LCRON loss for the permutation relaxations (SPEC.md §3.3; Wang et al., "LCRON: Learning
+"""LCRON loss for the permutation relaxations (docs/protocol.md §3.3; Wang et al., "LCRON: Learning
 Cascade Ranking as One Network", arXiv 2503.09492).
 
 Notation: S stages, P̂^s ∈ R^{N×N} stage s's soft permutation (rows = ranks descending, columns =
 items) from the operator's ``soft_permutation(x^s, param, mask)``, Ŷ the same relaxation of the
 priorities at the label temperature (NeuralSort/SoftSort τ = 1e-4, DiffSort steepness 1000),
-K = k_truth (10), k_s = stage s's k (SPEC §3.2; default K), V = valid slots, sg = stop-gradient.
+K = k_truth (10), k_s = stage s's k (docs/protocol.md §3.2; default K), V = valid slots, sg =
+stop-gradient.
 
     u^s_j = Σ_{r<k_s} P̂^s[r,j] / (sg(Σ_r P̂^s[r,j]) + ε)          (soft top-k_s membership)
     d^s_j = Σ_{r≥k_s} P̂^s[r,j] / (sg(Σ_r P̂^s[r,j]) + ε)
@@ -15,13 +16,13 @@ K = k_truth (10), k_s = stage s's k (SPEC §3.2; default K), V = valid slots, sg
 
 ε = 1e-8. Means are over all valid slots of the batch.
 
-Labels (one rule for every loss family and the metrics, SPEC §4.3): ŷ = y, the label mass of
-data.labels.ground_truth (1 above the K-th priority, the slots tied at the K-th priority share the
-remaining mass, a sampled negative never a positive, per-row k_b = min(K, #valid own slots)), and
-ȳ = 1 − ŷ. This is what the label relaxation Ŷ at τ_label = 1e-4 gives for integer priorities
-(tied items get equal shares of the ranks their block spans) except that Ŷ would rank sampled
-negatives (priority 0) into the top K of a request with fewer than K own slots; it also saves
-building Ŷ (an (N, N) matrix per request). ``label_permutation`` (Ŷ itself) is kept for
+Labels (one rule for every loss family and the metrics, docs/protocol.md §4.3): ŷ = y, the label
+mass of data.labels.ground_truth (1 above the K-th priority, the slots tied at the K-th priority
+share the remaining mass, a sampled negative never a positive, per-row k_b = min(K, #valid own
+slots)), and ȳ = 1 − ŷ. This is what the label relaxation Ŷ at τ_label = 1e-4 gives for integer
+priorities (tied items get equal shares of the ranks their block spans) except that Ŷ would rank
+sampled negatives (priority 0) into the top K of a request with fewer than K own slots; it also
+saves building Ŷ (an (N, N) matrix per request). ``label_permutation`` (Ŷ itself) is kept for
 comparisons with the authors' code; ``from_label_perm`` trains on it.
 
 Masks: masked slots are passed to soft_permutation as the mask, and additionally given the
@@ -61,7 +62,7 @@ __all__ = [
     "soft_permutation_fn",
 ]
 
-# SPEC §2.4 protocol values of the label relaxation (τ_label, β_label).
+# docs/protocol.md §2.4 protocol values of the label relaxation (τ_label, β_label).
 LABEL_PARAMS: dict[str, float] = {"neuralsort": 1e-4, "softsort": 1e-4, "diffsort": 1000.0}
 EPS = 1e-8
 
@@ -154,7 +155,7 @@ def lcron_single_stage_loss(
 
 
 class LCRONLoss(nn.Module):
-    """LCRON cascade loss of SPEC §3.3 over a permutation operator.
+    """LCRON cascade loss of docs/protocol.md §3.3 over a permutation operator.
 
     Args:
         op: registered permutation operator (neuralsort, softsort, diffsort).

@@ -1,4 +1,4 @@
-"""Evaluation metrics (SPEC.md §4.5): cascade recall, NDCG, Kendall τ (``cascade``) and
+"""Evaluation metrics (docs/protocol.md §4.5): cascade recall, NDCG, Kendall τ (``cascade``) and
 full-corpus faiss retrieval (``raytopk.metrics.corpus``, imported on demand: faiss is an extra).
 """
 

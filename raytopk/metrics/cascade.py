@@ -1,4 +1,5 @@
-"""Cascade evaluation metrics of the RecFlow protocol (SPEC.md §4.5; Zhu et al., arXiv 2510.11472).
+"""Cascade evaluation metrics of the RecFlow protocol (docs/protocol.md §4.5; Zhu et al., arXiv
+2510.11472).
 
 Notation: B = requests, N = candidates per request, V_b = request b's valid slots, K = |G| target
 (10), G_b = ground-truth top-K, π^s = stage s's scores.
@@ -6,13 +7,13 @@ Notation: B = requests, N = candidates per request, V_b = request b's valid slot
 - ground truth (raytopk.data.labels.ground_truth, shared with the losses): the label mass y_b,
   Σ_j y_bj = k_b = min(K, #valid own slots): 1 above the K-th priority, the slots tied AT the
   K-th priority share the remaining mass equally, 0 at sampled negatives (priority 0) — the one
-  tie rule of every loss and metric (SPEC §4.3). G_b = {j : y_bj > 0}.
+  tie rule of every loss and metric (docs/protocol.md §4.3). G_b = {j : y_bj > 0}.
 - Recall@K@M of one stage: Σ_{j ∈ top-M of π^s over V_b} y_bj / k_b (with 0/1 labels:
   |top-M ∩ G_b| / |G_b|; a tied slot counts by its share).
 - joint Recall@K@M_S (cuts M_1 > … > M_S): stage 1 keeps its top M_1 of V_b, stage s keeps its
   top M_s of what stage s−1 kept; Σ_{j ∈ F_b} y_bj / k_b with F_b the last stage's survivors.
-  k_b = K = 10 (SPEC's "/10") whenever a request has >= 10 own valid slots; a request with fewer
-  has fewer positives, and a perfect scorer still scores 1.0 on it.
+  k_b = K = 10 (the "/10" of joint Recall@10@20) whenever a request has >= 10 own valid slots; a
+  request with fewer has fewer positives, and a perfect scorer still scores 1.0 on it.
 - NDCG@K of one stage: gains = priorities of V_b, exactly sklearn.metrics.ndcg_score(
   y_true=priority[V_b], y_score=π^s[V_b], k=K): log2 discounts, ties in the scores averaged over
   the positions they share, a request whose gains are all 0 scores 0.
@@ -52,7 +53,7 @@ __all__ = [
 # The names and evaluation cuts of a cascade's stages, first to last: every metric key is built
 # from them here (metric_keys), so a 3-stage run's headline is joint_recall@10@10 everywhere.
 STAGE_NAMES = ("retrieval", "prerank", "rank", "rerank")
-_EVAL_CUTS = (30, 20, 10, 5)  # survivors kept by each stage at evaluation (SPEC.md §4.5)
+_EVAL_CUTS = (30, 20, 10, 5)  # survivors kept by each stage at evaluation (docs/protocol.md §4.5)
 _KENDALL_BLOCK = 2**24  # elements of one (rows, N, N) pairwise block
 
 
@@ -169,8 +170,8 @@ def _check_num_stages(num_stages: int) -> int:
 
 
 def eval_cuts(num_stages: int) -> tuple[int, ...]:
-    """Survivors kept by each stage at evaluation: retrieval 30, pre-rank 20 (SPEC.md §4.5);
-    a third (rank) stage keeps 10, a fourth 5. A 1-stage model keeps 20, so its headline is
+    """Survivors kept by each stage at evaluation: retrieval 30, pre-rank 20 (docs/protocol.md
+    §4.5); a third (rank) stage keeps 10, a fourth 5. A 1-stage model keeps 20, so its headline is
     Recall@10@20 like the 2-stage cascade's joint recall."""
     n = _check_num_stages(num_stages)
     return _EVAL_CUTS[:n] if n > 1 else (20,)
@@ -206,7 +207,8 @@ def headline_key(num_stages: int, k: int = K_TRUTH) -> str:
 
 
 class CascadeMetrics:
-    """Accumulates SPEC §4.5's metrics over evaluation batches; ``compute()`` all-reduces.
+    """Accumulates docs/protocol.md §4.5's metrics over evaluation batches; ``compute()``
+    all-reduces.
 
     Args:
         cuts: per-stage survivors (30, 20) for retrieval -> pre-rank; one cut per stage.

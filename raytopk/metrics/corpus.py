@@ -1,5 +1,5 @@
-"""Full-corpus retrieval evaluation with faiss (SPEC.md §4.5, last item; as RecFlow's retrieval
-benchmark, arXiv 2410.20868).
+"""Full-corpus retrieval evaluation with faiss (docs/protocol.md §4.5, last item; as RecFlow's
+retrieval benchmark, arXiv 2410.20868).
 
 Notation: Q = queries (test requests), M = corpus items, D = vector dim, P_q = query q's positive
 items (its rank_pos video ids, in priority order), R_q^m = the m corpus items of largest inner

@@ -1,5 +1,6 @@
-"""Cascade scorers: CascadeBatch -> scores (B, N). The loss is applied outside (DESIGN.md,
-Contract 3). A cascade is a list of kinds, e.g. ["dssm", "din"] (3-stage: ["dssm", "din", "din"]).
+"""Cascade scorers: CascadeBatch -> scores (B, N). The loss is applied outside (docs/design.md,
+Contract: model). A cascade is a list of kinds, e.g. ["dssm", "din"] (3-stage:
+["dssm", "din", "din"]).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Pre-ranking DIN-style scorer (SPEC.md §4.6; the pre-ranking model of Zhu et al.,
+"""Pre-ranking DIN-style scorer (docs/protocol.md §4.6; the pre-ranking model of Zhu et al.,
 arXiv 2510.11472; attention of Zhou et al., "Deep Interest Network", KDD 2018).
 
 Notation: B = requests, N = candidates, L = behaviour sequence length, d = embedding dim (8),

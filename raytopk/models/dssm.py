@@ -1,5 +1,5 @@
-"""Retrieval two-tower DSSM (SPEC.md §4.6; the retrieval model of Zhu et al., arXiv 2510.11472,
-on RecFlow, arXiv 2410.20868).
+"""Retrieval two-tower DSSM (docs/protocol.md §4.6; the retrieval model of Zhu et al., arXiv
+2510.11472, on RecFlow, arXiv 2410.20868).
 
 Notation: B = requests, N = candidates per request, L = behaviour sequence length, d = embedding
 dim (8), e(·) = embedding lookup, m_t = sequence mask.

@@ -1,4 +1,4 @@
-"""Shared id-embedding tables of the RecFlow models (SPEC.md §4.6).
+"""Shared id-embedding tables of the RecFlow models (docs/protocol.md §4.6).
 
 One ``nn.Embedding`` per table name in ``schema.EMBEDDING_TABLE`` (user_id, device_id, gender,
 age, province, video_id, author_id, category_level_two, category_level_one, upload_type, weekday,

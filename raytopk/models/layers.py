@@ -1,5 +1,5 @@
-"""Layers shared by the scorers (SPEC.md §4.6): the MLP towers of the retrieval DSSM and the
-pre-rank DIN's scoring MLP.
+"""Layers shared by the scorers (docs/protocol.md §4.6): the MLP towers of the retrieval DSSM and
+the pre-rank DIN's scoring MLP.
 
 Notation: widths = the output width of each Linear, in order; the last is the output dimension.
 """

@@ -1,6 +1,6 @@
 """Differentiable top-k operators: pure torch (plus an optional numba CPU kernel), no Ray, no data.
 
-``get_op(name)(scores, k, mask=None, **params) -> membership`` (DESIGN.md, Contract 1).
+``get_op(name)(scores, k, mask=None, **params) -> membership`` (docs/design.md, Contract: operator).
 """
 
 from raytopk.ops._registry import OpSpec, get_op, get_spec, list_ops, register

@@ -1,5 +1,5 @@
 """DFTopK's CPU selection kernel (numba): θ_k and the two boundary slots π(k), π(k+1) per row with
-one selection (SPEC.md §2.1; the operator and its notation are in raytopk/ops/dftopk.py).
+one selection (docs/protocol.md §2.1; the operator and its notation are in raytopk/ops/dftopk.py).
 
 Per row: v = x_[k+1] by a three-way-partition quickselect (O(N) expected; insertion for small
 rank sets; a sampled Floyd-Rivest-style filter first for long rows), then x_[k] = the minimum of

@@ -1,11 +1,13 @@
-"""Helpers shared by the permutation relaxations (neuralsort, softsort, diffsort; SPEC.md §2.4).
+"""Helpers shared by the permutation relaxations (neuralsort, softsort, diffsort;
+docs/protocol.md §2.4).
 
 Notation: N = slots per row, V = valid slots of a row, n = |V|, P̂ ∈ R^{N×N} a row's soft
 permutation with rows = ranks (descending, 0-based r) and columns = items. A masked slot is
 treated as absent: its column and the ranks r >= n are exactly 0, so P̂ restricted to (r < n, V)
 is the relaxation of the n valid scores alone.
 
-Soft top-k membership from a soft permutation (the LCRON numerator/denominator, SPEC §3.3):
+Soft top-k membership from a soft permutation (the LCRON numerator/denominator,
+docs/protocol.md §3.3):
 
     u_j = Σ_{r<k} P̂[r, j] / Σ_r P̂[r, j]        (u_j = 1 when k >= n, u_j = 0 for masked j)
 """

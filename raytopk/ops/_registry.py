@@ -1,7 +1,7 @@
 """Operator registry: one differentiable top-k operator per module, registered by name.
 
-The file name, the registry key and the config value are the same string (STYLE.md, habit 1).
-Every registered operator follows DESIGN.md, Contract 1::
+The file name, the registry key and the config value are the same string (docs/design.md,
+Conventions). Every registered operator follows docs/design.md, Contract: operator::
 
     get_op(name)(scores, k, mask=None, **params) -> membership
 
@@ -26,9 +26,9 @@ class OpSpec:
     """What the framework, the tests and the benchmarks need to know about one operator.
 
     param: the operator's own parameter, named as in its paper (tau, alpha, l, steepness).
-    default: its RecFlow-protocol value (SPEC.md), read from the default of ``param`` in the
-        function's signature: one literal per parameter, so ``get_op(name)(x, k)`` is the
-        operator training uses.
+    default: its RecFlow-protocol value (docs/protocol.md §2.5), read from the default of
+        ``param`` in the function's signature: one literal per parameter, so
+        ``get_op(name)(x, k)`` is the operator training uses.
     hard_limit: a value at which, for scores whose gaps are >= 1, the membership equals the
         hard top-k mask to within 1e-3 (used by the convergence test).
     sums_to_k: the paper guarantees sum(membership) == k over valid slots.

@@ -1,6 +1,6 @@
 """Argument checks shared by every operator's public function.
 
-Errors name the argument and the value received (STYLE.md, habit 3). Inside the operators
+Errors name the argument and the value received (docs/design.md, Conventions). Inside the operators
 everything stays device- and dtype-agnostic; these checks run once at the public boundary.
 """
 

@@ -1,5 +1,5 @@
 """DFTopK: differentiable fast top-k (Zhu et al., "Differentiable Fast Top-K Selection for
-Large-Scale Recommendation", arXiv 2510.11472), SPEC.md §2.1.
+Large-Scale Recommendation", arXiv 2510.11472), docs/protocol.md §2.1.
 
 Notation: x ∈ R^N one row's scores over its valid slots V, x_[1] ≥ … ≥ x_[n] their order
 statistics (n = |V|), π(r) the slot holding x_[r], τ > 0 the temperature.
@@ -51,7 +51,7 @@ __all__ = [
     "warmup",
 ]
 
-# τ of the RecFlow protocol (SPEC.md §2.1; scores grow large under Adam, τ sets the margin
+# τ of the RecFlow protocol (docs/protocol.md §2.1; scores grow large under Adam, τ sets the margin
 # scale). The one default of every public function taking τ; the registry reads it from there.
 DEFAULT_TAU = 500.0
 
@@ -248,7 +248,7 @@ def dftopk(
     tau: float = DEFAULT_TAU,
     select: str = "auto",
 ) -> torch.Tensor:
-    """DFTopK soft top-k membership σ((x − θ_k(x)) / τ), SPEC.md §2.1.
+    """DFTopK soft top-k membership σ((x − θ_k(x)) / τ), docs/protocol.md §2.1.
 
     scores (..., N); k an int or a LongTensor of shape scores.shape[:-1]; mask (..., N) bool or
     None. Returns (..., N) in [0, 1] in the dtype of scores: 0 at masked slots, 1 at the valid

@@ -55,7 +55,8 @@ from raytopk.ops._registry import register
 
 __all__ = ["DEFAULT_STEEPNESS", "soft_permutation", "diffsort", "step_bytes"]
 
-# β of the RecFlow protocol (SPEC.md §2.4): the one default of every public function taking β.
+# β of the RecFlow protocol (docs/protocol.md §2.4): the one default of every public
+# function taking β.
 DEFAULT_STEEPNESS = 10.0
 
 

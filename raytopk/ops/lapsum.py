@@ -1,5 +1,6 @@
 """LapSum soft top-k (Struski, Bednarczyk, Podolak, Tabor, "LapSum — One Method to Differentiate
-Them All: Ranking, Sorting and Top-k Selection", ICML 2025, arXiv 2503.06242), SPEC.md §2.2.
+Them All: Ranking, Sorting and Top-k Selection", ICML 2025, arXiv 2503.06242),
+docs/protocol.md §2.2.
 
 Notation: x ∈ R^N one row's scores over its valid slots V (n = |V|), α > 0 the scale,
 s = x/α, F the Laplace CDF, F(t) = ½eᵗ (t ≤ 0), 1 − ½e⁻ᵗ (t > 0).
@@ -51,7 +52,8 @@ from raytopk.ops._validate import check_param, prepare
 
 __all__ = ["DEFAULT_ALPHA", "lapsum", "lapsum_threshold", "step_bytes"]
 
-# α of the RecFlow protocol (SPEC.md §2.2): the one default of every public function taking α.
+# α of the RecFlow protocol (docs/protocol.md §2.2): the one default of every public
+# function taking α.
 DEFAULT_ALPHA = 5.0
 
 

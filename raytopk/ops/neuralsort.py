@@ -17,7 +17,8 @@ Deviations from the port in the DFTopK/LCRON code (read, not copied):
 - float64 is supported end to end (the port builds float32 constants), and bfloat16/float16
   inputs are computed in float32;
 - the pairwise sums use broadcasting and a masked sum, not matrix products with all-ones matrices;
-- the membership (u above) is part of the operator; SPEC default τ = 50 (RecFlow protocol).
+- the membership (u above) is part of the operator; default τ = 50 (RecFlow protocol,
+  docs/protocol.md §2.4).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from raytopk.ops._registry import register
 
 __all__ = ["DEFAULT_TAU", "soft_permutation", "neuralsort", "step_bytes"]
 
-# τ of the RecFlow protocol (SPEC.md §2.4): the one default of every public function taking τ.
+# τ of the RecFlow protocol (docs/protocol.md §2.4): the one default of every public
+# function taking τ.
 DEFAULT_TAU = 50.0
 
 

@@ -15,7 +15,8 @@ Deviations from the port in the DFTopK/LCRON code (read, not copied):
 - masks: padded slots are absent — x̂ sorts the valid scores only, the softmax runs over valid
   columns, ranks r > n are zero (the port sorts and softmaxes over padded slots too);
 - bfloat16/float16 inputs are computed in float32;
-- the membership (u above) is part of the operator; SPEC default τ = 50 (RecFlow protocol; the
+- the membership (u above) is part of the operator; default τ = 50 (RecFlow protocol,
+  docs/protocol.md §2.4; the
   port's SoftSortNet config defaults to τ = 1).
 """
 
@@ -35,7 +36,8 @@ from raytopk.ops._registry import register
 
 __all__ = ["DEFAULT_TAU", "soft_permutation", "softsort", "step_bytes"]
 
-# τ of the RecFlow protocol (SPEC.md §2.4): the one default of every public function taking τ.
+# τ of the RecFlow protocol (docs/protocol.md §2.4): the one default of every public
+# function taking τ.
 DEFAULT_TAU = 50.0
 
 

@@ -1,5 +1,5 @@
 """Sparse soft top-k (Sander, Puigcerver, Djolonga, Peyré, Blondel, "Fast, Differentiable and
-Sparse Top-k: a Convex Analysis Perspective", ICML 2023, arXiv 2302.01425), SPEC.md §2.3.
+Sparse Top-k: a Convex Analysis Perspective", ICML 2023, arXiv 2302.01425), docs/protocol.md §2.3.
 
 Notation: x ∈ R^N one row's scores over its valid slots V (n = |V|), l > 0 the regularisation,
 w = (1_k, 0_{n−k}), P(w) the permutahedron of w, s = x sorted descending (permutation σ).
@@ -43,7 +43,8 @@ from raytopk.ops._validate import check_param, prepare
 
 __all__ = ["DEFAULT_L", "sparse_topk", "step_bytes"]
 
-# l of the RecFlow protocol (SPEC.md §2.3): the one default of every public function taking l.
+# l of the RecFlow protocol (docs/protocol.md §2.3): the one default of every public
+# function taking l.
 DEFAULT_L = 1.0
 
 

@@ -1,12 +1,12 @@
 """Training checkpoints: one ``state.pt`` (+ a readable ``config.yaml``) per checkpoint directory.
 
-A checkpoint holds everything needed to continue a run exactly where it stopped (DESIGN.md,
-Training): the scorers' and the loss's parameters (the loss owns the learnable uncertainty
-weights w_s of SPEC.md §3.1), the Adam state, every RNG state (torch, CUDA, numpy, python), the
-position (epoch, day, step within the day, global step, samples seen, training seconds, the days
-already trained) and the resolved config. It is written with ``torch.save`` and read back with
-``torch.load(weights_only=True)``: only tensors and plain Python values are stored, so loading a
-checkpoint never runs pickled code.
+A checkpoint holds everything needed to continue a run exactly where it stopped (docs/design.md,
+Checkpoints and resume): the scorers' and the loss's parameters (the loss owns the learnable
+uncertainty weights w_s of docs/protocol.md §3.1), the Adam state, every RNG state (torch, CUDA,
+numpy, python), the position (epoch, day, step within the day, global step, samples seen, training
+seconds, the days already trained) and the resolved config. It is written with ``torch.save`` and
+read back with ``torch.load(weights_only=True)``: only tensors and plain Python values are stored,
+so loading a checkpoint never runs pickled code.
 """
 
 from __future__ import annotations

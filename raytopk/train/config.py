@@ -1,9 +1,9 @@
 """Training configuration: typed dataclasses are the schema; YAML and ``key=value`` override them.
 
 The run is described by one :class:`TrainConfig` with seven sections (data, model, op, loss,
-optim, scaling, run). Defaults follow the paper's RecFlow protocol (SPEC.md §4.4: embedding dim 8,
-batch 1024 requests, Adam lr 1e-2 for the models and the loss weights, seed 42), so a YAML file
-only states what differs.
+optim, scaling, run). Defaults follow the paper's RecFlow protocol (docs/protocol.md §4.4: embedding
+dim 8, batch 1024 requests, Adam lr 1e-2 for the models and the loss weights, seed 42), so a YAML
+file only states what differs.
 
 Loading (raytopk.train.typed_config): dataclass defaults <- YAML file <- command-line
 ``key=value`` overrides with dotted keys (``op.name=lapsum op.params.alpha=5``), typed and checked
@@ -75,7 +75,7 @@ class DataConfig:
     # Empty: every day of the dataset before test_day.
     train_days: list[str] = field(default_factory=list)
     test_day: str = ""  # empty: the last day of the dataset
-    sample_num: int = 0  # in-batch sampled negatives per request at training time (SPEC §4.2)
+    sample_num: int = 0  # in-batch negatives per request in training (docs/protocol.md §4.2)
     batch_size: int = 1024  # requests per step, per worker
     eval_batch_size: int = 256  # requests per evaluation batch (N = 200 candidates each)
     prefetch_batches: int = 2  # Ray Data batches prepared ahead of the training step
@@ -85,7 +85,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     stages: list[str] = field(default_factory=lambda: ["dssm", "din"])  # cascade, first to last
-    dim: int = 8  # embedding dimension (SPEC §4.6)
+    dim: int = 8  # embedding dimension (docs/protocol.md §4.6)
     # DIN's attention score: "auto" (the fused kernel on CPU, the plain path elsewhere), "fused"
     # (CPU only) or "reference" (the plain (B, N, L, H) path). raytopk/models/attention.py.
     attention: str = "auto"
@@ -94,7 +94,7 @@ class ModelConfig:
 @dataclass
 class OpConfig:
     # A registered top-k operator (raytopk.ops.list_ops) or a baseline without one ("bce",
-    # SPEC §3.4, no params): raytopk.losses.list_methods().
+    # docs/protocol.md §3.4, no params): raytopk.losses.list_methods().
     name: str = "dftopk"
     # The operator's own parameter by its paper's name (tau, alpha, l, steepness) and, for the
     # LCRON loss, its label-side value. Missing: the registry's RecFlow-protocol default.
@@ -103,17 +103,17 @@ class OpConfig:
 
 @dataclass
 class LossConfig:
-    ks: list[int] = field(default_factory=list)  # k per stage (SPEC §3.2); empty: k_truth each
+    ks: list[int] = field(default_factory=list)  # k per stage (docs/protocol.md §3.2); []: k_truth
     k_truth: int = 10  # K, the ground-truth top set size
-    # The form of the stage/joint terms (SPEC §3.5; raytopk.losses.forms): bce, bce_log (lapsum),
-    # bce_logits (the authors' code), mse, lcron (permutation operators). "auto": the form chosen
-    # for op.name by measurement; validate() writes the resolved form into the config.
+    # The form of the stage/joint terms (docs/protocol.md §3.5; raytopk.losses.forms): bce, bce_log
+    # (lapsum), bce_logits (the authors' code), mse, lcron (permutation operators). "auto": the form
+    # chosen for op.name by measurement; validate() writes the resolved form into the config.
     form: str = "auto"
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-2  # Adam, for the scorers and the loss weights alike (SPEC §4.4)
+    lr: float = 1e-2  # Adam, for the scorers and the loss weights alike (docs/protocol.md §4.4)
     # Mixed precision of the training forward: the scorers run under bf16 autocast, the
     # operator and the loss in float32 (raytopk.train.model). "auto": bf16 on CUDA, off on CPU
     # (so CPU numerics stay exactly float32); true: bf16 on every device; false: off.
@@ -124,8 +124,8 @@ class OptimConfig:
 class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool | str = "auto"  # "auto": GPUs when the cluster has them
-    # "auto": leave >= 1 CPU (a quarter of the cluster) to Ray Data, split the rest (RAY_NOTES.md:
-    # Train workers holding every CPU starve Ray Data and the run hangs without an error).
+    # "auto": leave >= 1 CPU (a quarter of the cluster) to Ray Data, split the rest (docs/ray.md
+    # §5.1: Train workers holding every CPU starve Ray Data and the run hangs without an error).
     cpus_per_worker: float | str = "auto"
 
 
@@ -134,13 +134,13 @@ class RunConfig:
     name: str = "run"
     output_dir: str = ""  # empty: runs/<name>
     resume: bool = True  # continue from the latest checkpoint in output_dir when there is one
-    epochs: int = 1  # passes over the training days (SPEC §4.4: one)
+    epochs: int = 1  # passes over the training days (docs/protocol.md §4.4: one)
     checkpoint_every_steps: int = 0  # 0: checkpoint only at the end of every day
     keep_checkpoints: int = 2  # the most recent ones kept on disk
     report_every_steps: int = 20
     max_failures: int = 0  # worker-group restarts from the latest checkpoint (-1: unlimited)
     seed: int = 42
-    stream_eval: bool = False  # after training day d, evaluate on day d+1 (SPEC §4.4)
+    stream_eval: bool = False  # after training day d, evaluate on day d+1 (docs/protocol.md §4.4)
     corpus_ms: list[int] = field(default_factory=lambda: [100, 500])  # full-corpus Recall@10@M
     max_train_seconds: float = 0.0  # training-time budget per run; 0: none. Then evaluate.
     max_samples: int = 0  # training-sample budget (requests, all workers); 0: none
@@ -207,7 +207,7 @@ def expand_days(entries: list[str], key: str = "data.train_days") -> list[str]:
     if len(set(days)) != len(days):
         raise ConfigError(f"{key} lists a day twice: {entries!r}")
     if days != sorted(days):
-        raise ConfigError(f"{key} must be in date order (SPEC §4.4), got {entries!r}")
+        raise ConfigError(f"{key} must be in date order (docs/protocol.md §4.4), got {entries!r}")
     return days
 
 
@@ -234,7 +234,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     cfg = from_dict(to_dict(cfg))  # a copy
     # Deferred: importing the config (YAML, dataclasses) stays light; validation needs torch.
     from raytopk.losses.forms import is_operator, list_methods, resolve_form
-    from raytopk.models import SCORER_KINDS  # build_scorer kinds (DESIGN.md, Contract 3)
+    from raytopk.models import SCORER_KINDS  # build_scorer kinds (docs/design.md, Contract: model)
     from raytopk.ops import get_spec
 
     if cfg.op.name not in list_methods():

@@ -1,4 +1,5 @@
-"""Test-day evaluation of a trained cascade (SPEC.md §4.5), on one worker or all-reduced over many.
+"""Test-day evaluation of a trained cascade (docs/protocol.md §4.5), on one worker or all-reduced
+over many.
 
 Notation: B = requests per batch, N = schema.N_EVAL = 200 candidates per request (40 own slots +
 160 sampled), S = cascade stages, G = the ground-truth top-K (K = 10), cuts = the survivors each
@@ -47,7 +48,7 @@ def evaluate(
     corpus_items: dict[str, np.ndarray] | None = None,
     corpus_ms: list[int] | tuple[int, ...] = (),
 ) -> dict[str, float]:
-    """SPEC.md §4.5 metrics over ``batches`` (this worker's share of the test day).
+    """docs/protocol.md §4.5 metrics over ``batches`` (this worker's share of the test day).
 
     Sums and counts are all-reduced when torch.distributed runs several workers. Also returns
     the exact expectation of each recall when the stages pick at random (a stage keeping c of n

@@ -3,17 +3,17 @@
 Notation: B = requests per batch, N = candidates per request (40 own slots + sample_num sampled
 negatives), S = cascade stages (retrieval DSSM, pre-rank DIN, ...).
 
-Plain PyTorch; the few Ray steps are numbered and marked ``# Ray:``. The protocol is SPEC.md
-§4.4: train on the days in date order, one pass, shuffled within a day; Adam (lr 1e-2) on the
-scorers and on the loss's uncertainty weights; loss = the joint cascade loss of SPEC.md §3.1
-(LCRON, §3.3, for the permutation operators)::
+Plain PyTorch; the few Ray steps are numbered and marked ``# Ray:``. The protocol is
+docs/protocol.md §4.4: train on the days in date order, one pass, shuffled within a day; Adam
+(lr 1e-2) on the scorers and on the loss's uncertainty weights; loss = the joint cascade loss of
+docs/protocol.md §3.1 (LCRON, §3.3, for the permutation operators)::
 
     L = sum_s L_s / (2 w_s^2) + L_J + log prod_s w_s
 
 After every day: a checkpoint (models, optimiser, loss weights, RNG, position, resolved config),
 reported by rank 0 while every rank calls ``ray.train.report`` the same number of times; with
-``run.stream_eval`` the next day is evaluated first (SPEC.md §4.4, streaming variant). At the end:
-evaluation on the test day (raytopk.train.evaluate, SPEC.md §4.5).
+``run.stream_eval`` the next day is evaluated first (docs/protocol.md §4.4, streaming variant). At
+the end: evaluation on the test day (raytopk.train.evaluate, docs/protocol.md §4.5).
 
 Resume: a checkpoint handed back by Ray (a restart after a worker failure, or a re-run of the
 same ``run.output_dir``) restores every state and continues at the next day (or, for a mid-day
@@ -443,7 +443,8 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
         session.report(w.metrics(NAN_STOP, *schedule[pos.item], reason=stopped))
         return
 
-    # Final evaluation on the test day (SPEC.md §4.5), with the item corpus for full-corpus recall.
+    # Final evaluation on the test day (docs/protocol.md §4.5), with the item corpus for full-corpus
+    # recall.
     items = _corpus(config, cfg)
     last = schedule[min(pos.item, len(schedule) - 1)] if schedule else (0, "")
     if anytime.pending():  # the last anytime point: at the end of training

@@ -69,8 +69,8 @@ class CascadeModel(nn.Module):
             with torch.autocast(batch.cand_mask.device.type, dtype=self.amp_dtype):
                 scores = self.scores(batch)
             scores = [x.float() for x in scores]  # operator and loss in float32
-        # Operators reject non-finite scores with an error (SPEC §2.1); a diverged model must
-        # instead stop the run cleanly, naming the step (the loop's non-finite-loss stop). One
+        # Operators reject non-finite scores with an error (docs/protocol.md §2.1); a diverged model
+        # must instead stop the run cleanly, naming the step (the loop's non-finite-loss stop). One
         # device sync per step, next to the loop's own per-step flag exchange.
         valid = batch.cand_mask
         bad = torch.stack([(~torch.isfinite(x) & valid).sum() for x in scores])  # (S,)

@@ -1,10 +1,10 @@
 """Everything about a training run that can be checked before Ray starts (no Ray needed).
 
 :func:`prepare` prepares synthetic data when configured, reads the dataset's ``meta.json``,
-resolves and checks the training days and the test day (SPEC.md §4.4), checks the operator's
-parameters by building the loss once, and - when ``run.output_dir`` already holds a run - loads
-its latest checkpoint to make sure it is readable and fits this config. Each problem fails fast
-with a message naming the path, day, key or value, before any worker starts.
+resolves and checks the training days and the test day (docs/protocol.md §4.4), checks the
+operator's parameters by building the loss once, and - when ``run.output_dir`` already holds a run -
+loads its latest checkpoint to make sure it is readable and fits this config. Each problem fails
+fast with a message naming the path, day, key or value, before any worker starts.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Notation: T = the cluster's CPUs, R = the CPUs kept for Ray Data, n = Train workers per run,
 c = CPUs per worker, t = CPUs of a Tune trial's own function (0 for a plain run), m = runs at once.
 
-RAY_NOTES.md: Ray Data gets only the CPUs that Train workers did not reserve; Train workers holding
-every CPU starve it, and the run hangs forever without an error. So R = max(1, T / 4) stays free
-for reading and negative sampling, and every plan satisfies m * (n * c + t) <= T - 1.
+docs/ray.md §5.1: Ray Data gets only the CPUs that Train workers did not reserve; Train workers
+holding every CPU starve it, and the run hangs forever without an error. So R = max(1, T / 4) stays
+free for reading and negative sampling, and every plan satisfies m * (n * c + t) <= T - 1.
 """
 
 from __future__ import annotations
@@ -77,6 +77,6 @@ def plan_resources(
             f"{conc} run(s) x ({n} worker(s) x cpus_per_worker={per:g}"
             + (f" + {trial_cpu:g} for the trial" if trial_cpu else "")
             + f") leave less than one of the cluster's {total:g} CPUs to Ray Data, and the run "
-            "would hang (RAY_NOTES.md); lower it or use cpus_per_worker=auto"
+            "would hang (docs/ray.md §5.1); lower it or use cpus_per_worker=auto"
         )
     return Plan(use_gpu=gpu, cpus_per_worker=per, threads=max(1, int(per)), concurrent=conc)

@@ -1,5 +1,5 @@
-"""The sample-scaling study on Ray Tune (SPEC.md §6): operators compared at equal compute, each
-operator's parameter selected on a validation day, paired seeds, anytime curves."""
+"""The sample-scaling study on Ray Tune (docs/protocol.md §6): operators compared at equal compute,
+each operator's parameter selected on a validation day, paired seeds, anytime curves."""
 
 from raytopk.tune.reports import write_reports
 from raytopk.tune.study import StudyConfig, load_study, run_study, trial_configs

@@ -1,5 +1,5 @@
-"""The sample-scaling study (SPEC.md §6, DESIGN.md "Sample-scaling study"): operators compared at
-equal compute while the training samples grow (negatives per request, requests).
+"""The sample-scaling study (docs/protocol.md §6; docs/design.md, Sample-scaling study): operators
+compared at equal compute while the training samples grow (negatives per request, requests).
 
 Notation: a trial = one training run (operator × sample_num × seed, or × parameter value in the
 selection phase); N = 40 + sample_num candidates per request; the budget = training seconds per
@@ -8,7 +8,7 @@ training requests; T = the training days, v = T[-1] the validation day (never tr
 
 Two phases, each one Ray Tune experiment of function trainables (``_trial_fn``), each trial a
 training run through ``raytopk.train.driver.run``: a TorchTrainer (``study.trial_backend: ray``,
-the Train V2 pattern of RAY_NOTES.md, reports forwarded by ``TuneReportCallback``) or the same
+the Train V2 pattern of docs/ray.md §6, reports forwarded by ``TuneReportCallback``) or the same
 loop inside the trial's own process (``local``: no TorchTrainer start-up, ~25 s per trial on a
 2-core machine; reports forwarded with ``ray.tune.report``).
 

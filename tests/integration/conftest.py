@@ -1,4 +1,4 @@
-"""One local Ray instance shared by the whole test session (RAY_NOTES.md: each init costs 6-8 s
+"""One local Ray instance shared by the whole test session (docs/ray.md §3: each init costs 6-8 s
 here), started as the project starts one (``raytopk.ray_env.init_ray``: 127.0.0.1, no dashboard,
 token authentication on). Sized num_cpus=4 so Ray Data always has CPUs left next to Train
 workers."""

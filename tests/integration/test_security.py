@@ -1,4 +1,4 @@
-"""Who may talk to the Ray the project starts (RAY_NOTES.md: Ray 2.60 listens on every interface
+"""Who may talk to the Ray the project starts (docs/ray.md §2: Ray 2.60 listens on every interface
 whatever the node IP, so token authentication is the protection).
 
 The session's local Ray (started like ``jobs/train.py`` starts one, through

@@ -128,7 +128,7 @@ def _submit_once(address: str, out: Path, timeout: float) -> subprocess.Complete
             "--config",
             "jobs/configs/sample_scaling_quick.yaml",
             "study.ops=[dftopk,softsort]",
-            "study.trial_backend=ray",  # a TorchTrainer inside each Tune trial (RAY_NOTES.md)
+            "study.trial_backend=ray",  # a TorchTrainer inside each Tune trial (docs/ray.md §6)
             "study.sample_nums=[0]",
             "study.budget_seconds=4",
             "study.max_concurrent=2",

@@ -138,7 +138,8 @@ def test_ddp_two_workers(ray_cluster: Any, tiny_data: Path, tmp_path: Path) -> N
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["joint_recall@10@20"] == m["joint_recall@10@20"]
     assert (out / "config.yaml").is_file() and (out / "curves.png").stat().st_size > 0
-    # Streaming evaluation (SPEC §4.4): after each training day d, day d + 1 was evaluated.
+    # Streaming evaluation (docs/protocol.md §4.4): after each training day d, day d + 1 was
+    # evaluated.
     days = _rows(out, "day")
     assert [r["stream_day"] for r in days] == [*DAYS[1:], TEST_DAY]
     assert all(0.0 <= float(r["stream_joint_recall@10@20"]) <= 1.0 for r in days)

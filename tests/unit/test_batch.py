@@ -1,5 +1,5 @@
 """random_batch: a valid random CascadeBatch (ids inside the vocabulary, padding = 0 where masked,
-SPEC.md §4.3 priorities), deterministic in its seed."""
+docs/protocol.md §4.3 priorities), deterministic in its seed."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_random_batch_is_valid() -> None:
     _check_ids(batch.user, schema.USER_FIELDS, None)
     _check_ids(batch.seq, schema.SEQ_FIELDS, batch.seq_mask)
     _check_ids(batch.items, schema.ITEM_FIELDS, batch.cand_mask)
-    # SPEC §4.3 priorities by slot; 0 at masked slots.
+    # docs/protocol.md §4.3 priorities by slot; 0 at masked slots.
     p, m = batch.priority, batch.cand_mask
     assert (p[~m] == 0).all()
     full = random_batch(b, n, VOCAB, seed=3, mask=torch.ones(b, n, dtype=torch.bool)).priority

@@ -1,5 +1,5 @@
-"""Training config (STYLE.md habit 7): every YAML in jobs/configs loads and validates, overrides
-convert types, unknown keys are rejected with the list of valid ones."""
+"""Training config (docs/design.md, Configuration): every YAML in jobs/configs loads and validates,
+overrides convert types, unknown keys are rejected with the list of valid ones."""
 
 from __future__ import annotations
 
@@ -64,8 +64,8 @@ def test_every_yaml_loads_and_validates(path: Path) -> None:
     "op", ["dftopk", "lapsum", "sparse_topk", "neuralsort", "softsort", "diffsort"]
 )
 def test_recflow_configs_follow_the_paper(op: str) -> None:
-    """SPEC.md §4.4 settings and the §2 operator values in every recflow_<op>.yaml (the
-    registry's default is SPEC's value: test_ops_contract.py checks that against SPEC)."""
+    """docs/protocol.md §4.4 settings and the §2.5 operator values in every recflow_<op>.yaml
+    (the registry's default is that value: test_ops_contract.py checks it against the table)."""
     cfg = load_config(CONFIGS[0].parent / f"recflow_{op}.yaml")
     assert cfg.op.name == op
     assert cfg.op.params[get_spec(op).param] == get_spec(op).default
@@ -115,7 +115,7 @@ def test_overrides_convert_types() -> None:
 def test_defaults_are_the_paper_protocol() -> None:
     cfg = validate(apply_overrides(TrainConfig(), parse_overrides(["data.path=/d"])))
     assert (cfg.data.batch_size, cfg.model.dim, cfg.optim.lr, cfg.run.seed) == (1024, 8, 1e-2, 42)
-    assert cfg.loss.ks == [10, 10]  # k = K = 10 per stage (SPEC §3.2)
+    assert cfg.loss.ks == [10, 10]  # k = K = 10 per stage (docs/protocol.md §3.2)
     assert cfg.op.params == {"tau": get_spec("dftopk").default}
     assert cfg.run.output_dir == "runs/run"
 
@@ -235,7 +235,7 @@ def test_resolution_is_idempotent() -> None:
     assert cfg.op.params == {"steepness": get_spec("diffsort").default}
 
 
-# ---- scaling: how the driver sizes Train workers (RAY_NOTES.md starvation hang) -------------
+# ---- scaling: how the driver sizes Train workers (docs/ray.md §5.1, the starvation hang) ----
 
 
 def _scaling(*overrides: str):

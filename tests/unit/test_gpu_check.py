@@ -1,6 +1,7 @@
 """jobs/gpu_check.py at a tiny size on CPU, as it will run on a bare GPU machine: in a fresh
 interpreter where ray, faiss and matplotlib cannot be imported (that machine has none of them).
-Timings are not asserted (STYLE.md, habit 10), only that every part ran and what it wrote."""
+Timings are not asserted (docs/design.md, Benchmarks), only that every part ran and what it
+wrote."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Ground-truth labels (SPEC.md §4.3): the label mass of the top-K own valid slots by priority;
-slots tied at the K-th priority share the remaining mass; sampled negatives are never positives.
-One rule shared by the losses and the metrics."""
+"""Ground-truth labels (docs/protocol.md §4.3): the label mass of the top-K own valid slots by
+priority; slots tied at the K-th priority share the remaining mass; sampled negatives are never
+positives. One rule shared by the losses and the metrics."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""One label rule in every loss family (SPEC §4.3), the bce baseline (§3.4) and the loss forms
-(§3.5): hand-made batches with ties at the K-th priority and requests with < K own slots."""
+"""One label rule in every loss family (docs/protocol.md §4.3), the bce baseline (§3.4) and the loss
+forms (§3.5): hand-made batches with ties at the K-th priority and requests with < K own slots."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Cascade losses (SPEC.md §3.1 joint BCE loss, §3.3 LCRON): float64 references written slot by
-slot from the formulas, masks, the uncertainty weights, rows with k >= #valid, every registered
-operator, and descent when the scores themselves are optimised."""
+"""Cascade losses (docs/protocol.md §3.1 joint BCE loss, §3.3 LCRON): float64 references written
+slot by slot from the formulas, masks, the uncertainty weights, rows with k >= #valid, every
+registered operator, and descent when the scores themselves are optimised."""
 
 from __future__ import annotations
 
@@ -79,7 +79,8 @@ def _bce(p: float, y: float) -> float:
 
 
 def _reference_topk_loss(op, params, scores, prio, mask, ks, k_truth):
-    """Slot-by-slot SPEC §3.1 in Python floats (DFTopK's membership by hand, others from the op)."""
+    """Slot-by-slot docs/protocol.md §3.1 in Python floats (DFTopK's membership by hand, others from
+    the op)."""
     labels = ground_truth(prio, mask, k_truth)
     b, n = mask.shape
     p = []
@@ -124,7 +125,7 @@ def _reference_topk_loss(op, params, scores, prio, mask, ks, k_truth):
 def test_cascade_loss_matches_slot_by_slot_reference(op: str) -> None:
     params = {"tau": 0.7} if op == "dftopk" else _params(op, 2.0 if op == "lapsum" else 1.0)
     ks = [3, 2]
-    loss = build_loss(op, params, ks, k_truth=2, form="bce")  # the formulas of SPEC §3.1
+    loss = build_loss(op, params, ks, k_truth=2, form="bce")  # formulas: docs/protocol.md §3.1
     assert isinstance(loss, CascadeTopKLoss)
     total, parts = loss(SCORES, batch_of(PRIO, MASK))
     stages, joint = _reference_topk_loss(op, params, SCORES, PRIO, MASK, ks, 2)
@@ -273,7 +274,7 @@ def test_lcron_single_stage_by_hand() -> None:
 
 
 def _reference_lcron(loss: LCRONLoss, scores, prio, mask):
-    """Slot-by-slot SPEC §3.3 in Python floats from the op's soft permutations."""
+    """Slot-by-slot docs/protocol.md §3.3 in Python floats from the op's soft permutations."""
     sp = soft_permutation_fn(loss.op)
     labels = ground_truth(prio, mask, loss.k_truth)  # ŷ = y, ȳ = 1 − y (one label rule)
     perms = [sp(x, loss.params[loss.param_name], mask) for x in scores]

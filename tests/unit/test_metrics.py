@@ -1,5 +1,6 @@
-"""Cascade metrics (SPEC.md §4.5) against scikit-learn / scipy, hand-built recall cases, and the
-DDP aggregation (sums and counts all-reduced, not a mean of means) on a 2-process gloo group."""
+"""Cascade metrics (docs/protocol.md §4.5) against scikit-learn / scipy, hand-built recall cases,
+and the DDP aggregation (sums and counts all-reduced, not a mean of means) on a 2-process gloo
+group."""
 
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ def batch_of(priority: torch.Tensor, mask: torch.Tensor) -> CascadeBatch:
 
 
 def recflow_like(b: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Priorities shaped like SPEC §4.3 (rank_pos 30 - rank_index, groups 7/6/5, sampled 0)
-    with padded slots; ties everywhere but the rank_pos group."""
+    """Priorities shaped like docs/protocol.md §4.3 (rank_pos 30 - rank_index, groups 7/6/5, sampled
+    0) with padded slots; ties everywhere but the rank_pos group."""
     batch = random_batch(b, n, seed=seed)
     return batch.priority, batch.cand_mask
 

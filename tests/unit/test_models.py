@@ -1,5 +1,5 @@
-"""Retrieval DSSM and pre-rank DIN (SPEC.md §4.6): shapes, masks, gradients, and equality with
-slow per-candidate references written straight from the formulas."""
+"""Retrieval DSSM and pre-rank DIN (docs/protocol.md §4.6): shapes, masks, gradients, and equality
+with slow per-candidate references written straight from the formulas."""
 
 from __future__ import annotations
 

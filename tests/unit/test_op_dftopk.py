@@ -52,7 +52,7 @@ def test_logits_equal_reference(select: str, n: int, masked: bool) -> None:
 @pytest.mark.parametrize("select", SELECTS)
 def test_gradient_equals_autograd_through_sort(select: str) -> None:
     # Without ties, autograd through sort routes ∂θ to exactly the two boundary slots: the
-    # localized closed form of SPEC §2.1.
+    # localized closed form of docs/protocol.md §2.1.
     x, k, mask = _case(5, 30, seed=3, masked=True)
     w = torch.randn(5, 30, dtype=torch.float64)
     a = x.clone().requires_grad_()
@@ -175,8 +175,8 @@ ALL_SELECTS = ("auto", "numba", "topk", "topk_unsorted", "kthvalue", "sort")
 
 def _assert_closed_form_grad(x, k, mask, tau, g, grad) -> None:
     """grad = g/τ at valid slots, plus −½Σg/τ at two DISTINCT slots π(k), π(k+1) holding
-    x_[k] and x_[k+1] (SPEC §2.1; at a tie any two distinct tied slots); 0 at masked slots and
-    in rows with k >= n."""
+    x_[k] and x_[k+1] (docs/protocol.md §2.1; at a tie any two distinct tied slots); 0 at masked
+    slots and in rows with k >= n."""
     for r in range(x.shape[0]):
         valid = mask[r].nonzero().flatten().tolist()
         kr = int(k[r])

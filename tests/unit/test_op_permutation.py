@@ -1,7 +1,7 @@
 """Permutation relaxations (neuralsort, softsort, diffsort) against slow independent references.
 
-The references below are written from SPEC.md §2.4 with explicit Python loops over ranks, items,
-layers and comparators on Python floats — no tensor code is shared with the operators.
+The references below are written from docs/protocol.md §2.4 with explicit Python loops over ranks,
+items, layers and comparators on Python floats — no tensor code is shared with the operators.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Contract suite run for every registered operator (DESIGN.md, Contract 1; STYLE.md, habit 4).
+"""Contract suite run for every registered operator (docs/design.md, Contract: operator, and
+Tests).
 
 A new operator is tested here the moment it is registered. Per-operator equality with an
 independent slow reference lives in test_op_<name>.py.
@@ -46,7 +47,7 @@ def test_registry_names_every_op() -> None:
         get_op("nope")
 
 
-# SPEC.md's RecFlow-protocol value of each operator's parameter (§2.1–2.4).
+# The RecFlow-protocol value of each operator's parameter (docs/protocol.md §2.5).
 RECFLOW = {
     "dftopk": 500.0,
     "lapsum": 5.0,

@@ -1,4 +1,5 @@
-"""LapSum and sparse top-k against slow, independent references written here (STYLE.md, habit 4).
+"""LapSum and sparse top-k against slow, independent references written here
+(docs/design.md, Tests).
 
 LapSum: b by 200 bisection steps on Σ F(x/α − b) = k; gradients against autograd through the
 reference with b made differentiable by implicit differentiation (one Newton step at the root),

@@ -244,7 +244,8 @@ def test_default_funnel_is_recflows(tmp_path):
         t = pq.read_table(tmp_path / "out" / "requests" / f"day={day}")
         prio = np.array(t["cand_priority"].to_pylist())
         mask = np.array(t["cand_mask"].to_pylist())
-        rank_pos = (prio >= 20) & mask  # priority 30 - rank_index for rank_pos (SPEC.md §4.2)
+        # priority 30 - rank_index for rank_pos (docs/protocol.md §4.3)
+        rank_pos = (prio >= 20) & mask
         want = [len(d[rid]["rank_pos"]) for rid in t["request_id"].to_pylist()]
         np.testing.assert_array_equal(rank_pos.sum(1), want)
 
