@@ -6,8 +6,9 @@ used).
 
 Without RAY_ADDRESS this starts an embedded local Ray (raytopk.ray_env.init_ray: token
 authentication on); inside ``ray job submit`` (RAY_ADDRESS set) it joins that cluster with a plain
-``ray.init()``. The resolved config is
-printed first; at the end a table of the test-day metrics beside the random-selection baseline.
+``ray.init()``. With ``run.backend=local`` it trains in this process and never imports Ray (a
+machine without Ray, a notebook, a debugger). The resolved config is printed first; at the
+end a table of the test-day metrics beside the random-selection baseline.
 """
 
 from __future__ import annotations
@@ -37,13 +38,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"# resolved config ({args.config})\n{dump_yaml(cfg)}", flush=True)
 
-    from raytopk.ray_env import init_ray
     from raytopk.train.checkpoint import CheckpointError
     from raytopk.train.driver import TrainingStopped, run
     from raytopk.train.report import metrics_table
 
     t0 = time.perf_counter()
-    init_ray()
+    if cfg.run.backend == "ray":  # the local backend trains in this process: no Ray at all
+        from raytopk.ray_env import init_ray
+
+        init_ray()
     try:
         metrics = run(cfg)
     except (ValueError, FileNotFoundError, CheckpointError, TrainingStopped) as e:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raytopk.data import schema
 from raytopk.train.typed_config import (
     ConfigError,
     apply_overrides,
@@ -276,6 +277,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         )
     for i, k in enumerate(cfg.loss.ks):
         _positive(f"loss.ks[{i}]", k)
+    n_train = schema.N_OWN + cfg.data.sample_num
+    for i, k in enumerate(cfg.loss.ks):
+        if k >= n_train:
+            raise ConfigError(
+                f"loss.ks[{i}]={k}: stage {i} would keep all {n_train} candidates of a training "
+                f"request (N = {schema.N_OWN} + data.sample_num {cfg.data.sample_num}), so its "
+                "top-k selects nothing; give k < N"
+            )
+        if i and k > cfg.loss.ks[i - 1]:
+            raise ConfigError(
+                f"loss.ks={cfg.loss.ks}: stage {i} keeps {k} but stage {i - 1} hands it only "
+                f"{cfg.loss.ks[i - 1]}; a cascade's k must not grow from stage to stage"
+            )
 
     d = cfg.data
     if not d.path and not d.synthetic.enabled:

@@ -305,3 +305,15 @@ def test_three_stage_names_reach_every_report() -> None:
         assert f"{key}=0.2500" in line
         assert f"| {key} | 0.2500 |" in table
     assert "| joint_recall@10@10 | 0.2500 | 0.0500 |" in table
+
+
+def test_stage_ks_must_fit_the_candidates_and_not_grow() -> None:
+    from raytopk.train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"loss.ks\[0\]=50: stage 0 would keep all 40 "):
+        load_config(None, ["data.path=/d", "loss.ks=[50,10]"])
+    with pytest.raises(ConfigError, match=r"loss.ks\[0\]=40"):
+        load_config(None, ["data.path=/d", "loss.ks=[40,10]"])
+    load_config(None, ["data.path=/d", "loss.ks=[50,10]", "data.sample_num=160"])  # N = 200
+    with pytest.raises(ConfigError, match=r"stage 1 keeps 30 but stage 0 hands it only 10"):
+        load_config(None, ["data.path=/d", "loss.ks=[10,30]"])

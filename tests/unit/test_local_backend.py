@@ -88,3 +88,45 @@ def test_local_batches_are_the_pipeline_groups(tiny: Path) -> None:
         tiny, [DAYS[0]], train=True, sample_num=8, batch_size=32, seed=3
     )]
     assert all((a == g.request_id).all() for a, g in zip(again, groups))  # seeded: repeatable
+
+
+_NO_RAY_RUN = """
+import importlib.abc, runpy, sys
+tried = []
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "ray":
+            tried.append(name)
+            raise ModuleNotFoundError(f"{name} is blocked (a machine without Ray)")
+sys.meta_path.insert(0, Blocker())
+sys.argv = ["jobs/train.py", *sys.argv[1:]]
+try:
+    runpy.run_path("jobs/train.py", run_name="__main__")
+finally:
+    print("RAY_IMPORTS_TRIED", sorted(set(tried)))
+"""
+
+
+def test_local_backend_trains_end_to_end_without_ray(tiny: Path, tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "noray"
+    args = [f"data.path={tiny}", f"data.train_days=[{DAYS[0]}..{DAYS[-1]}]",
+            f"data.test_day={TEST_DAY}", "data.batch_size=32", "data.eval_batch_size=40",
+            "data.sample_num=8", "scaling.use_gpu=false", "scaling.cpus_per_worker=1",
+            "run.backend=local", "run.eval_max_batches=1", "run.corpus_ms=[]",
+            f"run.output_dir={out}"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_RAY_RUN, "--config", "jobs/configs/quickstart.yaml", *args],
+        cwd=root, env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    log = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, log
+    assert "RAY_IMPORTS_TRIED []" in proc.stdout, log
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["backend"] == "local" and 0.0 <= m["joint_recall@10@20"] <= 1.0
