@@ -135,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mem-budget-gb", type=float, default=6.0)
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="table: keep <out>/step_times.json's rows at other N (same machine and batch) and "
+        "replace those at --ns; both commands are recorded",
+    )
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
     if not parts <= {"attention", "step", "table"}:
@@ -231,6 +237,17 @@ def main(argv: list[str] | None = None) -> int:
             "rows": [],
             "skipped": [],
         }
+        old_path = out / "step_times.json"
+        if args.append and old_path.is_file():
+            old = json.loads(old_path.read_text())
+            if old.get("batch_size") != args.batch_size or old.get("machine", {}).get(
+                "cpu_model"
+            ) != machine.get("cpu_model"):
+                p.error(f"--append: {old_path} was measured at another batch size or machine")
+            table["rows"] = [r for r in old["rows"] if r["N"] not in ns]
+            table["skipped"] = [r for r in old.get("skipped", []) if r["N"] not in ns]
+            table["commands"] = [*old.get("commands", [old.get("command")]), command.strip()]
+            table["parts_wall_s"] = [*old.get("parts_wall_s", [old.get("wall_s")])]
         t_table = time.perf_counter()
         for n in ns:
             b = _batch(data, day, n - 40, args.batch_size, dev)
@@ -253,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{rec['q75_s'] * 1e3:.1f}]  op+loss {rec['op_loss_share']:.1%}",
                       flush=True)  # fmt: skip
             table["wall_s"] = round(time.perf_counter() - t_table, 1)
+            table["rows"].sort(key=lambda r: (r["N"], methods.index(r["method"])
+                                              if r["method"] in methods else 99))  # fmt: skip
             _write(out / "step_times.json", table)  # after every N: a partial table survives
     _plot(result, table, out / "bench_step.png")
     for k, g in goals.items():

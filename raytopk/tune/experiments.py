@@ -34,11 +34,15 @@ __all__ = [
 
 
 def config_digest(train: dict[str, Any]) -> str:
-    """What a trial trains, as a short hash of its TrainConfig dict without its run name and
-    output directory: two trials with one digest are the same training run."""
+    """What a trial trains, as a short hash of its TrainConfig dict without where things are on
+    this machine (run name, output directory, the dataset's path and the synthetic data's root:
+    synthetic data is identified by its generator settings, which stay in): two trials with one
+    digest are the same training run, on this machine or a fresh clone elsewhere."""
     d = json.loads(json.dumps(train, sort_keys=True, default=str))
     d.get("run", {}).pop("name", None)
     d.get("run", {}).pop("output_dir", None)
+    d.get("data", {}).pop("path", None)
+    d.get("data", {}).get("synthetic", {}).pop("root", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

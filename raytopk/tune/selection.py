@@ -255,14 +255,17 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
                   out: Path, trainable: Any, conc: int, stages: int, verbose: bool,
                   plan: Callable[[TrainConfig, str, int], None] | None = None,
                   max_t: dict[str, float] | None = None,
+                  fits: Callable[[str, int], bool] | None = None,
                   ) -> dict[tuple[str, int], dict[str, Any]]:
     """The study's phase 1 on the connected Ray cluster: every (parameter value, lr) of each
     (op, N) on ``seeds`` under ASHA per (op, N), then up to ``study.grid_extend`` rounds
     extending, at the chosen setting, a parameter grid or lr grid whose best value is on its
     edge. ``budgeted``: the study's trial config (budget, eval points, valid_day); ``plan``
     sets a trial's compute-matched budget, ``max_t`` its ASHA clock's end per group ("op-nN").
-    Trials already in the study's row log are not run again. Writes selection.csv/json after
-    each round; returns :func:`choose_joint`'s choice per (op, N)."""
+    Trials already in the study's row log are not run again; an (op, N) for which ``fits``
+    says no (a step over the memory budget) is not searched (its final trials record why).
+    Writes selection.csv/json after each round; returns :func:`choose_joint`'s choice per
+    (op, N)."""
     from raytopk.tune.experiments import run_experiment
     from raytopk.tune.reports import write_selection
 
@@ -272,6 +275,8 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
     base_lr = budgeted.optim.lr
 
     def prepared(trials: list[dict[str, Any]], rnd: int) -> list[dict[str, Any]]:
+        if fits is not None:
+            trials = [t for t in trials if fits(t["op"], int(t["sample_num"]))]
         for t in trials:
             validate(from_dict(t["train"]))
             t["mem_budget_gb"], t["round"] = study.mem_budget_gb, rnd

@@ -271,6 +271,16 @@ def compute_planner(study: StudyConfig, base: TrainConfig
                           study.compute_cuts, study.eval_points)
 
     def plan(cfg: TrainConfig, op: str, sample_num: int) -> None:
+        n = schema.N_OWN + sample_num
+        if step_bytes(op, base.data.batch_size, n) > study.mem_budget_gb * 1024**3:
+            cfg.run.max_train_seconds, cfg.run.max_samples = 0.0, batch  # never trained: the
+            cfg.run.eval_at_samples, cfg.run.test_at_samples = [], []  # trial records that it
+            return  # does not fit (_trial_fn)
+        if (op, n) not in table.seconds:
+            raise ConfigError(
+                f"study.step_table {study.step_table!r} has no step time for {op} at N={n}: "
+                "measure it (jobs/bench_step.py --parts table --append) or leave the method out"
+            )
         p = plan_of(op, sample_num).as_samples(batch)
         cfg.run.max_train_seconds = 0.0
         cfg.run.max_samples = p["max_samples"]
@@ -493,8 +503,12 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
         seeds = list(study.select_seeds) or [
             study.select_seed if study.select_seed >= 0 else study.seeds[0]
         ]
+        def fits(op: str, sample_num: int) -> bool:
+            need = step_bytes(op, base.data.batch_size, schema.N_OWN + sample_num, stages)
+            return need <= study.mem_budget_gb * 1024**3
+
         joint = run_selection(study, _budgeted(study, base), ops, seeds, results, trainable,
-                              conc, stages, verbose, plan, max_t)
+                              conc, stages, verbose, plan, max_t, fits)
         chosen = {op: {n: c["value"] for (o, n), c in joint.items()
                        if o == op and c["value"] is not None} for op in ops}
         chosen = {op: d for op, d in chosen.items() if d}

@@ -14,6 +14,7 @@ from raytopk.train.config import ConfigError, validate
 from raytopk.train.resources import plan_resources
 from raytopk.tune.study import (
     _TRIAL_CPU,
+    compute_planner,
     load_study,
     step_bytes,
     study_ops,
@@ -28,7 +29,11 @@ STUDIES = sorted(CONFIGS.glob("sample_scaling*.yaml"))
 @pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
 def test_study_yamls_load_and_every_trial_validates(path: Path) -> None:
     study, base = load_study(path)
-    trials = trial_configs(study, base)
+    if study.step_table:  # compute matched: every trial's steps from the committed table
+        study.step_table = str(CONFIGS.parents[1] / study.step_table)
+        base.run.valid_day = "2024-02-20"  # resolve_base's held-out day (no data generated here)
+    planner = compute_planner(study, base)
+    trials = trial_configs(study, base, plan=planner[0] if planner else None)
     ops = study.ops or list_methods()
     assert study_ops(study, base) == ops
     assert len(trials) == len(ops) * len(study.sample_nums) * len(study.seeds)
@@ -41,6 +46,10 @@ def test_study_yamls_load_and_every_trial_validates(path: Path) -> None:
         assert cfg.op.name == t["op"] and cfg.data.sample_num == t["sample_num"]
         assert cfg.loss.form == t["loss_form"] == default_form(t["op"])
         assert cfg.run.max_train_seconds == study.budget_seconds
+        if study.step_table and t["op"] != "diffsort":
+            assert cfg.run.max_samples >= 128 * min(study.slowest_steps.values())
+            assert len(cfg.run.eval_at_samples) >= study.eval_points - 1
+            assert cfg.run.test_at_samples and cfg.run.diagnostics == (t["op"] == "dftopk")
         assert cfg.run.output_dir.endswith(t["trial"])
         assert cfg.op.params == {} or set(cfg.op.params) <= {"tau", "alpha", "l", "steepness"}
 

@@ -203,7 +203,11 @@ def test_trial_identity_is_what_it_trains(tmp_path: Path) -> None:
     assert da != db
     moved = json.loads(json.dumps(a["lapsum-n0-alpha5-s1"]["train"]))
     moved["run"]["output_dir"], moved["run"]["name"] = "/elsewhere", "renamed"
+    moved["data"]["path"], moved["data"]["synthetic"]["root"] = "/mnt/x", "/mnt/x"  # a clone
     assert config_digest(moved) == config_digest(a["lapsum-n0-alpha5-s1"]["train"])
+    other = json.loads(json.dumps(moved))
+    other["data"]["synthetic"]["requests_per_day"] += 1  # other data: another trial
+    assert config_digest(other) != config_digest(moved)
     moved["optim"]["lr"] = 0.5
     assert config_digest(moved) != config_digest(a["lapsum-n0-alpha5-s1"]["train"])
     assert final_tag(list(a.values())) != final_tag(list(b.values()))
