@@ -103,23 +103,28 @@ def prefetched(
     done = object()
     stop = threading.Event()
 
+    def put(item: object) -> bool:
+        """Queue ``item`` unless the consumer stopped (then False): never blocks for good on a
+        full queue that nobody drains any more."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for g in groups:
                 batch = collate(g)
                 if pin:
                     batch = batch.pin_memory()
-                while not stop.is_set():
-                    try:
-                        q.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(batch):
                     return
-            q.put(done)
+            put(done)
         except BaseException as e:  # re-raised in the consumer's thread
-            q.put(e)
+            put(e)
 
     thread = threading.Thread(target=produce, daemon=True, name="raytopk-local-data")
     thread.start()

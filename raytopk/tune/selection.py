@@ -256,6 +256,7 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
                   plan: Callable[[TrainConfig, str, int], None] | None = None,
                   max_t: dict[str, float] | None = None,
                   fits: Callable[[str, int], bool] | None = None,
+                  results: Path | None = None,
                   ) -> dict[tuple[str, int], dict[str, Any]]:
     """The study's phase 1 on the connected Ray cluster: every (parameter value, lr) of each
     (op, N) on ``seeds`` under ASHA per (op, N), then up to ``study.grid_extend`` rounds
@@ -264,7 +265,8 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
     sets a trial's compute-matched budget, ``max_t`` its ASHA clock's end per group ("op-nN").
     Trials already in the study's row log are not run again; an (op, N) for which ``fits``
     says no (a step over the memory budget) is not searched (its final trials record why).
-    Writes selection.csv/json after each round; returns :func:`choose_joint`'s choice per
+    Trial directories go under ``out``; selection.csv/json (written after each round) into
+    ``results`` (default ``out``). Returns :func:`choose_joint`'s choice per
     (op, N)."""
     from raytopk.tune.experiments import run_experiment
     from raytopk.tune.reports import write_selection
@@ -305,7 +307,8 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
         rows = run_experiment(study, f"{study.name}_select", sel, trainable, conc, sched,
                               stages, verbose, clock)
     joint = choose_joint(rows, head, base_lr)
-    write_selection(rows, joint, grid, out, head)
+    results = results or out
+    write_selection(rows, joint, grid, results, head)
     for rnd in range(1, study.grid_extend + 1):
         ext: list[dict[str, Any]] = []
         for op, n, v in edge_extensions(rows, choose(rows, head), study.grid_factor):
@@ -325,7 +328,7 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
             if t.get("param") and t.get("value") not in (None, ""):
                 grid[t["op"]] = sorted({*grid.get(t["op"], []), float(t["value"])})
         joint = choose_joint(rows, head, base_lr)
-        write_selection(rows, joint, grid, out, head)
+        write_selection(rows, joint, grid, results, head)
     return joint
 
 

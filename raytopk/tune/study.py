@@ -507,8 +507,8 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
             need = step_bytes(op, base.data.batch_size, schema.N_OWN + sample_num, stages)
             return need <= study.mem_budget_gb * 1024**3
 
-        joint = run_selection(study, _budgeted(study, base), ops, seeds, results, trainable,
-                              conc, stages, verbose, plan, max_t, fits)
+        joint = run_selection(study, _budgeted(study, base), ops, seeds, out, trainable,
+                              conc, stages, verbose, plan, max_t, fits, results)
         chosen = {op: {n: c["value"] for (o, n), c in joint.items()
                        if o == op and c["value"] is not None} for op in ops}
         chosen = {op: d for op, d in chosen.items() if d}

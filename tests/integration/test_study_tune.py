@@ -120,7 +120,9 @@ def test_compute_matched_study_resumes_from_its_row_log_alone(
     sel = json.loads((res / "selection.json").read_text())
     assert len(sel["trials"]) == 2 * 2 * 2  # 2 ops x 2 lrs x 2 seeds, one parameter value
     assert {c["0"]["lr"] for c in sel["chosen"].values()} <= {0.003, 0.01}
-    assert all(c["0"]["seeds"] == 2 for c in sel["chosen"].values())
+    # The mean over the seeds that reached the end (ASHA may stop one seed of a setting).
+    assert all(c["0"]["seeds"] in (1, 2) for c in sel["chosen"].values())
+    assert not (res / "trials").exists()  # trial directories stay in output_dir
     comp = (res / "equal_compute.csv").read_text()
     assert "compute" in comp and "steps" in comp and (res / "plateau.json").is_file()
     logged = (res / "trials.jsonl").read_text().splitlines()

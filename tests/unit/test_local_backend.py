@@ -130,3 +130,20 @@ def test_local_backend_trains_end_to_end_without_ray(tiny: Path, tmp_path: Path)
     assert "RAY_IMPORTS_TRIED []" in proc.stdout, log
     m = json.loads((out / "metrics.json").read_text())
     assert m["backend"] == "local" and 0.0 <= m["joint_recall@10@20"] <= 1.0
+
+
+def test_prefetch_thread_ends_when_the_consumer_stops_before_the_end(tiny: Path) -> None:
+    # A budget reached while the producer already queued the whole day and its end marker: the
+    # producer must not stay blocked on the full queue (it used to, until a 60 s join timeout).
+    import threading
+
+    from raytopk.data.local import iter_local_groups, prefetched
+
+    groups = iter_local_groups(tiny, [DAYS[0]], train=True, sample_num=8, batch_size=60, seed=3)
+    it = prefetched(groups, prefetch=1)  # 2 batches + the end marker: the queue fills up
+    next(it)
+    deadline = threading.Event()
+    deadline.wait(1.0)  # let the producer fill the queue and block on the end marker
+    it.close()  # the consumer stops early (budget)
+    alive = [t for t in threading.enumerate() if t.name == "raytopk-local-data" and t.is_alive()]
+    assert alive == []
