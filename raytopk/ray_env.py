@@ -38,6 +38,7 @@ __all__ = [
     "node_id",
     "progress_callback",
     "quiet_train_logs",
+    "quiet_workers",
     "report",
     "restored_checkpoint",
     "tune_report_callback",
@@ -67,7 +68,31 @@ def init_ray(**local: Any) -> Any:
             f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: raytopk keeps Ray's token "
             "authentication on (Ray 2.60 listens on every interface); unset it or set it to token"
         )
-    return ray.init(**{"_node_ip_address": "127.0.0.1", "include_dashboard": False, **local})
+    # Every worker process of the job (Train's controller and its helper actors, Ray Data's
+    # coordinators) quiets the log lines that only repeat themselves (quiet_workers).
+    env = {"worker_process_setup_hook": "raytopk.ray_env.quiet_workers"}
+    return ray.init(**{"_node_ip_address": "127.0.0.1", "include_dashboard": False,
+                       "runtime_env": env, **local})  # fmt: skip
+
+
+# Loggers of Ray's own processes that only repeat themselves on a run's console, and the level
+# they are kept at (warnings and errors of everything else still reach the console):
+# - Train's PlacementGroupCleaner asks the State API, which needs the dashboard a local run does
+#   not start, every few seconds whether the controller lives, and warns each time it cannot
+#   (~66 lines a quickstart); the cleanup it exists for runs when a controller dies uncleanly;
+# - Ray Data's progress module says once per process that progress bars are off, and logs
+#   "execution finished" per dataset (raytopk prints its own progress lines).
+QUIET_LOGGERS = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    "ray.data._internal.progress": logging.ERROR,
+}
+
+
+def quiet_workers() -> None:
+    """Ray worker setup hook (``runtime_env["worker_process_setup_hook"]``): the levels of
+    :data:`QUIET_LOGGERS` in this process."""
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def configure_data_context(ctx: Any = None) -> Any:
@@ -86,6 +111,10 @@ def configure_data_context(ctx: Any = None) -> Any:
     ctx.use_datasource_v2 = False
     ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     ctx.execution_options.preserve_order = True
+    # No "Starting execution" / "Execution plan of Dataset" block and no progress bars or
+    # "execution finished" line per dataset on the console (raytopk prints its own progress).
+    ctx.print_on_execution_start = False
+    ctx.enable_progress_bars = False
     return ctx
 
 

@@ -52,6 +52,7 @@ def test_token_auth_is_on_and_refuses_clients_without_it(ray_cluster: Any) -> No
 
 def test_init_ray_refuses_to_switch_authentication_off(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
+    import ray.data
 
     from raytopk.ray_env import init_ray
 
@@ -60,3 +61,26 @@ def test_init_ray_refuses_to_switch_authentication_off(monkeypatch: pytest.Monke
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh driver
     with pytest.raises(RuntimeError, match="RAY_AUTH_MODE=disabled: raytopk keeps"):
         init_ray(address="local")
+
+
+def test_workers_quiet_only_the_loggers_that_repeat_themselves(ray_cluster: Any) -> None:
+    """init_ray's worker setup hook ran in the job's worker processes: the loggers of
+    raytopk.ray_env.QUIET_LOGGERS are at their quiet level there, and others are untouched."""
+    import logging
+
+    import ray
+    import ray.data
+
+    from raytopk.ray_env import QUIET_LOGGERS, configure_data_context
+
+    @ray.remote(num_cpus=0)
+    def levels() -> dict:
+        names = [*QUIET_LOGGERS, "ray.data._internal.execution.streaming_executor"]
+        return {n: logging.getLogger(n).getEffectiveLevel() for n in names}
+
+    got = ray.get(levels.remote())
+    for name, level in QUIET_LOGGERS.items():
+        assert got[name] == level, (name, got)
+    assert got["ray.data._internal.execution.streaming_executor"] < logging.ERROR
+    ctx = configure_data_context(ray.data.DataContext())
+    assert ctx.print_on_execution_start is False and ctx.enable_progress_bars is False
