@@ -340,8 +340,11 @@ def _scheduler_base() -> type:
 
 class GroupedASHA(_scheduler_base()):  # type: ignore[misc]
     """ASHA per trial group (``config["trial"]["group"]``): settings only compete within their
-    (op, sample_num). ``metric`` stays unset on this wrapper so that Tune does not require it in
-    every result (the loop's step reports carry none; only the anytime points do)."""
+    (op, sample_num), and, when the trial names its ``seed``, within the runs of that seed (a
+    setting is judged against the others on the same data order and initial weights, not
+    against another seed's luck). ``max_t`` / ``grace_period``: one value, or one per group.
+    ``metric`` stays unset on this wrapper so that Tune does not require it in every result
+    (the loop's step reports carry none; only the anytime points do)."""
 
     def __init__(self, metric: str, time_attr: str, max_t: float | dict[str, float],
                  grace_period: float | dict[str, float], reduction_factor: float = 3.0) -> None:
@@ -359,13 +362,15 @@ class GroupedASHA(_scheduler_base()):  # type: ignore[misc]
     def _asha(self, trial: Any) -> Any:
         from ray.tune.schedulers import AsyncHyperBandScheduler
 
-        group = str((trial.config.get("trial") or {}).get("group", ""))
-        self._of[trial.trial_id] = group
-        if group not in self._groups:
+        t = trial.config.get("trial") or {}
+        group = str(t.get("group", ""))
+        bracket = f"{group}/s{t['seed']}" if "seed" in t else group
+        self._of[trial.trial_id] = bracket
+        if bracket not in self._groups:
             per = {k: (v[group] if isinstance(v, dict) else v)
                    for k, v in (("max_t", self._max_t), ("grace_period", self._grace))}
-            self._groups[group] = AsyncHyperBandScheduler(**self._args, **per)
-        return self._groups[group]
+            self._groups[bracket] = AsyncHyperBandScheduler(**self._args, **per)
+        return self._groups[bracket]
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         self._asha(trial).on_trial_add(tune_controller, trial)

@@ -258,3 +258,24 @@ def test_results_md_words_only_where_the_interval_excludes_zero(tmp_path: Path) 
     assert tt.split("|")[3].strip() == "30.0"
     assert paths["anytime_png"].is_file() and paths["anytime_csv"].read_text().count("\n") == 28
     assert math.isclose(float(md.split("overhead ")[1].split(" s")[0]), 7.0)
+
+
+def test_grouped_asha_judges_each_seed_against_its_own_runs() -> None:
+    sched = GroupedASHA("valid_m", "samples_seen", max_t={"dftopk-n0": 80.0},
+                        grace_period={"dftopk-n0": 10.0}, reduction_factor=3.0)  # fmt: skip
+
+    def trial(tid: str, seed: int) -> _Trial:
+        return _Trial(trial_id=tid, config={"trial": {"group": "dftopk-n0", "trial": tid,
+                                                      "seed": seed}})  # fmt: skip
+
+    a1 = trial("a1", 1)
+    sched.on_trial_add(None, a1)
+    assert sched.on_trial_result(None, a1, {"samples_seen": 10, "valid_m": 0.9}) == "CONTINUE"
+    # Seed 2's data is harder: its first run is not judged against seed 1's 0.9.
+    b2 = trial("b2", 2)
+    sched.on_trial_add(None, b2)
+    assert sched.on_trial_result(None, b2, {"samples_seen": 10, "valid_m": 0.5}) == "CONTINUE"
+    c2 = trial("c2", 2)
+    sched.on_trial_add(None, c2)
+    assert sched.on_trial_result(None, c2, {"samples_seen": 10, "valid_m": 0.4}) == "STOP"
+    assert sched.stopped == ["c2"]
