@@ -59,7 +59,7 @@ class Anytime:
             self.points = run.eval_points if self.budget > 0 else 0
         self.world, self.device = world, device
         self.done = sum(1 for t in self._thresholds() if self._clock(pos) >= t)  # resumed runs
-        self.curve: list[dict[str, float]] = []
+        self.curve: list[dict[str, Any]] = pos.anytime_curve  # saved with every checkpoint
         self.warm: tuple[float, int] | None = None  # (train_seconds, samples) at warm-up's end
         self.max_step_seconds = 0.0
         self.steps = 0

@@ -57,6 +57,8 @@ class Position:
     days_done: list[str] = field(default_factory=list)  # "epoch:day" for every finished day
     starts: int = 0  # how many times the loop started (1 + restarts and resumes)
     budget_spent: bool = False  # max_train_seconds / max_samples reached: training is over
+    # The anytime points evaluated so far (raytopk.train.anytime): a resumed run keeps them.
+    anytime_curve: list[dict[str, Any]] = field(default_factory=list)
 
     def advance(self, rows: int) -> None:
         """One trained step of ``rows`` requests (summed over workers)."""

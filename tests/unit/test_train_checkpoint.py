@@ -107,3 +107,28 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_position_ignores_unknown_fields() -> None:
     p = Position.from_dict({"item": 2, "global_step": 5, "future_field": 1})
     assert (p.item, p.global_step, p.step) == (2, 5, 0)
+
+
+def test_anytime_curve_survives_a_checkpoint(tmp_path: Path) -> None:
+    # A run interrupted after some anytime points and resumed from its checkpoint reports the
+    # whole curve, not only the points evaluated after the restart.
+    from raytopk.train.anytime import Anytime
+    from raytopk.train.config import RunConfig
+
+    run = RunConfig(max_samples=64, eval_at_samples=[16, 32, 48], valid_day="2024-01-15")
+    pos = Position(samples_seen=16, global_step=1)
+    first = Anytime(run, pos, 1, torch.device("cpu"))
+    first.evaluate({}, pos, lambda: {"joint_recall@10@20": 0.25})
+    st = _state()
+    st["position"] = pos.to_dict()
+    save_state(tmp_path, st)
+    back = Position.from_dict(load_state(tmp_path)["position"])
+    back.samples_seen, back.global_step = 24, 2  # the checkpoint: between two points
+    resumed = Anytime(run, back, 1, torch.device("cpu"))
+    assert resumed.done == 1  # the point at 16 is not evaluated again
+    back.samples_seen, back.global_step = 32, 3
+    assert resumed.due(back)
+    resumed.evaluate({}, back, lambda: {"joint_recall@10@20": 0.5})
+    curve = resumed.summary(back)["anytime_curve"]
+    assert [p["valid_joint_recall@10@20"] for p in curve] == [0.25, 0.5]
+    assert [p["samples_seen"] for p in curve] == [16, 32]
