@@ -16,10 +16,10 @@ Single-stage loss per line:
 - other non-permutation ops (lapsum, sparse_topk): BCE(membership, y), membership in [0, 1];
 - permutation ops (neuralsort, softsort, diffsort): the LCRON single-stage term L_s of
   docs/protocol.md §3.3 (``raytopk.losses.lcron.lcron_single_stage_loss``) between the model's soft
-  permutation of s and the label relaxation of the priority (τ_label / β_label of ``LABEL_PARAMS``,
-  computed without gradient inside the step, as the label of the authors' LCRON script is), which is
-  the loss the authors time for "LCRON + <sort>"; if raytopk.losses cannot be imported, BCE on the
-  membership instead (the record's ``loss`` field says which was used).
+  permutation of s and the label relaxation of the priority (τ_label / β_label: the registry's
+  ``label_param``, computed without gradient inside the step, as the label of the authors' LCRON
+  script is), which is the loss the authors time for "LCRON + <sort>"; if raytopk.losses cannot
+  be imported, BCE on the membership instead (the record's ``loss`` field says which was used).
 Operator parameters are the registry's RecFlow-protocol defaults.
 
 Time caps (a full run must stay short): warm-up stops after 0.2·``max_seconds`` (at least one
@@ -118,13 +118,13 @@ def _loss_fn(
     if spec.permutation:
         try:
             from raytopk.losses.lcron import (
-                LABEL_PARAMS,
+                label_param_of,
                 lcron_single_stage_loss,
                 soft_permutation_fn,
             )
 
             soft_perm = soft_permutation_fn(line)
-            label_value = LABEL_PARAMS[line]
+            label_value = label_param_of(line)
 
             def lcron(s: torch.Tensor, p: torch.Tensor, k: int) -> torch.Tensor:
                 with torch.no_grad():

@@ -22,10 +22,10 @@ from raytopk.losses.forms import (
     forms_for,
     is_operator,
     list_methods,
+    method_spec,
     resolve_form,
 )
 from raytopk.losses.lcron import LCRONLoss, lcron_single_stage_loss
-from raytopk.ops import get_spec
 
 __all__ = [
     "BASELINES",
@@ -55,7 +55,7 @@ def build_loss(
     """The cascade loss module for ``op`` (a registered operator or a baseline of
     ``list_methods()``; holds the learnable stage weights), trained with loss ``form``."""
     check_method(op)
-    if is_operator(op) and get_spec(op).permutation:
+    if method_spec(op).permutation:
         resolve_form(op, form)
         return LCRONLoss(op, op_params, ks, k_truth)
     return CascadeTopKLoss(op, op_params, ks, k_truth, form)

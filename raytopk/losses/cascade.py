@@ -56,8 +56,7 @@ from torch import nn
 
 from raytopk.data.batch import CascadeBatch
 from raytopk.data.labels import ground_truth
-from raytopk.losses.forms import BASELINES, resolve_form
-from raytopk.ops import get_op, get_spec
+from raytopk.losses.forms import method_spec, resolve_form
 
 __all__ = [
     "CascadeTopKLoss",
@@ -65,7 +64,6 @@ __all__ = [
     "uncertainty_total",
     "log1mexp",
     "masked_mean",
-    "stage_log_membership",
     "stage_membership",
     "stage_terms",
     "Membership",
@@ -146,8 +144,12 @@ def check_ks(ks: Sequence[int]) -> list[int]:
 
 def resolve_op_params(op: str, op_params: Mapping[str, float] | None) -> dict[str, float]:
     """{param: value} for ``op``; a missing param takes the registry's RecFlow default."""
-    spec = get_spec(op)
+    spec = method_spec(op)
     params = dict(op_params or {})
+    if not spec.param:  # a baseline without a parameter
+        if params:
+            raise ValueError(f"'op_params' {params}: {op!r} takes no parameters")
+        return params
     unknown = sorted(set(params) - {spec.param})
     if unknown:
         raise ValueError(
@@ -170,60 +172,8 @@ class Membership(NamedTuple):
     log_p: torch.Tensor
     log_1mp: torch.Tensor
     p: torch.Tensor
-    u: torch.Tensor | None = None  # sparse top-k's unclipped membership (form hinge)
-
-
-def _sparse_u(scores: torch.Tensor, p: torch.Tensor, l: float, keep: torch.Tensor) -> torch.Tensor:
-    """u = x/l − τ with m = clip(u, 0, 1): the permutahedron of (1_k, 0_{N−k}) is the capped
-    simplex {m ∈ [0,1]^N, Σ m = k}, so sparse top-k's m is x/l projected onto it, a clip at the
-    threshold τ. τ from the operator's own m: x_i/l − m_i at its free slots (0 < m < 1), with
-    its gradient ∂τ/∂x_j = 1/(l·#free) there (the operator's own pooled-block Jacobian); in a row
-    without free slot, the middle of the feasible interval (no gradient). 0 outside ``keep``."""
-    xs = scores / l
-    xd, pd = xs.detach(), p.detach()
-    free = keep & (pd > 0) & (pd < 1)
-    nfree = free.sum(-1, keepdim=True)
-    tau_free = torch.where(free, xd - pd, torch.zeros_like(xd)).sum(-1, keepdim=True)
-    tau_free = tau_free / nfree.clamp(min=1)
-    lo = torch.where(keep & (pd <= 0), xd, torch.full_like(xd, -torch.inf)).amax(-1, keepdim=True)
-    hi = torch.where(keep & (pd >= 1), xd - 1.0, torch.full_like(xd, torch.inf))
-    hi = hi.amin(-1, keepdim=True)
-    mid = torch.where(torch.isfinite(lo) & torch.isfinite(hi), (lo + hi) / 2, torch.zeros_like(lo))
-    mid = torch.where(torch.isfinite(lo) & ~torch.isfinite(hi), lo, mid)
-    mid = torch.where(~torch.isfinite(lo) & torch.isfinite(hi), hi, mid)
-    g = torch.where(free, xs, torch.zeros_like(xs)).sum(-1, keepdim=True) / nfree.clamp(min=1)
-    tau = torch.where(nfree > 0, tau_free, mid) + (g - g.detach())
-    return torch.where(keep, xs - tau, torch.zeros_like(xs))
-
-
-def _log_laplace_cdf(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log F(t), log(1 − F(t))) of the Laplace CDF, exact for every finite t."""
-    tail = torch.log1p(-0.5 * torch.exp(-t.abs()))  # log(1 − ½e^{−|t|}) ∈ [−log 2, 0]
-    return (
-        torch.where(t <= 0, t - _LN2, tail),
-        torch.where(t <= 0, tail, -t - _LN2),
-    )
-
-
-def _lapsum_t(scores: torch.Tensor, k: int, mask: torch.Tensor, alpha: float,
-              keep: torch.Tensor) -> torch.Tensor:
-    """t = x/α − b of LapSum with b's implicit gradient ∂b/∂x = f/(αΣf) (docs/protocol.md §2.2), as
-    a differentiable tensor; 0 outside ``keep``."""
-    from raytopk.ops.lapsum import lapsum_threshold
-
-    x = scores.masked_fill(~mask, 0.0)
-    top = x.detach().masked_fill(~mask, float("-inf")).amax(-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    s = (x - top) / alpha  # shift-invariant; keeps float32 resolution at large scores
-    b = lapsum_threshold(s.detach(), k, mask, alpha=1.0).unsqueeze(-1)  # (B, 1)
-    t0 = (s.detach() - b).masked_fill(~keep, 0.0)
-    log_f = torch.where(keep, -t0.abs(), torch.full_like(t0, float("-inf")))
-    has = keep.any(-1, keepdim=True)
-    w = torch.softmax(torch.where(has, log_f, torch.zeros_like(log_f)), dim=-1)  # f/Σf
-    w = torch.where(keep, w, torch.zeros_like(w))
-    ws = (w * s.masked_fill(~keep, 0.0)).sum(-1, keepdim=True)
-    b = b + ws - ws.detach()  # value b, gradient Σ_j (f_j/Σf) ∂s_j
-    return torch.where(keep, s - b, torch.zeros_like(s))
+    u: torch.Tensor | None = None  # the unclipped membership (form hinge)
+    exact: bool = False  # the logs came from logits or exact log-space formulas, not from p
 
 
 def stage_membership(
@@ -235,50 +185,39 @@ def stage_membership(
     decided: torch.Tensor,
     form: str = "bce",
 ) -> Membership:
-    """Stage membership of ``op`` (a registered operator, or the ``bce`` baseline: p = σ(x)).
+    """Stage membership of method ``op`` (a registered operator or a baseline), from what its
+    entry provides (raytopk.losses.forms.method_spec): logits z (p = σ(z), logs log σ(±z)),
+    exact logs (form ``bce_log``), or the membership p itself (logs of p clamped at the
+    smallest float; with form ``hinge`` also its unclipped u).
 
     decided (B,) marks rows with k ≥ #valid, where p = 1 exactly: log p is set to 0 and p to 1
     there. Values at masked slots and at log(1 − p) of decided rows are placeholders to be masked
-    out. ``form`` = ``bce_log`` computes LapSum's logs from its threshold (losses.forms).
+    out.
     """
+    spec = method_spec(op)
     keep = mask & ~decided.unsqueeze(-1)
-    u = None  # sparse top-k's unclipped membership, form hinge only
-    if op in ("dftopk", "bce"):
-        if op == "dftopk":
-            from raytopk.ops.dftopk import dftopk_logits
-
-            z = dftopk_logits(scores, k, tau=params["tau"], mask=mask)
-        else:
-            z = scores
+    u = None  # the unclipped membership, form hinge only
+    if spec.logits is not None:
+        z = spec.logits(scores, k, mask, **params)
         z = torch.where(keep, z, torch.zeros_like(z))  # ±inf out before logσ
         log_p, log_1mp, p = F.logsigmoid(z), F.logsigmoid(-z), torch.sigmoid(z)
-    elif op == "lapsum" and form == "bce_log":
-        log_p, log_1mp = _log_laplace_cdf(_lapsum_t(scores, k, mask, params["alpha"], keep))
+        exact = True
+    elif form == "bce_log":
+        log_p, log_1mp = spec.log_membership(scores, k, mask, keep, **params)
         p = log_p.exp()
+        exact = True
     else:
-        p = get_op(op)(scores, k, mask, **params)
-        u = _sparse_u(scores, p, params["l"], keep) if form == "hinge" else None
+        p = spec.fn(scores, k, mask, **params)
+        u = spec.unclipped(scores, p, keep, **params) if form == "hinge" else None
         p = torch.where(keep, p, torch.full_like(p, 0.5))
         tiny = torch.finfo(p.dtype).tiny
         log_p = torch.log(p.clamp_min(tiny))
         log_1mp = torch.log((1.0 - p).clamp_min(tiny))
+        exact = False
     full = decided.unsqueeze(-1)
     log_p = torch.where(full, torch.zeros_like(log_p), log_p)
     p = torch.where(full, torch.ones_like(p), p)
-    return Membership(log_p, log_1mp, p, u)
-
-
-def stage_log_membership(
-    op: str,
-    scores: torch.Tensor,
-    k: int,
-    mask: torch.Tensor,
-    params: Mapping[str, float],
-    decided: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p, log(1 − p)) of :func:`stage_membership` (form ``bce``)."""
-    m = stage_membership(op, scores, k, mask, params, decided)
-    return m.log_p, m.log_1mp
+    return Membership(log_p, log_1mp, p, u, exact)
 
 
 def _bce(log_p: torch.Tensor, log_1mp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -349,12 +288,14 @@ class CascadeTopKLoss(nn.Module):
         form: str = "auto",
     ) -> None:
         super().__init__()
-        if op in BASELINES:
+        spec = method_spec(op)
+        self.selects = spec.selects
+        if not spec.param:
             if op_params:
                 raise ValueError(f"'op_params' {dict(op_params)}: {op!r} takes no parameters")
             self.params: dict[str, float] = {}
         else:
-            if get_spec(op).permutation:
+            if spec.permutation:
                 raise ValueError(
                     f"operator {op!r} is a permutation relaxation: use LCRONLoss "
                     "(build_loss picks it)"
@@ -395,11 +336,12 @@ class CascadeTopKLoss(nn.Module):
                 )
             x = _float_scores(x)
             # This stage keeps every valid slot of the row (the bce baseline selects nothing).
-            decided = n_valid <= k if self.op not in BASELINES else torch.zeros_like(all_decided)
+            decided = n_valid <= k if self.selects else torch.zeros_like(all_decided)
             m = stage_membership(self.op, x, k, mask, self.params, decided, self.form)
             stage_losses.append(
                 masked_mean(stage_terms(m, labels, self.form), mask & ~decided.unsqueeze(-1))
             )
+            exact = m.exact
             log_q = m.log_p if log_q is None else log_q + m.log_p
             q = m.p if q is None else q * m.p
             all_decided &= decided
@@ -411,7 +353,7 @@ class CascadeTopKLoss(nn.Module):
             joint_terms = (q - y) ** 2
         else:
             tiny = torch.finfo(log_q.dtype).tiny
-            if self.op in ("dftopk", "bce") or self.form == "bce_log":
+            if exact:
                 log_q = log_q.clamp(max=-tiny)  # q = 1 would make log(1 - q) = -inf
             else:
                 # Memberships given as probabilities had their logs clamped at log(tiny) per

@@ -66,6 +66,8 @@ the retrieval stage on 8 validation batches (pre-rank alike):
 
 from __future__ import annotations
 
+from raytopk.ops._registry import OpSpec
+
 __all__ = [
     "BASELINES",
     "FORMS",
@@ -75,11 +77,40 @@ __all__ = [
     "forms_for",
     "default_form",
     "resolve_form",
+    "method_spec",
 ]
 
-BASELINES: tuple[str, ...] = ("bce",)
 FORMS: tuple[str, ...] = ("bce", "bce_log", "bce_logits", "mse", "hinge", "lcron")
-_CHOSEN = {"dftopk": "bce", "lapsum": "bce_log", "sparse_topk": "hinge", "bce": "bce"}
+
+
+def _bce_baseline_spec() -> OpSpec:
+    """The ``bce`` baseline as a method entry: membership σ(x), no top-k (docs/protocol.md
+    §3.4), so no row is ever decided by k and the stage k is unused."""
+    import torch
+
+    def membership(scores, k, mask=None):  # noqa: ANN001, ANN202 - the operator contract
+        p = torch.sigmoid(scores)
+        return p if mask is None else p.masked_fill(~mask, 0.0)
+
+    return OpSpec(
+        name="bce", fn=membership, param="", default=0.0, hard_limit=0.0, sums_to_k=False,
+        permutation=False, complexity="O(N)", step_bytes=lambda b, n, itemsize=4: 6 * b * n * 4,
+        bf16=True, bf16_reason="σ in float32", logits=lambda scores, k, mask=None: scores,
+        default_form="bce", selects=False,
+    )  # fmt: skip
+
+
+_BASELINE_SPECS = {"bce": _bce_baseline_spec}  # baselines: methods without an operator
+BASELINES: tuple[str, ...] = tuple(_BASELINE_SPECS)
+
+
+def method_spec(method: str) -> OpSpec:
+    """Everything the losses need of ``method``: its registry entry, or the baseline's."""
+    from raytopk.ops import get_spec
+
+    check_method(method)
+    baseline = _BASELINE_SPECS.get(method)
+    return baseline() if baseline is not None else get_spec(method)
 
 
 def list_methods() -> list[str]:
@@ -100,27 +131,28 @@ def check_method(method: object) -> str:
 
 
 def forms_for(method: str) -> tuple[str, ...]:
-    """The loss forms ``method`` can be trained with (its default first)."""
-    from raytopk.ops import get_spec
-
-    check_method(method)
-    if method in BASELINES:
+    """The loss forms ``method`` can be trained with (its default first), from what its entry
+    provides: a membership (bce, bce_logits, mse), exact logs (bce_log), an unclipped
+    membership (hinge), a soft permutation (lcron only)."""
+    spec = method_spec(method)
+    if not spec.selects:
         return ("bce",)
-    if get_spec(method).permutation:
+    if spec.permutation:
         return ("lcron",)
     forms = ["bce", "bce_logits", "mse"]
-    forms += {"lapsum": ["bce_log"], "sparse_topk": ["hinge"]}.get(method, [])
+    forms += ["bce_log"] if spec.log_membership is not None else []
+    forms += ["hinge"] if spec.unclipped is not None else []
     first = default_form(method)
     return (first, *[f for f in forms if f != first])
 
 
 def default_form(method: str) -> str:
-    from raytopk.ops import get_spec
-
-    check_method(method)
-    if method in _CHOSEN:
-        return _CHOSEN[method]
-    return "lcron" if get_spec(method).permutation else "bce"
+    """The form ``method`` trains with by default: its entry's default_form, else lcron for a
+    permutation operator and bce otherwise."""
+    spec = method_spec(method)
+    if spec.default_form:
+        return spec.default_form
+    return "lcron" if spec.permutation else "bce"
 
 
 def resolve_form(method: str, form: str) -> str:

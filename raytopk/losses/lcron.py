@@ -55,7 +55,7 @@ from raytopk.ops import get_spec
 
 __all__ = [
     "LCRONLoss",
-    "LABEL_PARAMS",
+    "label_param_of",
     "lcron_single_stage_loss",
     "soft_membership",
     "label_membership",
@@ -63,7 +63,16 @@ __all__ = [
 ]
 
 # docs/protocol.md §2.4 protocol values of the label relaxation (τ_label, β_label).
-LABEL_PARAMS: dict[str, float] = {"neuralsort": 1e-4, "softsort": 1e-4, "diffsort": 1000.0}
+def label_param_of(op: str) -> float:
+    """The label relaxation's parameter the registry declares for permutation operator ``op``
+    (OpSpec.label_param); ValueError when it declares none."""
+    value = get_spec(op).label_param
+    if value is None:
+        raise ValueError(
+            f"no label relaxation parameter known for operator {op!r}; declare label_param "
+            "in its registration or pass 'label_param'"
+        )
+    return float(value)
 EPS = 1e-8
 
 
@@ -162,7 +171,7 @@ class LCRONLoss(nn.Module):
         op_params: {param: value} of the model relaxation; missing -> registry default.
         ks: per-stage k; len(ks) = number of stages.
         k_truth: K of the labels.
-        label_param: the relaxation parameter for the labels; default LABEL_PARAMS[op].
+        label_param: the relaxation parameter for the labels; default the registry's label_param.
         eps: ε of the formulas.
 
     ``forward(scores, batch) -> (total, parts)``; parts (detached): stage{s}, joint, w{s}.
@@ -181,12 +190,7 @@ class LCRONLoss(nn.Module):
         self.soft_permutation = soft_permutation_fn(op)
         k_truth = check_k(k_truth, "k_truth")
         if label_param is None:
-            if op not in LABEL_PARAMS:
-                raise ValueError(
-                    f"no label relaxation parameter known for operator {op!r}; pass "
-                    f"'label_param' (known: {LABEL_PARAMS})"
-                )
-            label_param = LABEL_PARAMS[op]
+            label_param = label_param_of(op)
         self.op = op
         self.form = "lcron"
         self.param_name = get_spec(op).param

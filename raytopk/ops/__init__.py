@@ -3,7 +3,7 @@
 ``get_op(name)(scores, k, mask=None, **params) -> membership`` (docs/design.md, Contract: operator).
 """
 
-from raytopk.ops._registry import OpSpec, get_op, get_spec, list_ops, register
+from raytopk.ops._registry import OpSpec, get_op, get_spec, list_ops, register, unregister
 
 # Importing a module registers its operator; the order here is the order of list_ops().
 from raytopk.ops import dftopk  # noqa: E402,F401  isort: skip
@@ -13,7 +13,7 @@ from raytopk.ops import neuralsort  # noqa: E402,F401  isort: skip
 from raytopk.ops import softsort  # noqa: E402,F401  isort: skip
 from raytopk.ops import diffsort  # noqa: E402,F401  isort: skip
 
-__all__ = ["OpSpec", "get_op", "get_spec", "list_ops", "register", "warmup"]
+__all__ = ["OpSpec", "get_op", "get_spec", "list_ops", "register", "unregister", "warmup"]
 
 
 def warmup(name: str, dtypes: tuple = ("float32",)) -> None:
@@ -23,7 +23,7 @@ def warmup(name: str, dtypes: tuple = ("float32",)) -> None:
     import torch
 
     spec = get_spec(name)
-    if name == "dftopk":
+    if spec.fn is dftopk.dftopk:
         dftopk.warmup()
     for dtype in dtypes:
         for rows, n in ((2, 16), (512, 64)):  # serial and parallel kernel variants

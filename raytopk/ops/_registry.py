@@ -18,7 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["OpSpec", "register", "get_op", "get_spec", "list_ops", "signature_default"]
+__all__ = [
+    "OpSpec",
+    "register",
+    "unregister",
+    "get_op",
+    "get_spec",
+    "list_ops",
+    "signature_default",
+]
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,19 @@ class OpSpec:
     bf16: the operator is correct on bfloat16 scores: the contract holds within bf16's output
         rounding, forward and backward (tests/unit/test_ops_bf16.py runs the contract in bf16
         for every operator that declares it). ``bf16_reason`` says why, or why not.
+
+    What the losses need (raytopk.losses never branches on an operator's name):
+    logits: ``logits(scores, k, mask, **params) -> z`` when the membership is σ(z): the BCE
+        forms then take log σ(±z) (never saturated) instead of logs of a rounded p.
+    log_membership: ``log_membership(scores, k, mask, keep, **params) -> (log p, log(1 − p))``
+        exact in log space, for the loss form ``bce_log`` (0 outside ``keep``).
+    unclipped: ``unclipped(scores, p, keep, **params) -> u``, the membership before its clip to
+        [0, 1], for the loss form ``hinge`` (0 outside ``keep``).
+    default_form: the loss form training uses by default (docs/protocol.md §3.5); empty:
+        ``lcron`` for a permutation operator, else ``bce``.
+    label_param: a permutation operator's parameter for the LCRON loss's label relaxation.
+    selects: the method selects k of N (False only for a baseline that scores without a
+        top-k, such as ``bce``: no row is ever decided by k >= #valid).
     """
 
     name: str
@@ -57,6 +78,12 @@ class OpSpec:
     step_bytes: Callable[..., int]
     bf16: bool
     bf16_reason: str
+    logits: Callable[..., torch.Tensor] | None = None
+    log_membership: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    unclipped: Callable[..., torch.Tensor] | None = None
+    default_form: str = ""
+    label_param: float | None = None
+    selects: bool = True
 
 
 _REGISTRY: dict[str, OpSpec] = {}
@@ -73,6 +100,11 @@ def register(
     step_bytes: Callable[..., int],
     bf16: bool,
     bf16_reason: str,
+    logits: Callable[..., torch.Tensor] | None = None,
+    log_membership: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+    unclipped: Callable[..., torch.Tensor] | None = None,
+    default_form: str = "",
+    label_param: float | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Class-less decorator registry (timm style): ``@register("dftopk", param="tau", ...)``.
 
@@ -95,6 +127,11 @@ def register(
             step_bytes=step_bytes,
             bf16=bf16,
             bf16_reason=bf16_reason,
+            logits=logits,
+            log_membership=log_membership,
+            unclipped=unclipped,
+            default_form=default_form,
+            label_param=label_param,
         )
         return fn
 
@@ -118,6 +155,11 @@ def get_spec(name: str) -> OpSpec:
 def get_op(name: str) -> Callable[..., torch.Tensor]:
     """The operator function registered under ``name`` (ValueError listing the valid names)."""
     return get_spec(name).fn
+
+
+def unregister(name: str) -> None:
+    """Remove ``name`` (a test's own operator, registered for that test alone)."""
+    _REGISTRY.pop(name, None)
 
 
 def list_ops() -> list[str]:

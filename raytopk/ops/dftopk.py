@@ -239,6 +239,8 @@ def step_bytes(batch: int, n: int, itemsize: int = 4) -> int:
     step_bytes=step_bytes,
     bf16=True,
     bf16_reason="selection exact in any dtype; logits formed in float32",
+    logits=lambda scores, k, mask=None, *, tau=DEFAULT_TAU: dftopk_logits(scores, k, tau, mask),
+    default_form="bce",
 )
 def dftopk(
     scores: torch.Tensor,

@@ -157,6 +157,7 @@ def step_bytes(batch: int, n: int, itemsize: int = 4) -> int:
     step_bytes=step_bytes,
     bf16=True,
     bf16_reason="the sorting network runs in float32 (_permutation.compute_dtype)",
+    label_param=1000.0,  # the LCRON loss's label relaxation (raytopk.losses.lcron)
 )
 def diffsort(
     scores: torch.Tensor,

@@ -43,6 +43,8 @@ Only t = s − b and the active-slot mask are saved for the backward.
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 import torch
@@ -50,7 +52,9 @@ import torch
 from raytopk.ops._registry import register
 from raytopk.ops._validate import check_param, prepare
 
-__all__ = ["DEFAULT_ALPHA", "lapsum", "lapsum_threshold", "step_bytes"]
+__all__ = ["DEFAULT_ALPHA", "lapsum", "lapsum_threshold", "log_membership", "step_bytes"]
+
+_LN2 = math.log(2.0)
 
 # α of the RecFlow protocol (docs/protocol.md §2.2): the one default of every public
 # function taking α.
@@ -246,6 +250,47 @@ def step_bytes(batch: int, n: int, itemsize: int = 4) -> int:
     return 12 * batch * n * itemsize
 
 
+def _log_laplace_cdf(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log F(t), log(1 − F(t))) of the Laplace CDF, exact for every finite t."""
+    tail = torch.log1p(-0.5 * torch.exp(-t.abs()))  # log(1 − ½e^{−|t|}) ∈ [−log 2, 0]
+    return (
+        torch.where(t <= 0, t - _LN2, tail),
+        torch.where(t <= 0, tail, -t - _LN2),
+    )
+
+
+def _lapsum_t(scores: torch.Tensor, k: int, mask: torch.Tensor, alpha: float,
+              keep: torch.Tensor) -> torch.Tensor:
+    """t = x/α − b of LapSum with b's implicit gradient ∂b/∂x = f/(αΣf) (docs/protocol.md §2.2), as
+    a differentiable tensor; 0 outside ``keep``."""
+    x = scores.masked_fill(~mask, 0.0)
+    top = x.detach().masked_fill(~mask, float("-inf")).amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    s = (x - top) / alpha  # shift-invariant; keeps float32 resolution at large scores
+    b = lapsum_threshold(s.detach(), k, mask, alpha=1.0).unsqueeze(-1)  # (B, 1)
+    t0 = (s.detach() - b).masked_fill(~keep, 0.0)
+    log_f = torch.where(keep, -t0.abs(), torch.full_like(t0, float("-inf")))
+    has = keep.any(-1, keepdim=True)
+    w = torch.softmax(torch.where(has, log_f, torch.zeros_like(log_f)), dim=-1)  # f/Σf
+    w = torch.where(keep, w, torch.zeros_like(w))
+    ws = (w * s.masked_fill(~keep, 0.0)).sum(-1, keepdim=True)
+    b = b + ws - ws.detach()  # value b, gradient Σ_j (f_j/Σf) ∂s_j
+    return torch.where(keep, s - b, torch.zeros_like(s))
+
+
+def log_membership(
+    scores: torch.Tensor,
+    k: int,
+    mask: torch.Tensor,
+    keep: torch.Tensor,
+    *,
+    alpha: float = DEFAULT_ALPHA,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, log(1 − p)) of LapSum's membership p = F(x/α − b), exact in log space from its
+    threshold b (the loss form ``bce_log`` of raytopk.losses); 0 outside ``keep``."""
+    return _log_laplace_cdf(_lapsum_t(scores, k, mask, alpha, keep))
+
+
 @register(
     "lapsum",
     param="alpha",
@@ -255,6 +300,8 @@ def step_bytes(batch: int, n: int, itemsize: int = 4) -> int:
     step_bytes=step_bytes,
     bf16=True,
     bf16_reason="sort, logcumsumexp and the closed-form b in float32, returned in bf16",
+    log_membership=log_membership,
+    default_form="bce_log",
 )
 def lapsum(
     scores: torch.Tensor,

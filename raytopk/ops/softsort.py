@@ -90,6 +90,7 @@ def step_bytes(batch: int, n: int, itemsize: int = 4) -> int:
     step_bytes=step_bytes,
     bf16=True,
     bf16_reason="the N x N relaxation is computed in float32 (_permutation.compute_dtype)",
+    label_param=1e-4,  # the LCRON loss's label relaxation (raytopk.losses.lcron)
 )
 def softsort(
     scores: torch.Tensor,

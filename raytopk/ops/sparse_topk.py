@@ -41,7 +41,7 @@ import torch
 from raytopk.ops._registry import register
 from raytopk.ops._validate import check_param, prepare
 
-__all__ = ["DEFAULT_L", "sparse_topk", "step_bytes"]
+__all__ = ["DEFAULT_L", "sparse_topk", "step_bytes", "unclipped_membership"]
 
 # l of the RecFlow protocol (docs/protocol.md §2.3): the one default of every public
 # function taking l.
@@ -162,6 +162,32 @@ def step_bytes(batch: int, n: int, itemsize: int = 4) -> int:
     return batch * n * (12 * itemsize + 16)
 
 
+def unclipped_membership(
+    scores: torch.Tensor, p: torch.Tensor, keep: torch.Tensor, *, l: float = DEFAULT_L
+) -> torch.Tensor:
+    """The loss form ``hinge``'s input (raytopk.losses): u = x/l − τ with m = clip(u, 0, 1):
+    the permutahedron of (1_k, 0_{N−k}) is the capped
+    simplex {m ∈ [0,1]^N, Σ m = k}, so sparse top-k's m is x/l projected onto it, a clip at the
+    threshold τ. τ from the operator's own m: x_i/l − m_i at its free slots (0 < m < 1), with
+    its gradient ∂τ/∂x_j = 1/(l·#free) there (the operator's own pooled-block Jacobian); in a row
+    without free slot, the middle of the feasible interval (no gradient). 0 outside ``keep``."""
+    xs = scores / l
+    xd, pd = xs.detach(), p.detach()
+    free = keep & (pd > 0) & (pd < 1)
+    nfree = free.sum(-1, keepdim=True)
+    tau_free = torch.where(free, xd - pd, torch.zeros_like(xd)).sum(-1, keepdim=True)
+    tau_free = tau_free / nfree.clamp(min=1)
+    lo = torch.where(keep & (pd <= 0), xd, torch.full_like(xd, -torch.inf)).amax(-1, keepdim=True)
+    hi = torch.where(keep & (pd >= 1), xd - 1.0, torch.full_like(xd, torch.inf))
+    hi = hi.amin(-1, keepdim=True)
+    mid = torch.where(torch.isfinite(lo) & torch.isfinite(hi), (lo + hi) / 2, torch.zeros_like(lo))
+    mid = torch.where(torch.isfinite(lo) & ~torch.isfinite(hi), lo, mid)
+    mid = torch.where(~torch.isfinite(lo) & torch.isfinite(hi), hi, mid)
+    g = torch.where(free, xs, torch.zeros_like(xs)).sum(-1, keepdim=True) / nfree.clamp(min=1)
+    tau = torch.where(nfree > 0, tau_free, mid) + (g - g.detach())
+    return torch.where(keep, xs - tau, torch.zeros_like(xs))
+
+
 @register(
     "sparse_topk",
     param="l",
@@ -171,6 +197,8 @@ def step_bytes(batch: int, n: int, itemsize: int = 4) -> int:
     step_bytes=step_bytes,
     bf16=True,
     bf16_reason="sort in float32, PAV in float64, returned in bf16",
+    unclipped=unclipped_membership,
+    default_form="hinge",
 )
 def sparse_topk(
     scores: torch.Tensor,

@@ -19,7 +19,7 @@ from raytopk.losses import (
     topk_stage_loss,
 )
 from raytopk.losses.cascade import combine, log1mexp, uncertainty_total
-from raytopk.losses.lcron import LABEL_PARAMS, soft_permutation_fn
+from raytopk.losses.lcron import label_param_of, soft_permutation_fn
 from raytopk.ops import get_op, get_spec, list_ops
 
 OPS = list_ops()
@@ -312,7 +312,7 @@ def _reference_lcron(loss: LCRONLoss, scores, prio, mask):
 def test_lcron_matches_slot_by_slot_reference(op: str) -> None:
     params = _params(op, 0.5)
     loss = build_loss(op, params, [3, 2], k_truth=2)
-    assert isinstance(loss, LCRONLoss) and loss.label_param == LABEL_PARAMS[op]
+    assert isinstance(loss, LCRONLoss) and loss.label_param == label_param_of(op)
     scores = [s.clone().requires_grad_(True) for s in SCORES]
     total, parts = loss(scores, batch_of(PRIO.double(), MASK))
     stages, joint = _reference_lcron(loss, SCORES, PRIO, MASK)

@@ -44,7 +44,7 @@ def measured_peak_bytes(fn) -> int:
 
 def _stage_step(name: str, batch: int, n: int, dtype: torch.dtype):
     from raytopk.losses.cascade import topk_stage_loss
-    from raytopk.losses.lcron import LABEL_PARAMS, lcron_single_stage_loss, soft_permutation_fn
+    from raytopk.losses.lcron import label_param_of, lcron_single_stage_loss, soft_permutation_fn
 
     spec = get_spec(name)
     g = torch.Generator().manual_seed(batch * n)
@@ -58,7 +58,7 @@ def _stage_step(name: str, batch: int, n: int, dtype: torch.dtype):
 
         def step() -> None:
             with torch.no_grad():
-                labels = soft_perm(priority.masked_fill(~mask, -1.0), LABEL_PARAMS[name], mask)
+                labels = soft_perm(priority.masked_fill(~mask, -1.0), label_param_of(name), mask)
             perm = soft_perm(x, spec.default, mask)
             lcron_single_stage_loss(perm, labels, k, mask).backward()
             x.grad = None
