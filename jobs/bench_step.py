@@ -153,9 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     from raytopk.bench.step_times import STAGES, attention_records, step_records
     from raytopk.data.synthetic import prepare_synthetic
     from raytopk.losses import list_methods
-    from raytopk.losses.forms import is_operator
+    from raytopk.losses.forms import is_operator, step_bytes
     from raytopk.models.attention import warmup as warmup_attention
-    from raytopk.ops import get_spec
     from raytopk.ops import warmup as warmup_op
 
     if args.threads:
@@ -254,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             lines = {}
             for m in methods:
                 if is_operator(m):
-                    need = STAGES * get_spec(m).step_bytes(args.batch_size, n)
+                    need = step_bytes(m, args.batch_size, n, STAGES)
                     if need > args.mem_budget_gb * 1e9:
                         table["skipped"].append({"method": m, "N": n, "reason":
                             f"needs ~{need / 1e9:.1f} GB > --mem-budget-gb {args.mem_budget_gb:g}"})  # noqa: E501  # fmt: skip

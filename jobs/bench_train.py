@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     import ray
 
+    from raytopk.data import schema
     from raytopk.data.synthetic import prepare_synthetic
+    from raytopk.losses.forms import step_bytes
     from raytopk.ops import get_spec, list_ops
     from raytopk.ray_env import init_ray
     from raytopk.train.config import load_config
@@ -174,14 +176,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             for op in list_ops():
                 spec = get_spec(op)
-                need = STAGES * spec.step_bytes(args.batch_size, 40 + n)
+                need = step_bytes(op, args.batch_size, schema.N_OWN + n, STAGES)
                 if need > args.mem_budget_gb * 1e9:
-                    sweep.setdefault(op, {})[f"N={40 + n}"] = {
+                    sweep.setdefault(op, {})[f"N={schema.N_OWN + n}"] = {
                         "skipped": f"needs ~{need / 1e9:.1f} GB > --mem-budget-gb "
                         f"{args.mem_budget_gb:g} (O(N^2) memory)"
                     }
-                    gb = need / 1e9
-                    print(f"  {op:12s} sample_num={n:3d} (N={40 + n}): skipped ({gb:.1f} GB)")
+                    gb, big_n = need / 1e9, schema.N_OWN + n
+                    print(f"  {op:12s} sample_num={n:3d} (N={big_n}): skipped ({gb:.1f} GB)")
                     continue
                 c = load_config(
                     None,
@@ -199,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                     max_steps=args.sweep_steps,
                     max_seconds=args.sweep_max_seconds,
                 )
-                sweep.setdefault(op, {})[f"N={40 + n}"] = r
+                sweep.setdefault(op, {})[f"N={schema.N_OWN + n}"] = r
                 print(
-                    f"  {op:12s} sample_num={n:3d} (N={40 + n}): "
+                    f"  {op:12s} sample_num={n:3d} (N={schema.N_OWN + n}): "
                     f"{r['samples_per_s']:9,.0f} samples/s ({r['s_per_step'] * 1e3:.1f} ms/step)"
                 )
 

@@ -8,7 +8,7 @@ Upgrading Ray should mean editing this file. It holds:
 - ``RayTrainSession``: what the training loop asks of Ray Train (place, device, DDP, the
   dataset shard, reports); ``report``/``restored_checkpoint``: a Train worker's report with an
   optional checkpoint, and the checkpoint Ray hands back after a restart;
-- ``latest_checkpoint``: Ray Train V2's on-disk record of the latest reported checkpoint;
+- ``checkpoint_record``: Ray Train V2's on-disk record of the latest reported checkpoint;
 - ``progress_callback``: a controller-side ``UserCallback`` around a plain function;
 - ``quiet_train_logs``, ``tune_report_callback``, ``node_id``.
 
@@ -34,7 +34,7 @@ __all__ = [
     "SNAPSHOT",
     "configure_data_context",
     "init_ray",
-    "latest_checkpoint",
+    "checkpoint_record",
     "node_id",
     "progress_callback",
     "quiet_train_logs",
@@ -200,7 +200,7 @@ def restored_checkpoint(load: Callable[[str], Any]) -> Any | None:
         return load(ckpt_dir)
 
 
-def latest_checkpoint(experiment_dir: str | Path) -> Path | None:
+def checkpoint_record(experiment_dir: str | Path) -> Path | None:
     """The checkpoint Ray Train restores from ``experiment_dir`` (its ``storage_path/name``),
     read from Train V2's snapshot file; None when nothing was checkpointed.
 

@@ -78,6 +78,7 @@ __all__ = [
     "default_form",
     "resolve_form",
     "method_spec",
+    "step_bytes",
 ]
 
 FORMS: tuple[str, ...] = ("bce", "bce_log", "bce_logits", "mse", "hinge", "lcron")
@@ -128,6 +129,15 @@ def check_method(method: object) -> str:
     if not isinstance(method, str) or method not in list_methods():
         raise ValueError(f"unknown operator {method!r}; valid: {list_methods()}")
     return method
+
+
+def step_bytes(method: str, batch_size: int, num_candidates: int, num_stages: int = 2) -> int:
+    """Peak bytes of one training step's operator and loss work: every stage runs the method on
+    (batch_size, num_candidates) scores (the estimate declared with its entry; the bce
+    baseline's: σ(x), its logs and their gradients). Evaluation never builds soft
+    permutations, so it needs no such estimate. The one memory rule of the benchmarks and the
+    study: a point whose estimate exceeds their budget is recorded, not run."""
+    return num_stages * method_spec(method).step_bytes(batch_size, num_candidates)
 
 
 def forms_for(method: str) -> tuple[str, ...]:

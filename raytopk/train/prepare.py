@@ -44,7 +44,7 @@ class Prepared:
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The checkpoint Ray Train restores from ``output_dir`` (from its snapshot), or None."""
     try:
-        return ray_env.latest_checkpoint(Path(output_dir) / CHECKPOINTS)
+        return ray_env.checkpoint_record(Path(output_dir) / CHECKPOINTS)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
 

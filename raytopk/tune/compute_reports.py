@@ -31,6 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from raytopk.data import schema
 from raytopk.metrics import headline_key
 from raytopk.tune.compute import StepTable, load_step_table
 from raytopk.tune.stats import paired_difference, t_interval
@@ -77,7 +78,7 @@ def comparison_rows(
     ok = [r for r in rows if r.get("status") == "ok"]
     out = []
     for sample_num in sorted({int(r["sample_num"]) for r in ok}):
-        n = 40 + sample_num
+        n = schema.N_OWN + sample_num
         by_m: dict[str, list[dict[str, Any]]] = {}
         for r in ok:
             if int(r["sample_num"]) == sample_num:
@@ -141,7 +142,7 @@ def plateau(rows: list[dict[str, Any]], head: str) -> dict[int, dict[str, Any]]:
             continue
         q = max(1, len(best_curve) // 4)
         gain = best_curve[-1] - best_curve[-1 - q] if len(best_curve) > q else float("nan")
-        out[40 + sample_num] = {"method": best, "final_valid": round(best_v, 4),
+        out[schema.N_OWN + sample_num] = {"method": best, "final_valid": round(best_v, 4),
                                 "points": len(best_curve), "last_quarter_gain": round(gain, 4),
                                 "plateaued": bool(gain < 0.01)}  # fmt: skip
     return out
@@ -204,7 +205,7 @@ def _plots(rows: list[dict[str, Any]], table: StepTable, head: str, out: Path) -
     for by, fname in (("steps", "anytime_steps.png"), ("compute", "anytime_compute.png")):
         fig, axes = plt.subplots(1, len(ns), figsize=(5.5 * len(ns), 4.2), squeeze=False)
         for ax, sample_num in zip(axes[0], ns):
-            n = 40 + sample_num
+            n = schema.N_OWN + sample_num
             for m in methods:
                 cs = [_curve(r) for r in ok if int(r["sample_num"]) == sample_num and r["op"] == m]
                 cs = [[p for p in c if key in p and "steps" in p] for c in cs]

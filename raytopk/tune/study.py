@@ -46,6 +46,7 @@ import yaml
 
 from raytopk import ray_env
 from raytopk.data import schema
+from raytopk.losses.forms import step_bytes
 from raytopk.metrics import metric_keys
 from raytopk.train.config import ConfigError, TrainConfig, from_dict, load_schema, to_dict, validate
 from raytopk.train.resources import plan_resources
@@ -216,18 +217,6 @@ def trial_name(op: str, sample_num: int, seed: int, param: str = "", value: floa
     """``op-nN[-paramV]-sS``: the parameter value is part of a final trial's name (and so of
     its output directory), so a trial whose chosen value changed never resumes the old one."""
     return f"{op}-n{sample_num}{f'-{param}{value:g}' if param else ''}-s{seed}"
-
-
-def step_bytes(op: str, batch_size: int, num_candidates: int, num_stages: int = 2) -> int:
-    """Peak bytes of one training step's operator work: every stage runs the operator and its
-    loss on (batch_size, num_candidates) scores (the operator's own estimate, declared with it in
-    the registry). Evaluation never builds soft permutations, so it needs no such estimate."""
-    from raytopk.losses import is_operator
-    from raytopk.ops import get_spec
-
-    if not is_operator(op):  # the bce baseline: σ(x), its logs and their gradients
-        return num_stages * 6 * batch_size * num_candidates * 4
-    return num_stages * get_spec(op).step_bytes(batch_size, num_candidates)
 
 
 def _budgeted(study: StudyConfig, base: TrainConfig) -> TrainConfig:

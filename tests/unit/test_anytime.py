@@ -19,13 +19,6 @@ TRAIN = ["2024-01-13", "2024-01-14"]
 VALID, TEST = "2024-01-15", "2024-01-16"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from raytopk.data.synthetic import prepare_synthetic
-
-    root = tmp_path_factory.mktemp("anytime_data")
-    return Path(prepare_synthetic(root, days=4, requests_per_day=120, seed=1))
-
 
 def _cfg(data: Path, out: Path, *extra: str) -> TrainConfig:
     return load_config(

@@ -20,12 +20,6 @@ DAYS = ["2024-01-13", "2024-01-14"]
 TEST_DAY = "2024-01-15"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from raytopk.data.synthetic import prepare_synthetic
-
-    return Path(prepare_synthetic(tmp_path_factory.mktemp("prep"), days=3, requests_per_day=60))
-
 
 def _prepare(data: Path, out: Path, *extra: str):
     return prepare(load_config(None, [f"data.path={data}", f"run.output_dir={out}", *extra]))
@@ -60,5 +54,6 @@ def test_absent_protocol_days_are_named_before_any_worker_starts(
 
 
 def test_default_days_are_every_day_before_the_test_day(tiny: Path, tmp_path: Path) -> None:
-    prep = _prepare(tiny, tmp_path / "o")
-    assert prep.cfg.data.train_days == DAYS and prep.cfg.data.test_day == TEST_DAY
+    prep = _prepare(tiny, tmp_path / "o")  # no days given: the last day tests, the rest train
+    assert prep.cfg.data.train_days == [*DAYS, TEST_DAY]
+    assert prep.cfg.data.test_day == "2024-01-16"

@@ -128,13 +128,6 @@ def test_grouped_asha_compares_settings_within_their_group_only() -> None:
 # ---- validation-only selection ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from raytopk.data.synthetic import prepare_synthetic
-
-    root = tmp_path_factory.mktemp("study_data")
-    return Path(prepare_synthetic(root, days=4, requests_per_day=60, seed=2))
-
 
 def test_selection_trials_never_hold_the_test_day(tiny: Path, tmp_path: Path) -> None:
     study, base = load_study(
