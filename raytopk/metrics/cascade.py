@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numba
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -127,14 +129,65 @@ def ndcg_at(
     return torch.where(idcg > 0, dcg / idcg.clamp_min(1e-300), torch.zeros_like(dcg))
 
 
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _kendall_rows(x, y, m, tau, ok):  # pragma: no cover - compiled
+    """τ-b per row over the valid slots, counting unordered pairs in O(N²) time and O(1) extra
+    memory per row: s = Σ sign(Δx)·sign(Δy), ties in x and in y, n0 = n(n − 1)/2."""
+    for r in numba.prange(x.shape[0]):
+        s = 0
+        tx = 0
+        ty = 0
+        nv = 0
+        n = x.shape[1]
+        for i in range(n):
+            if not m[r, i]:
+                continue
+            nv += 1
+            xi, yi = x[r, i], y[r, i]
+            for j in range(i + 1, n):
+                if not m[r, j]:
+                    continue
+                dx = xi - x[r, j]
+                dy = yi - y[r, j]
+                sx = (dx > 0) - (dx < 0)
+                sy = (dy > 0) - (dy < 0)
+                s += sx * sy
+                tx += sx == 0
+                ty += sy == 0
+        n0 = nv * (nv - 1) // 2
+        den = float(n0 - tx) * float(n0 - ty)
+        if den > 0:
+            tau[r] = s / np.sqrt(den)
+            ok[r] = True
+        else:
+            tau[r] = 0.0
+            ok[r] = False
+
+
 @torch.no_grad()
 def kendall_tau_b(
     scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-request Kendall tau-b over valid slots: (tau (B,) float64, defined (B,) bool).
 
-    tau is 0 where undefined (scipy gives NaN there); ``defined`` says which rows count."""
+    tau is 0 where undefined (scipy gives NaN there); ``defined`` says which rows count. On CPU a
+    numba kernel counts the pairs row by row (parallel over rows, no (B, N, N) tensor); on other
+    devices the pairs are formed as (rows, N, N) blocks of at most ``_KENDALL_BLOCK`` elements."""
     check_rows(scores, mask)
+    if scores.device.type == "cpu":
+        x = scores.detach().to(torch.float64).contiguous().numpy()
+        y = target.detach().to(torch.float64).contiguous().numpy()
+        m = mask.contiguous().numpy()
+        tau, ok = np.empty(x.shape[0], np.float64), np.empty(x.shape[0], np.bool_)
+        _kendall_rows(x, y, m, tau, ok)
+        return torch.from_numpy(tau), torch.from_numpy(ok)
+    return _kendall_blocks(scores, target, mask)
+
+
+def _kendall_blocks(
+    scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vectorised path (any device): ordered pairs of (rows, N, N) blocks."""
     b, n = scores.shape
     rows = max(1, _KENDALL_BLOCK // max(1, n * n))
     taus, defined = [], []

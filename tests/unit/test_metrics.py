@@ -83,16 +83,22 @@ def test_kendall_tau_matches_scipy() -> None:
     assert not ok[7] and not ok[9]
 
 
-def test_kendall_tau_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kendall_tau_row_blocks_and_the_cpu_kernel_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The vectorised path (other devices), in row blocks of any size, and the CPU kernel give
+    # the same τ (ties included: integer scores).
     import raytopk.metrics.cascade as mc
 
     g = torch.Generator().manual_seed(4)
     x, y = torch.randn(13, 20, generator=g), torch.randn(13, 20, generator=g)
+    x[::3] = torch.randint(0, 4, (5, 20), generator=g).float()
     mask = torch.rand(13, 20, generator=g) > 0.3
-    full = kendall_tau_b(x, y, mask)
+    kernel = kendall_tau_b(x, y, mask)
+    full = mc._kendall_blocks(x, y, mask)
     monkeypatch.setattr(mc, "_KENDALL_BLOCK", 3 * 20 * 20)  # 3 rows per block
-    blocked = mc.kendall_tau_b(x, y, mask)
+    blocked = mc._kendall_blocks(x, y, mask)
     assert torch.equal(full[0], blocked[0]) and torch.equal(full[1], blocked[1])
+    assert torch.equal(kernel[1], full[1])
+    assert torch.allclose(kernel[0], full[0], rtol=0, atol=1e-15)
 
 
 def test_recall_perfect_and_reversed() -> None:
