@@ -312,9 +312,9 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
     for rnd in range(1, study.grid_extend + 1):
         ext: list[dict[str, Any]] = []
         for op, n, v in edge_extensions(rows, choose(rows, head), study.grid_factor):
-            lr = joint[(op, n)]["lr"]
+            lr = joint[(op, n)]["lr"] if lrs else None  # without an lr search: the base lr
             ext += trials_of(op, n, [v], [lr] if lr is not None else None, rnd)
-        for op, n, v, lr in lr_extensions(rows, joint, getattr(study, "lr_factor", 3.0)):
+        for op, n, v, lr in (lr_extensions(rows, joint, study.lr_factor) if lrs else []):
             ext += trials_of(op, n, [v] if v is not None else [], [lr], rnd)
         if not ext:
             break
