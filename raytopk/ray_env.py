@@ -80,11 +80,13 @@ def init_ray(**local: Any) -> Any:
 # - Train's PlacementGroupCleaner asks the State API, which needs the dashboard a local run does
 #   not start, every few seconds whether the controller lives, and warns each time it cannot
 #   (~66 lines a quickstart); the cleanup it exists for runs when a controller dies uncleanly;
-# - Ray Data's progress module says once per process that progress bars are off, and logs
-#   "execution finished" per dataset (raytopk prints its own progress lines).
+# - Ray Data's progress module says once per process that progress bars are off, and its
+#   streaming executor logs "execution finished" per dataset at INFO (raytopk prints its own
+#   progress lines; the executor's warnings still pass).
 QUIET_LOGGERS = {
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
     "ray.data._internal.progress": logging.ERROR,
+    "ray.data._internal.execution.streaming_executor": logging.WARNING,
 }
 
 

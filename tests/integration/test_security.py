@@ -75,12 +75,12 @@ def test_workers_quiet_only_the_loggers_that_repeat_themselves(ray_cluster: Any)
 
     @ray.remote(num_cpus=0)
     def levels() -> dict:
-        names = [*QUIET_LOGGERS, "ray.data._internal.execution.streaming_executor"]
+        names = [*QUIET_LOGGERS, "ray.data._internal.execution.operators.map_operator"]
         return {n: logging.getLogger(n).getEffectiveLevel() for n in names}
 
     got = ray.get(levels.remote())
     for name, level in QUIET_LOGGERS.items():
         assert got[name] == level, (name, got)
-    assert got["ray.data._internal.execution.streaming_executor"] < logging.ERROR
+    assert got["ray.data._internal.execution.operators.map_operator"] < logging.WARNING
     ctx = configure_data_context(ray.data.DataContext())
     assert ctx.print_on_execution_start is False and ctx.enable_progress_bars is False
