@@ -84,12 +84,12 @@ def _prepared(data: Path, work: Path, size: dict[str, Any], c: dict[str, Any], l
 
 
 def _throughput(prep: Any, device: torch.device, size: dict[str, Any], threads: int) -> dict:
-    from raytopk.train.driver import dataset_specs, loop_config
+    from raytopk.train.driver import dataset_specs, loop_spec
     from raytopk.train.loop import train_loop
 
     session = _Recording(prep, dataset_specs(prep), device, False)
     t0 = time.perf_counter()
-    train_loop(loop_config(prep, threads), session)
+    train_loop(loop_spec(prep, threads), session)
     wall = time.perf_counter() - t0
     steps = [m for m in session.records if m["kind"] == "step"]
     final = next(m for m in session.records if m["kind"] == "final")
@@ -116,7 +116,7 @@ def _profile(prep: Any, device: torch.device, size: dict[str, Any], threads: int
     from raytopk.data.batches import CascadeBatches
     from raytopk.ops import warmup as warmup_op
     from raytopk.train.checkpoint import Position
-    from raytopk.train.driver import dataset_specs, loop_config
+    from raytopk.train.driver import dataset_specs, loop_spec
     from raytopk.train.loop import _Worker, train_key
     from raytopk.train.model import CascadeModel
 
@@ -124,7 +124,7 @@ def _profile(prep: Any, device: torch.device, size: dict[str, Any], threads: int
     torch.manual_seed(cfg.run.seed)
     model = CascadeModel.from_config(cfg, dict(prep.meta["vocab"]), device).to(device)
     warmup_op(cfg.op.name)
-    w = _Worker(cfg, loop_config(prep, threads), 0, 1, model, Position())
+    w = _Worker(cfg, loop_spec(prep, threads), 0, 1, model, Position())
     session = _Recording(prep, dataset_specs(prep), device, False)
     bs, pf = cfg.data.batch_size, cfg.data.prefetch_batches
     source = session.dataset(train_key(day), bs, pf)

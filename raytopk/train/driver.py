@@ -34,6 +34,7 @@ from raytopk.train.config import TrainConfig, dump_yaml, from_dict, to_dict
 from raytopk.train.prepare import CHECKPOINTS, Prepared, latest_checkpoint, prepare
 from raytopk.train.report import LAST_REPORT, ProgressLog, plot_curves, read_last_report
 from raytopk.train.resources import plan_resources
+from raytopk.train.session import LoopSpec
 
 __all__ = [
     "DatasetSpec",
@@ -42,7 +43,7 @@ __all__ = [
     "dataset_specs",
     "day_seed",
     "load_run_config",
-    "loop_config",
+    "loop_spec",
     "run",
 ]
 
@@ -125,18 +126,18 @@ def build_datasets(prep: Prepared, num_workers: int = 1) -> dict[str, Any]:
     return out
 
 
-def loop_config(prep: Prepared, threads: int) -> dict[str, Any]:
+def loop_spec(prep: Prepared, threads: int) -> LoopSpec:
     """What ``raytopk.train.loop.train_loop`` receives (the same for both backends)."""
     cfg = prep.cfg
-    return {
-        "cfg": to_dict(cfg),
-        "vocab": dict(prep.meta["vocab"]),
-        "days": list(cfg.data.train_days),
-        "next_day": dict(prep.next_day),
-        "items_path": prep.items_path,
-        "threads": threads,
-        "test_day": cfg.data.test_day,
-    }
+    return LoopSpec(
+        cfg=to_dict(cfg),
+        vocab=dict(prep.meta["vocab"]),
+        days=list(cfg.data.train_days),
+        next_day=dict(prep.next_day),
+        items_path=prep.items_path,
+        threads=threads,
+        test_day=cfg.data.test_day,
+    )
 
 
 def run(
@@ -189,7 +190,7 @@ def _run_local(prep: Prepared, verbose: bool, on_report: Any = None) -> bool:
     if verbose:
         _announce(prep, f"local backend on {device}, {threads} torch thread(s)")
     session = LocalSession(prep, dataset_specs(prep), device, verbose, on_report)
-    train_loop(loop_config(prep, threads), session)
+    train_loop(loop_spec(prep, threads), session)
     return device.type == "cuda"
 
 
@@ -217,7 +218,7 @@ def _run_ray(prep: Prepared, callbacks: list[Any] | None, verbose: bool) -> bool
     progress = ProgressLog(out, cfg.run.name, len(cfg.model.stages), verbose)
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config=loop_config(prep, plan.threads),
+        train_loop_config=loop_spec(prep, plan.threads).as_dict(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=plan.use_gpu,

@@ -45,6 +45,7 @@ from raytopk.train.config import TrainConfig, from_dict
 from raytopk.train.diagnostics import diagnostics
 from raytopk.train.evaluate import evaluate
 from raytopk.train.model import CascadeModel, param_digest
+from raytopk.train.session import LoopSpec, Session
 
 __all__ = [
     "train_fn_per_worker",
@@ -122,13 +123,13 @@ def _exclude(pos: Position, part: str, seconds: float) -> None:
     pos.excluded_seconds[part] = pos.excluded_seconds.get(part, 0.0) + seconds
 
 
-def _corpus(config: dict[str, Any], cfg: TrainConfig) -> dict[str, np.ndarray] | None:
+def _corpus(spec: LoopSpec, cfg: TrainConfig) -> dict[str, np.ndarray] | None:
     """The item table for full-corpus retrieval recall, when the run asks for it."""
-    if not (config.get("items_path") and cfg.run.corpus_ms):
+    if not (spec.items_path and cfg.run.corpus_ms):
         return None
     from raytopk.data.pipeline import load_items
 
-    return load_items(config["items_path"])
+    return load_items(spec.items_path)
 
 
 def _json_safe(v: Any) -> Any:
@@ -148,10 +149,10 @@ class _Worker:
     the reports' common fields, rank 0's checkpoint writer, and runs one training step."""
 
     def __init__(
-        self, cfg: TrainConfig, config: dict[str, Any], rank: int, world: int, model: Any,
+        self, cfg: TrainConfig, spec: LoopSpec, rank: int, world: int, model: Any,
         pos: Position,
     ) -> None:
-        self.cfg, self.cfg_dict, self.days = cfg, config["cfg"], list(config["days"])
+        self.cfg, self.cfg_dict, self.days = cfg, spec.cfg, list(spec.days)
         self.rank, self.world, self.model, self.pos = rank, world, model, pos
         self.cascade: CascadeModel = model.module if hasattr(model, "module") else model
         self.optimizer = torch.optim.Adam(
@@ -275,29 +276,28 @@ def set_threads(threads: int) -> int:
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point: :func:`train_loop` with Ray Train's session."""
+    """Ray Train worker entry point: :func:`train_loop` with Ray Train's session (``config``:
+    a :class:`LoopSpec` as a dict, the form Ray Train carries)."""
     from raytopk.ray_env import RayTrainSession
 
-    train_loop(config, RayTrainSession())
+    train_loop(LoopSpec.from_dict(config), RayTrainSession())
 
 
-def train_loop(config: dict[str, Any], session: Any) -> None:
-    """The training loop of one worker. ``config`` is built by the driver (raytopk.train.driver
-    ``loop_config``): the resolved TrainConfig as a dict ("cfg"), the dataset's vocabulary
-    ("vocab"), the training schedule ("days"), the streaming-eval day after each training day
-    ("next_day"), the item corpus path ("items_path", or None), the CPU threads for torch
-    ("threads") and the test day. ``session`` does the five steps that differ between Ray Train
-    (``raytopk.ray_env.RayTrainSession``) and one local process
-    (``raytopk.train.local.LocalSession``); each is marked ``# Ray:`` where it is called."""
-    cfg = from_dict(config["cfg"])
+def train_loop(spec: LoopSpec, session: Session) -> None:
+    """The training loop of one worker. ``spec`` is built by the driver
+    (``raytopk.train.driver.loop_spec``); ``session`` does the five steps that differ between
+    Ray Train (``raytopk.ray_env.RayTrainSession``) and one local process
+    (``raytopk.train.local.LocalSession``), each marked ``# Ray:`` where it is called
+    (raytopk.train.session)."""
+    cfg = from_dict(spec.cfg)
     # Ray 1: this worker's place in the group and its device (a GPU when the trainer has them).
     rank, world, device = session.rank, session.world, session.device
-    set_threads(int(config.get("threads", 1)))
+    set_threads(int(spec.threads))
 
     # Same seed on every rank: identical initial parameters (DDP also broadcasts rank 0's).
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)  # noqa: NPY002  (legacy global RNG, for third-party code)
-    module = CascadeModel.from_config(cfg, config["vocab"], device)  # optim.amp for the device
+    module = CascadeModel.from_config(cfg, spec.vocab, device)  # optim.amp for the device
     init_digest = param_digest(module.scorers)  # the same for every op at one seed (pairing)
     # Ray 2: the checkpoint to continue from (after a worker failure, or a re-run), or None.
     resumed = session.restored(load_state)
@@ -314,7 +314,7 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
         warmup_op(cfg.op.name)
     if "din" in cfg.model.stages and resolve_impl(cfg.model.attention, device) == "fused":
         warmup_attention()  # DIN's fused attention kernels (numba), likewise
-    w = _Worker(cfg, config, rank, world, model, pos)
+    w = _Worker(cfg, spec, rank, world, model, pos)
     if resumed is not None:
         w.optimizer.load_state_dict(resumed["optimizer"])  # onto the parameters' device
         set_rng_state(resumed["rng"])
@@ -339,7 +339,7 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
             return None
         return lambda: diagnostics(w.cascade, batch)
 
-    days, next_day = w.days, config.get("next_day", {})
+    days, next_day = w.days, spec.next_day
     last_batch: CascadeBatch | None = None  # the diagnostics of the end's anytime point
     anytime = Anytime(cfg.run, pos, world, device)  # run.eval_points on run.valid_day
     schedule = [(e, d) for e in range(cfg.run.epochs) for d in days]
@@ -445,7 +445,7 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
 
     # Final evaluation on the test day (docs/protocol.md §4.5), with the item corpus for full-corpus
     # recall.
-    items = _corpus(config, cfg)
+    items = _corpus(spec, cfg)
     last = schedule[min(pos.item, len(schedule) - 1)] if schedule else (0, "")
     if anytime.pending():  # the last anytime point: at the end of training
         session.report(anytime.evaluate(w.metrics("valid", *last), pos,
@@ -458,4 +458,4 @@ def train_loop(config: dict[str, Any], session: Any) -> None:
         anytime.add_final_test(ev)
     final = w.final_metrics(schedule[-1] if schedule else (0, ""), ev, time.perf_counter() - t0)
     extra = {**anytime.summary(pos), "init_param_digest": init_digest}
-    session.report({**final, **extra, "test_day": config.get("test_day", "")})
+    session.report({**final, **extra, "test_day": spec.test_day})

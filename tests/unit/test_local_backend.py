@@ -147,3 +147,27 @@ def test_prefetch_thread_ends_when_the_consumer_stops_before_the_end(tiny: Path)
     it.close()  # the consumer stops early (budget)
     alive = [t for t in threading.enumerate() if t.name == "raytopk-local-data" and t.is_alive()]
     assert alive == []
+
+
+def test_both_backends_implement_the_session_protocol(tiny: Path, tmp_path: Path) -> None:
+    import inspect
+
+    import torch
+
+    from raytopk.ray_env import RayTrainSession
+    from raytopk.train.driver import dataset_specs, loop_spec
+    from raytopk.train.local import LocalSession
+    from raytopk.train.prepare import prepare
+    from raytopk.train.session import LoopSpec, Session
+
+    prep = prepare(local_config(tiny, tmp_path / "s"))
+    local = LocalSession(prep, dataset_specs(prep), torch.device("cpu"), False)
+    assert isinstance(local, Session)
+    steps = ("restored", "prepare_model", "dataset", "report")
+    for name in steps:  # Ray's session needs a Train worker to exist: compare signatures
+        ours = inspect.signature(getattr(RayTrainSession, name)).parameters
+        want = inspect.signature(getattr(Session, name)).parameters
+        assert list(ours) == list(want), name
+    spec = loop_spec(prep, 1)
+    assert LoopSpec.from_dict(spec.as_dict()) == spec  # through Ray Train's config dict
+    assert spec.days == DAYS and spec.test_day == TEST_DAY
