@@ -31,7 +31,13 @@ import yaml
 
 from raytopk import ray_env
 from raytopk.train.config import TrainConfig, dump_yaml, from_dict, to_dict
-from raytopk.train.prepare import CHECKPOINTS, Prepared, latest_checkpoint, prepare
+from raytopk.train.prepare import (
+    CHECKPOINTS,
+    Prepared,
+    latest_checkpoint,
+    planned_samples,
+    prepare,
+)
 from raytopk.train.report import LAST_REPORT, ProgressLog, plot_curves, read_last_report
 from raytopk.train.resources import plan_resources
 from raytopk.train.session import LoopSpec
@@ -215,7 +221,8 @@ def _run_ray(prep: Prepared, callbacks: list[Any] | None, verbose: bool) -> bool
         workers = f"{cfg.scaling.num_workers} {kind} worker(s)"
         _announce(prep, f"{workers} x {plan.cpus_per_worker:g} CPU")
     resources = {"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})}
-    progress = ProgressLog(out, cfg.run.name, len(cfg.model.stages), verbose)
+    progress = ProgressLog(out, cfg.run.name, len(cfg.model.stages), verbose,
+                           planned_samples(prep))
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_spec(prep, plan.threads).as_dict(),

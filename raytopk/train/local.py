@@ -22,7 +22,7 @@ import torch
 
 from raytopk.data.local import iter_local_groups, prefetched
 from raytopk.ray_env import SNAPSHOT
-from raytopk.train.prepare import CHECKPOINTS, Prepared, latest_checkpoint
+from raytopk.train.prepare import CHECKPOINTS, Prepared, latest_checkpoint, planned_samples
 from raytopk.train.report import ProgressLog
 
 __all__ = ["LocalSession", "local_device"]
@@ -54,7 +54,8 @@ class LocalSession:
         self.on_report = on_report
         self.out = prep.output_dir
         cfg = prep.cfg
-        self.log = ProgressLog(self.out, cfg.run.name, len(cfg.model.stages), verbose)
+        self.log = ProgressLog(self.out, cfg.run.name, len(cfg.model.stages), verbose,
+                               planned_samples(prep))
         self.keep = cfg.run.keep_checkpoints
 
     def restored(self, load: Callable[[str], Any]) -> Any | None:

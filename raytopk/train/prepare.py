@@ -20,7 +20,7 @@ from raytopk.data.convert import missing_days
 from raytopk.train.checkpoint import CheckpointError, Position, load_state
 from raytopk.train.config import ConfigError, TrainConfig, to_dict, validate
 
-__all__ = ["CHECKPOINTS", "Prepared", "prepare", "latest_checkpoint"]
+__all__ = ["CHECKPOINTS", "Prepared", "prepare", "latest_checkpoint", "planned_samples"]
 
 CHECKPOINTS = "checkpoints"  # RunConfig name: checkpoints live in <output_dir>/checkpoints/
 # Settings that change what a checkpoint's tensors mean: a resumed run must match them.
@@ -39,6 +39,19 @@ class Prepared:
 
 
 # ---- validation -----------------------------------------------------------------------------
+
+
+def planned_samples(prep: Prepared) -> int:
+    """The training requests the run will see: the training days' requests (meta.json) times
+    run.epochs, capped by run.max_samples; 0 when a time budget ends the run instead (unknown)."""
+    cfg = prep.cfg
+    if cfg.run.max_train_seconds > 0:
+        return 0
+    per_day = dict(prep.meta.get("counts", {}).get("requests_per_day", {}))
+    total = sum(int(per_day.get(d, 0)) for d in cfg.data.train_days) * cfg.run.epochs
+    if cfg.run.max_samples > 0:
+        total = min(total, cfg.run.max_samples) if total else cfg.run.max_samples
+    return total
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

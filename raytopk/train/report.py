@@ -19,6 +19,7 @@ from raytopk.metrics import headline_key, metric_keys
 from raytopk.train.evaluate import random_key
 
 __all__ = [
+    "eta_text",
     "LAST_REPORT",
     "ProgressLog",
     "metrics_table",
@@ -39,10 +40,12 @@ class ProgressLog:
     """After each report: one progress.csv row and one console line (throughput summed over
     workers, data wait averaged); the final report also goes to ``LAST_REPORT``."""
 
-    def __init__(self, out_dir: str | Path, run_name: str, num_stages: int, verbose: bool) -> None:
+    def __init__(self, out_dir: str | Path, run_name: str, num_stages: int, verbose: bool,
+                 total_samples: int = 0) -> None:
         self.csv_path = str(Path(out_dir) / "progress.csv")
         self.last_path = str(Path(out_dir) / LAST_REPORT)
         self.run_name, self.num_stages, self.verbose = run_name, num_stages, verbose
+        self.total_samples = int(total_samples)  # the run's training requests (0: unknown)
         self.rows: list[dict[str, Any]] | None = None
 
     def _load(self) -> list[dict[str, Any]]:
@@ -82,7 +85,10 @@ class ProgressLog:
             w.writerows(rows)
         os.replace(tmp, self.csv_path)
         if self.verbose:
-            print(progress_line(self.run_name, m0, self.num_stages), flush=True)
+            line = progress_line(self.run_name, m0, self.num_stages)
+            if m0.get("kind") == "step" and self.total_samples:
+                line += " | " + eta_text(m0, self.total_samples)
+            print(line, flush=True)
 
 
 def read_last_report(out_dir: str | Path) -> dict[str, Any] | None:
@@ -92,6 +98,16 @@ def read_last_report(out_dir: str | Path) -> dict[str, Any] | None:
 
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def eta_text(m: dict[str, Any], total_samples: int) -> str:
+    """"12,800/36,000 samples (36%), training ETA 1m05s": the run's progress and the time its
+    remaining training samples take at the window's rate (evaluations not included)."""
+    seen, rate = int(m.get("samples_seen", 0)), float(m.get("samples_per_s", 0.0))
+    left = max(0, total_samples - seen)
+    eta = left / rate if rate > 0 else float("inf")
+    when = "?" if eta == float("inf") else f"{int(eta // 60)}m{int(eta % 60):02d}s"
+    return f"{seen:,}/{total_samples:,} samples ({seen / total_samples:.0%}), training ETA {when}"
 
 
 def progress_line(name: str, m: dict[str, Any], num_stages: int = 2) -> str:

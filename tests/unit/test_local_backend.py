@@ -171,3 +171,25 @@ def test_both_backends_implement_the_session_protocol(tiny: Path, tmp_path: Path
     spec = loop_spec(prep, 1)
     assert LoopSpec.from_dict(spec.as_dict()) == spec  # through Ray Train's config dict
     assert spec.days == DAYS and spec.test_day == TEST_DAY
+
+
+def test_progress_lines_show_the_runs_progress_and_eta(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from raytopk.train.driver import run
+    from raytopk.train.prepare import planned_samples, prepare
+    from raytopk.train.report import eta_text
+
+    cfg = local_config(tiny, tmp_path / "eta", "run.report_every_steps=2", "run.corpus_ms=[]",
+                       "run.eval_max_batches=1")  # fmt: skip
+    assert planned_samples(prepare(cfg)) == 2 * 120  # two training days of 120 requests
+    capped = local_config(tiny, tmp_path / "eta2", "run.max_samples=64")
+    assert planned_samples(prepare(capped)) == 64
+    timed = local_config(tiny, tmp_path / "eta3", "run.max_train_seconds=5")
+    assert planned_samples(prepare(timed)) == 0  # a time budget: no sample total to show
+    run(cfg, verbose=True)
+    lines = [x for x in capsys.readouterr().out.splitlines() if " step " in x and "|" in x]
+    assert lines and all("/240 samples (" in x and "training ETA " in x for x in lines)
+    assert eta_text({"samples_seen": 60, "samples_per_s": 30.0}, 240) == (
+        "60/240 samples (25%), training ETA 0m06s"
+    )
