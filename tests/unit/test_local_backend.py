@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from local_runs import DAYS, TEST_DAY, local_config
 
 from raytopk.data import schema
