@@ -17,11 +17,23 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["StepTable", "load_step_table", "trial_plan", "TrialPlan"]
+from raytopk.data import schema
+from raytopk.losses.forms import step_bytes
+from raytopk.train.config import ConfigError, TrainConfig
+
+__all__ = [
+    "StepTable",
+    "TrialPlan",
+    "check_streaming",
+    "compute_planner",
+    "load_step_table",
+    "trial_plan",
+]
 
 
 @dataclass(frozen=True)
@@ -121,3 +133,73 @@ def trial_plan(
     even = {max(1, round(steps * i / eval_points)) for i in range(1, eval_points + 1)}
     points = sorted(even | set(compute) | set(by_steps) | {steps})
     return TrialPlan(steps, budget, slowest_steps, points, compute, by_steps)
+
+
+def compute_planner(study: Any, base: TrainConfig
+                    ) -> tuple[Callable[[TrainConfig, str, int], None], dict[str, float]] | None:
+    """With study.step_table: (plan, ASHA clock end per "op-nN" group). ``plan(cfg, op, n)``
+    sets a trial's compute-matched budget in place: run.max_samples = steps(op, N) x the global
+    batch, the anytime points (study.eval_points evenly, plus the cut points) and, when the
+    trial evaluates the test day, the test points; DFTopK trials record their diagnostics."""
+    if not study.step_table:
+        return None
+    table = load_step_table(study.step_table)
+    if table.batch_size != base.data.batch_size:
+        raise ConfigError(
+            f"study.step_table {study.step_table!r} was measured at batch {table.batch_size}, "
+            f"the study trains at data.batch_size {base.data.batch_size}: measure it at that batch"
+        )
+    from raytopk.losses import list_methods
+
+    ops = list(study.ops) if study.ops else list_methods()  # the study's methods
+    batch = base.data.batch_size * study.workers_per_trial
+
+    def plan_of(op: str, sample_num: int) -> Any:
+        n = schema.N_OWN + sample_num
+        fitting = [m for m in ops if step_bytes(m, base.data.batch_size, n) <= study.mem_budget_gb
+                   * 1024**3 and (m, n) in table.seconds]  # fmt: skip
+        return trial_plan(table, fitting or [op], op, n, study.slowest_steps[sample_num],
+                          study.compute_cuts, study.eval_points)
+
+    def plan(cfg: TrainConfig, op: str, sample_num: int) -> None:
+        n = schema.N_OWN + sample_num
+        if step_bytes(op, base.data.batch_size, n) > study.mem_budget_gb * 1024**3:
+            cfg.run.max_train_seconds, cfg.run.max_samples = 0.0, batch  # never trained: the
+            cfg.run.eval_at_samples, cfg.run.test_at_samples = [], []  # trial records that it
+            return  # does not fit (_trial_fn)
+        if (op, n) not in table.seconds:
+            raise ConfigError(
+                f"study.step_table {study.step_table!r} has no step time for {op} at N={n}: "
+                "measure it (jobs/bench_step.py --parts table --append) or leave the method out"
+            )
+        p = plan_of(op, sample_num).as_samples(batch)
+        cfg.run.max_train_seconds = 0.0
+        cfg.run.max_samples = p["max_samples"]
+        cfg.run.eval_at_samples = p["eval_at_samples"]
+        cfg.run.test_at_samples = p["test_at_samples"] if cfg.run.test_eval else []
+        cfg.run.diagnostics = bool(study.diagnostics and op == "dftopk")
+
+    groups = {}
+    for op in ops:
+        n_ok = [n for n in study.sample_nums if (op, schema.N_OWN + n) in table.seconds]
+        for n in n_ok:
+            groups[f"{op}-n{n}"] = float(plan_of(op, n).steps * batch)
+    return plan, groups
+
+
+def check_streaming(trials: list[dict[str, Any]], base: TrainConfig) -> None:
+    """Compute-matched trials train one pass at most: the training days must hold every
+    trial's requests (no request seen twice, the paper's streaming regime)."""
+    from raytopk.data.convert import read_meta
+
+    per_day = dict(read_meta(base.data.path).get("counts", {}).get("requests_per_day", {}))
+    have = sum(int(per_day.get(d, 0)) for d in base.data.train_days)
+    need = max((int(t["train"]["run"]["max_samples"]) for t in trials), default=0)
+    if need > have:
+        worst = max(trials, key=lambda t: int(t["train"]["run"]["max_samples"]))
+        raise ConfigError(
+            f"trial {worst['trial']} trains {need:,} requests but the training days "
+            f"{base.data.train_days[0]}..{base.data.train_days[-1]} hold {have:,}: it would see "
+            "requests twice. Generate more (train.data.synthetic.days / requests_per_day) or "
+            "lower study.slowest_steps"
+        )
