@@ -75,12 +75,16 @@ def logged_rows(study: Any, phase: str) -> dict[str, dict[str, Any]]:
     path, out = row_log(study), {}
     if not path.is_file():
         return out
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    text = path.read_text()
+    lines = text.splitlines()
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
+            if i == len(lines) and not text.endswith("\n"):
+                continue  # a last row cut short by a killed process: that trial runs again
             raise ValueError(f"{path}: line {i} is not JSON ({e}); fix or delete it") from e
         ok = str(row.get("status", "")).startswith(("ok", "does not fit", "stopped early"))
         if row.get("phase") == phase and ok and row.get("config_digest"):

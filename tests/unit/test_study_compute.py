@@ -137,3 +137,18 @@ def test_joint_choice_averages_seeds_over_lr_and_parameter() -> None:
     # Only 0.01 was tried with 5.0 (0.03 was tried with 0.5): it extends both ways; bce's
     # chosen 0.003 is inside on the high side.
     assert ("dftopk", 0, 5.0, 0.03) in ext and len(ext) == 3
+
+
+def test_row_log_skips_a_last_row_cut_short_and_names_a_corrupt_one(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from raytopk.tune.experiments import logged_rows
+
+    study = SimpleNamespace(results_dir=str(tmp_path), output_dir=str(tmp_path))
+    ok = {"phase": "final", "status": "ok", "config_digest": "a1"}
+    log = tmp_path / "trials.jsonl"
+    log.write_text(json.dumps(ok) + "\n" + '{"phase": "final", "sta')  # killed mid-write
+    assert set(logged_rows(study, "final")) == {"a1"}
+    log.write_text('{"phase": "fin\n' + json.dumps(ok) + "\n")  # not the last line: an error
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        logged_rows(study, "final")
