@@ -94,6 +94,11 @@ def logged_rows(study: Any, phase: str) -> dict[str, dict[str, Any]]:
 
 def _append_row(path: Path, row: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():  # a last row cut short by a killed process is dropped, not extended
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
     with open(path, "a") as fh:  # one write of one line: a reader never sees half a row
         fh.write(json.dumps(row, default=str, sort_keys=True) + "\n")
         fh.flush()

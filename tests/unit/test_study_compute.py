@@ -149,6 +149,10 @@ def test_row_log_skips_a_last_row_cut_short_and_names_a_corrupt_one(tmp_path: Pa
     log = tmp_path / "trials.jsonl"
     log.write_text(json.dumps(ok) + "\n" + '{"phase": "final", "sta')  # killed mid-write
     assert set(logged_rows(study, "final")) == {"a1"}
+    from raytopk.tune.experiments import _append_row
+
+    _append_row(log, {**ok, "config_digest": "b2"})  # the next row replaces the cut one
+    assert log.read_text().count("\n") == 2 and set(logged_rows(study, "final")) == {"a1", "b2"}
     log.write_text('{"phase": "fin\n' + json.dumps(ok) + "\n")  # not the last line: an error
     with pytest.raises(ValueError, match="line 1 is not JSON"):
         logged_rows(study, "final")
