@@ -11,24 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from blocked_imports import blocked_run
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # A meta-path finder that refuses the modules the GPU machine lacks, and records every attempt.
-_BLOCKED_RUN = """
-import importlib.abc, runpy, sys
-BLOCK, tried = {"ray", "faiss", "matplotlib"}, []
-class Blocker(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCK:
-            tried.append(name)
-            raise ModuleNotFoundError(f"{name} is blocked (no such module on the GPU machine)")
-sys.meta_path.insert(0, Blocker())
-sys.argv = ["jobs/gpu_check.py", *sys.argv[1:]]
-try:
-    runpy.run_path("jobs/gpu_check.py", run_name="__main__")
-finally:
-    print("BLOCKED_IMPORTS_TRIED", sorted(set(tried)))
-"""
+_BLOCKED_RUN = blocked_run("jobs/gpu_check.py", {"ray", "faiss", "matplotlib"})
 
 
 def test_gpu_check_tiny_on_cpu_without_ray_or_faiss(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from blocked_imports import blocked_run
 from local_runs import DAYS, TEST_DAY, local_config
 
 from raytopk.data import schema
@@ -91,21 +92,7 @@ def test_local_batches_are_the_pipeline_groups(tiny: Path) -> None:
     assert all((a == g.request_id).all() for a, g in zip(again, groups))  # seeded: repeatable
 
 
-_NO_RAY_RUN = """
-import importlib.abc, runpy, sys
-tried = []
-class Blocker(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "ray":
-            tried.append(name)
-            raise ModuleNotFoundError(f"{name} is blocked (a machine without Ray)")
-sys.meta_path.insert(0, Blocker())
-sys.argv = ["jobs/train.py", *sys.argv[1:]]
-try:
-    runpy.run_path("jobs/train.py", run_name="__main__")
-finally:
-    print("RAY_IMPORTS_TRIED", sorted(set(tried)))
-"""
+_NO_RAY_RUN = blocked_run("jobs/train.py", {"ray"})
 
 
 def test_local_backend_trains_end_to_end_without_ray(tiny: Path, tmp_path: Path) -> None:
@@ -128,7 +115,7 @@ def test_local_backend_trains_end_to_end_without_ray(tiny: Path, tmp_path: Path)
     )  # fmt: skip
     log = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, log
-    assert "RAY_IMPORTS_TRIED []" in proc.stdout, log
+    assert "BLOCKED_IMPORTS_TRIED []" in proc.stdout, log
     m = json.loads((out / "metrics.json").read_text())
     assert m["backend"] == "local" and 0.0 <= m["joint_recall@10@20"] <= 1.0
 
