@@ -67,25 +67,33 @@ def row_log(study: Any) -> Path:
     return Path(study.results_dir or study.output_dir).resolve() / ROW_LOG
 
 
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    """Every row of the row log at ``path`` ([] when there is none); a last row cut short by a
+    killed process is skipped (that trial runs again), a corrupt earlier row is an error."""
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    lines = text.splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) and not text.endswith("\n"):
+                continue
+            raise ValueError(f"{path}: line {i} is not JSON ({e}); fix or delete it") from e
+    return rows
+
+
 def logged_rows(study: Any, phase: str) -> dict[str, dict[str, Any]]:
     """{config digest: row} of the trials of ``phase`` ("select" or "final") in the study's row
     log that ran to a result (ok, stopped early by ASHA, or not fitting); failed trials are run
     again. This file, committed with the results, is what a re-run on a fresh clone resumes
     from: Tune's own directories are not needed. A later line wins."""
-    path, out = row_log(study), {}
-    if not path.is_file():
-        return out
-    text = path.read_text()
-    lines = text.splitlines()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) and not text.endswith("\n"):
-                continue  # a last row cut short by a killed process: that trial runs again
-            raise ValueError(f"{path}: line {i} is not JSON ({e}); fix or delete it") from e
+    out = {}
+    for row in _read_log(row_log(study)):
         ok = str(row.get("status", "")).startswith(("ok", "does not fit", "stopped early"))
         if row.get("phase") == phase and ok and row.get("config_digest"):
             out[row["config_digest"]] = row
@@ -191,11 +199,7 @@ def run_experiment(study: Any, name: str, trials: list[dict[str, Any]], trainabl
             t = (result.config or {}).get("trial") or {}
             rows.append(_row(dict(result.metrics or {}), t, result.error, stages, clock))
         # A trial whose end the callback did not see (none should be) is logged now.
-        seen = set(logged_rows(study, phase)) | {
-            json.loads(x).get("config_digest")
-            for x in (row_log(study).read_text().splitlines() if row_log(study).is_file() else [])
-            if x.strip()
-        }
+        seen = {r.get("config_digest") for r in _read_log(row_log(study))}
         for r in rows[logged_now:]:
             if r.get("config_digest") not in seen:
                 _append_row(row_log(study), r)
