@@ -7,9 +7,9 @@
    in-batch negative sampling and collation in Ray Data) over one synthetic day; steady-state
    samples/s = the report windows after the first one, and the data-wait fraction of step time.
 2. Plain path: the same day's batches, produced by the same pipeline but materialised in memory
-   first, fed to a plain single-process PyTorch loop (same model, operator, batch size, loss step,
-   optimiser and torch thread count as the Ray worker; ``raytopk.bench.train``). Target: Ray >=
-   0.8x plain, wait < 10%.
+   first, fed to the same training loop in this process with no data pipeline and no reports
+   (same model, operator, batch size, step and torch thread count as the Ray worker;
+   ``raytopk.bench.train``). Target: Ray >= 0.8x plain, wait < 10%.
 3. Operator sweep: samples/s of a training step (forward, loss, backward, Adam) for every
    registered operator at sample_num 0 and 160 (N = 40 and 200 candidates), plain loop - the
    input of the sample-scaling study. Points whose estimated memory (the operators' registry

@@ -39,7 +39,7 @@ __all__ = [
     "progress_callback",
     "quiet_train_logs",
     "quiet_workers",
-    "report",
+    "report_metrics",
     "restored_checkpoint",
     "tune_report_callback",
 ]
@@ -132,7 +132,7 @@ def quiet_train_logs() -> None:
     logging.getLogger(_storage.__name__).setLevel(logging.WARNING)
 
 
-def report(
+def report_metrics(
     metrics: dict[str, Any],
     write_checkpoint: Callable[[str], None] | None = None,
     name: str | None = None,
@@ -183,11 +183,12 @@ class RayTrainSession:
 
     def report(
         self,
-        metrics: dict[str, Any],
+        report: Any,
         write_checkpoint: Callable[[str], None] | None = None,
         name: str | None = None,
     ) -> None:
-        report(metrics, write_checkpoint, name)
+        """``report`` (a raytopk.train.events.Report) as Ray Train's flat metrics dict."""
+        report_metrics(report.metrics(), write_checkpoint, name)
 
 
 def restored_checkpoint(load: Callable[[str], Any]) -> Any | None:

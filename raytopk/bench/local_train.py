@@ -8,9 +8,10 @@ Two passes per configuration (N, precision), on the same day of a converted data
   data-wait fraction come from the loop's own step reports (every report window is ``window``
   full batches), the first ``warm_windows`` windows left out (CUDA/cuBLAS start-up, the day's
   read and sort, numba);
-- profiled: the same training step (``_Worker.step``) with a device synchronisation after each
-  phase: data wait (blocked in ``next()``), host-to-device copy, forward + loss, backward,
-  optimiser. Separate and short, so its synchronisations do not slow the throughput pass.
+- profiled: the same loop with a step-time split hook (``raytopk.train.measure.PhaseTimer``: a
+  device synchronisation after each phase: data wait (blocked in ``next()``), host-to-device
+  copy, forward + loss, backward, optimiser). Separate and short, so its synchronisations do
+  not slow the throughput pass.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from typing import Any
 import torch
 
 from raytopk.bench.harness import sync
+from raytopk.train.events import FinalReport, Report, StepReport
 from raytopk.train.local import LocalSession
+from raytopk.train.measure import PhaseTimer
 
 __all__ = ["GOAL", "goal", "measure_configs", "train_configs"]
 
@@ -40,24 +43,13 @@ def train_configs() -> list[dict[str, Any]]:
     ]
 
 
-class _Recording(LocalSession):
-    """A LocalSession that also keeps every report in memory."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.records: list[dict[str, Any]] = []
-
-    def report(self, metrics: dict[str, Any], *rest: Any, **kwargs: Any) -> None:
-        self.records.append(dict(metrics))
-        super().report(metrics, *rest, **kwargs)
-
-
-def _prepared(data: Path, work: Path, size: dict[str, Any], c: dict[str, Any], label: str) -> Any:
+def _prepared(
+    data: Path, work: Path, size: dict[str, Any], c: dict[str, Any], label: str, steps: int
+) -> Any:
     from raytopk.train.config import load_config
     from raytopk.train.prepare import prepare
 
     days = json.loads((data / "meta.json").read_text())["days"]
-    steps = size["window"] * (size["warm_windows"] + size["windows"])
     cfg = load_config(
         None,
         [
@@ -83,75 +75,50 @@ def _prepared(data: Path, work: Path, size: dict[str, Any], c: dict[str, Any], l
     return prep
 
 
-def _throughput(prep: Any, device: torch.device, size: dict[str, Any], threads: int) -> dict:
+def _throughput(data: Path, work: Path, c: dict[str, Any], label: str, device: torch.device,
+                size: dict[str, Any], threads: int) -> dict:  # fmt: skip
     from raytopk.train.driver import dataset_specs, loop_spec
     from raytopk.train.loop import train_loop
 
-    session = _Recording(prep, dataset_specs(prep), device, False)
+    steps = size["window"] * (size["warm_windows"] + size["windows"])
+    prep = _prepared(data, work, size, c, label, steps)
+    reports: list[Report] = []
+    session = LocalSession(prep, dataset_specs(prep), device, False, reports.append)
     t0 = time.perf_counter()
     train_loop(loop_spec(prep, threads), session)
     wall = time.perf_counter() - t0
-    steps = [m for m in session.records if m["kind"] == "step"]
-    final = next(m for m in session.records if m["kind"] == "final")
-    measured = steps[size["warm_windows"] :]
+    windows = [r for r in reports if isinstance(r, StepReport)]
+    final = next(r for r in reports if isinstance(r, FinalReport))
+    measured = windows[size["warm_windows"] :]
     rows = size["window"] * size["batch"]  # every window is `window` full batches
-    secs = [rows / m["samples_per_s"] for m in measured]
-    wait = sum(m["data_wait_frac"] * s for m, s in zip(measured, secs))
+    secs = [rows / r.samples_per_s for r in measured]
+    wait = sum(r.data_wait_frac * s for r, s in zip(measured, secs))
     return {
         "requests_per_s": round(rows * len(measured) / sum(secs), 1),
         "data_wait_frac": round(wait / sum(secs), 4),
         "step_ms": round(1e3 * sum(secs) / (len(measured) * size["window"]), 3),
         "steps_measured": len(measured) * size["window"],
-        "steps_total": final["global_step"],
-        "loss_first": steps[0]["loss"],
-        "loss_last": steps[-1]["loss"],
-        "loss_finite": all(math.isfinite(m["loss"]) for m in steps),
-        "amp_used": final["amp"],
+        "steps_total": final.where.global_step,
+        "loss_first": windows[0].losses["loss"],
+        "loss_last": windows[-1].losses["loss"],
+        "loss_finite": all(math.isfinite(r.losses["loss"]) for r in windows),
+        "amp_used": final.run["amp"],
         "wall_s": round(wall, 2),
     }
 
 
-def _profile(prep: Any, device: torch.device, size: dict[str, Any], threads: int) -> dict:
-    """The same training step with a device sync after each phase (mean ms over the steps)."""
-    from raytopk.data.batches import CascadeBatches
-    from raytopk.ops import warmup as warmup_op
-    from raytopk.train.checkpoint import Position
+def _profile(data: Path, work: Path, c: dict[str, Any], label: str, device: torch.device,
+             size: dict[str, Any], threads: int) -> dict:  # fmt: skip
+    """The same loop with a device sync after each phase (mean ms over the profiled steps)."""
     from raytopk.train.driver import dataset_specs, loop_spec
-    from raytopk.train.loop import _Worker, train_key
-    from raytopk.train.model import CascadeModel
+    from raytopk.train.loop import train_loop
 
-    cfg, day = prep.cfg, prep.cfg.data.train_days[0]
-    torch.manual_seed(cfg.run.seed)
-    model = CascadeModel.from_config(cfg, dict(prep.meta["vocab"]), device).to(device)
-    warmup_op(cfg.op.name)
-    w = _Worker(cfg, loop_spec(prep, threads), 0, 1, model, Position())
-    session = _Recording(prep, dataset_specs(prep), device, False)
-    bs, pf = cfg.data.batch_size, cfg.data.prefetch_batches
-    source = session.dataset(train_key(day), bs, pf)
-    batches = CascadeBatches(source, bs, pf, pin=device.type == "cuda")
-    phases = ("data_wait", "h2d", "forward", "backward", "optimizer")
-    sums = dict.fromkeys(phases, 0.0)
     warm, n = size["profile_warm"], size["profile"]
-    it = iter(batches)
-    for i in range(warm + n):
-        sync(device)
-        t = {"start": time.perf_counter()}
-        batch = next(it)  # blocked here: the data wait
-        t["data"] = time.perf_counter()
-        batch = batch.to(device, non_blocking=True)
-        sync(device)
-        t["h2d"] = time.perf_counter()
-
-        def mark(phase: str, t: dict = t) -> None:
-            sync(device)
-            t[phase] = time.perf_counter()
-
-        w.step(batch, f"profile step {i}", mark)
-        if i >= warm:
-            order = ["start", "data", "h2d", "forward", "backward", "optimizer"]
-            for phase, a, b in zip(phases, order, order[1:]):
-                sums[phase] += t[b] - t[a]
-    return {p: round(1e3 * v / n, 3) for p, v in sums.items()}
+    prep = _prepared(data, work, size, c, f"{label}_profile", warm + n)
+    session = LocalSession(prep, dataset_specs(prep), device, False)
+    timer = PhaseTimer(lambda: sync(device), skip=warm)
+    train_loop(loop_spec(prep, threads), session, hooks=[timer])
+    return timer.mean_ms()
 
 
 def measure_configs(
@@ -164,11 +131,11 @@ def measure_configs(
     out = []
     for c in train_configs():
         label = f"n{c['N']}_{c['precision']}"
-        prep = _prepared(data, work, size, c, label)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        rec = {**c, "batch": size["batch"], **_throughput(prep, device, size, threads)}
-        rec["split_ms"] = _profile(prep, device, size, threads)
+        rec = {**c, "batch": size["batch"], **_throughput(data, work, c, label, device, size,
+                                                            threads)}  # fmt: skip
+        rec["split_ms"] = _profile(data, work, c, label, device, size, threads)
         rec["peak_gpu_bytes"] = (
             int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
         )

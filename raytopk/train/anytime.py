@@ -1,38 +1,39 @@
-"""Anytime evaluation and steady-state throughput of one training run (the study's instrument).
+"""Anytime evaluation: the validation day scored at points along a run (the study's instrument),
+as a training-loop hook (:class:`AnytimePoints`, raytopk.train.hooks).
 
 Notation: P = ``run.eval_points``, budget = ``run.max_train_seconds`` (else ``run.max_samples``),
 x = the training clock the budget is counted on (training seconds, else samples seen).
 
-With P > 0 the run evaluates ``run.valid_day`` (dataset :data:`VALID_KEY`) when x first reaches
+With P > 0 the run evaluates ``run.valid_day`` (dataset ``VALID_KEY``) when x first reaches
 budget * i / P for i = 1 .. P-1, and once more when training ends (the P-th point, at the
 budget). ``run.eval_at_samples`` replaces the even points by explicit sample counts (the study's
 step budgets; the end stays the last point); at the points listed in ``run.test_at_samples`` the
 test day is evaluated too (``test_*`` in the curve point), and with ``run.diagnostics`` every
 point carries the operator's diagnostics (raytopk.train.diagnostics). Evaluation time is not
-training time: the loop restarts its step clock after each one.
+training time (the step clock, raytopk.train.measure, counts steps only).
 Every rank must evaluate at the same step (evaluation all-reduces), so with several workers the
 "point reached" test is all-reduced too (training seconds differ a little between ranks).
-
-Steady-state throughput: requests per training second after warm-up, the first
-:data:`WARMUP_FRACTION` of the budget (first steps allocate, fill caches and prefetch queues),
-so that two runs of one setting measure the same thing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from raytopk.train.checkpoint import Position
-from raytopk.train.config import RunConfig
+from raytopk.train.config import RunConfig, TrainConfig
+from raytopk.train.events import ValidReport, Where
+from raytopk.train.hooks import Hook
+from raytopk.train.session import TEST_KEY, VALID_KEY
 
-__all__ = ["VALID_KEY", "WARMUP_FRACTION", "Anytime", "test_metric", "valid_metric"]
+if TYPE_CHECKING:
+    from raytopk.data.batch import CascadeBatch
+    from raytopk.train.trainer import Step, Trainer
 
-VALID_KEY = "valid"
-WARMUP_FRACTION = 0.2
+__all__ = ["Anytime", "AnytimePoints", "test_metric", "valid_metric"]
 
 
 def valid_metric(key: str) -> str:
@@ -46,7 +47,7 @@ def test_metric(key: str) -> str:
 
 
 class Anytime:
-    """The evaluation points and the throughput counters of one worker's run."""
+    """The evaluation points of one worker's run and the curve evaluated so far."""
 
     def __init__(self, run: RunConfig, pos: Position, world: int, device: torch.device) -> None:
         self.by_seconds = run.max_train_seconds > 0
@@ -60,9 +61,6 @@ class Anytime:
         self.world, self.device = world, device
         self.done = sum(1 for t in self._thresholds() if self._clock(pos) >= t)  # resumed runs
         self.curve: list[dict[str, Any]] = pos.anytime_curve  # saved with every checkpoint
-        self.warm: tuple[float, int] | None = None  # (train_seconds, samples) at warm-up's end
-        self.max_step_seconds = 0.0
-        self.steps = 0
         self.eval_seconds = 0.0  # all evaluation points together
 
     def _clock(self, pos: Position) -> float:
@@ -78,15 +76,6 @@ class Anytime:
         thr = self._thresholds()
         where = thr[self.done] if self.done < len(thr) else self.budget
         return where in self.test_at
-
-    def observe(self, pos: Position, step_seconds: float) -> None:
-        """After each training step: the warm-up mark and the longest step (``step_seconds``:
-        the step's own time, without waiting for its batch)."""
-        self.steps += 1
-        self.max_step_seconds = max(self.max_step_seconds, step_seconds)
-        warm_at = WARMUP_FRACTION * self.budget if self.budget > 0 else 0.0
-        if self.warm is None and self.steps >= 2 and self._clock(pos) >= warm_at:
-            self.warm = (pos.train_seconds, pos.samples_seen)
 
     def due(self, pos: Position) -> bool:
         """Whether an in-training evaluation point is reached (the same answer on every rank)."""
@@ -106,14 +95,14 @@ class Anytime:
 
     def evaluate(
         self,
-        base: dict[str, Any],
+        where: Where,
         pos: Position,
         run_eval: Callable[[], dict[str, float]],
         run_test: Callable[[], dict[str, float]] | None = None,
         diagnose: Callable[[], dict[str, float]] | None = None,
-    ) -> dict[str, Any]:
-        """Run one evaluation point; the report (``base`` + ``valid_*`` metrics, and ``test_*``
-        when ``run_test`` is given and this is a test point, and the diagnostics)."""
+    ) -> ValidReport:
+        """Run one evaluation point: the validation day, the test day when ``run_test`` is
+        given and this is a test point, the diagnostics; the point joins the curve."""
         import time
 
         t0 = time.perf_counter()
@@ -121,19 +110,26 @@ class Anytime:
         ev = run_eval()
         diag = diagnose() if diagnose is not None else {}
         self.done += 1
-        m = {**base, **{valid_metric(k): v for k, v in ev.items()}}
-        m.update({test_metric(k): v for k, v in test.items()})
-        m.update(diag)
-        m["eval_point"] = self.done
-        m["eval_seconds"] = round(time.perf_counter() - t0, 3)
-        self.eval_seconds += m["eval_seconds"]
-        point = {"point": self.done, "train_seconds": round(pos.train_seconds, 3),
-                 "samples_seen": pos.samples_seen, "steps": pos.global_step}
+        seconds = round(time.perf_counter() - t0, 3)
+        self.eval_seconds += seconds
+        point = {
+            "point": self.done,
+            "train_seconds": round(pos.train_seconds, 3),
+            "samples_seen": pos.samples_seen,
+            "steps": pos.global_step,
+        }
         point.update({valid_metric(k): v for k, v in ev.items() if k.startswith("joint_recall")})
         point.update({test_metric(k): v for k, v in test.items() if k.startswith("joint_recall")})
         point.update(diag)
         self.curve.append(point)
-        return m
+        return ValidReport(
+            where,
+            valid={valid_metric(k): v for k, v in ev.items()},
+            test={test_metric(k): v for k, v in test.items()},
+            diagnostics=diag,
+            point=self.done,
+            seconds=seconds,
+        )
 
     def add_final_test(self, ev: dict[str, float]) -> None:
         """The end's test point: the run's own final test evaluation, into the last point."""
@@ -142,17 +138,53 @@ class Anytime:
                 {test_metric(k): v for k, v in ev.items() if k.startswith("joint_recall")}
             )
 
-    def summary(self, pos: Position) -> dict[str, Any]:
-        """For the final report: the curve, the steady-state throughput, the longest step."""
+    def summary(self) -> dict[str, Any]:
+        """For the final report: the curve, its last validation metrics, the evaluation time."""
         out: dict[str, Any] = {
             "anytime_curve": list(self.curve),
             "eval_points_done": len(self.curve),
-            "max_step_seconds": round(self.max_step_seconds, 4),
             "valid_eval_seconds": round(self.eval_seconds, 3),
         }
         if self.curve:
             out.update({k: v for k, v in self.curve[-1].items() if k.startswith("valid_")})
-        ws, wn = self.warm if self.warm is not None else (0.0, 0)
-        secs = pos.train_seconds - ws
-        out["steady_samples_per_s"] = round((pos.samples_seen - wn) / secs, 3) if secs > 0 else 0.0
         return out
+
+
+class AnytimePoints(Hook):
+    """The run's evaluation points (``run.eval_points`` / ``run.eval_at_samples`` on
+    ``run.valid_day``): every rank evaluates at the same step; rank 0's points are the curve of
+    the final report."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.anytime: Anytime | None = None
+        self.last_batch: CascadeBatch | None = None  # for the end point's diagnostics
+
+    def start(self, t: Trainer) -> None:
+        self.anytime = Anytime(self.cfg.run, t.pos, t.world, t.device)
+
+    def _diagnose(self, t: Trainer, batch: CascadeBatch | None) -> Any:
+        if not self.cfg.run.diagnostics or batch is None:
+            return None
+        from raytopk.train.diagnostics import diagnostics
+
+        return lambda: diagnostics(t.cascade, batch)
+
+    def after_step(self, t: Trainer, batch: CascadeBatch, step: Step) -> None:
+        self.last_batch = batch
+        if self.anytime is not None and self.anytime.due(t.pos):
+            t.report(self.anytime.evaluate(t.where(), t.pos, lambda: t.evaluate(VALID_KEY),
+                                           lambda: t.evaluate(TEST_KEY),
+                                           self._diagnose(t, batch)))  # fmt: skip
+
+    def end(self, t: Trainer) -> None:  # the last point: at the end of training
+        if self.anytime is not None and self.anytime.pending():
+            t.report(self.anytime.evaluate(t.where(), t.pos, lambda: t.evaluate(VALID_KEY),
+                                           None, self._diagnose(t, self.last_batch)))  # fmt: skip
+
+    def final(self, t: Trainer, test: dict[str, float]) -> dict[str, Any]:
+        if self.anytime is None:
+            return {}
+        if test:
+            self.anytime.add_final_test(test)
+        return self.anytime.summary()

@@ -71,13 +71,12 @@ class DatasetSpec:
 
 
 def dataset_specs(prep: Prepared, num_workers: int = 1) -> dict[str, DatasetSpec]:
-    """The run's datasets by name: one per (epoch, training day) (up to loop.EPOCH_DATASETS
+    """The run's datasets by name: one per (epoch, training day) (up to session.EPOCH_DATASETS
     epochs), per streaming-eval day, the validation day (``run.valid_day``: the anytime points)
     and the test day (none with ``run.test_eval=false``: selection runs never see it). With
     ``run.eval_max_batches`` the evaluation datasets hold only the requests that many batches
     per worker score, so a capped evaluation costs what it evaluates."""
-    from raytopk.train.anytime import VALID_KEY
-    from raytopk.train.loop import EPOCH_DATASETS, TEST_KEY, eval_key, train_key
+    from raytopk.train.session import EPOCH_DATASETS, TEST_KEY, VALID_KEY, eval_key, train_key
 
     cfg, d = prep.cfg, prep.cfg.data
     seed = cfg.run.seed
@@ -126,7 +125,10 @@ def build_datasets(prep: Prepared, num_workers: int = 1) -> dict[str, Any]:
             )
         else:
             out[key] = build_eval_dataset(
-                path, list(s.days), batch_size=s.batch_size, seed=s.seed,
+                path,
+                list(s.days),
+                batch_size=s.batch_size,
+                seed=s.seed,
                 max_requests=s.max_requests,
             )
     return out
@@ -221,8 +223,7 @@ def _run_ray(prep: Prepared, callbacks: list[Any] | None, verbose: bool) -> bool
         workers = f"{cfg.scaling.num_workers} {kind} worker(s)"
         _announce(prep, f"{workers} x {plan.cpus_per_worker:g} CPU")
     resources = {"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})}
-    progress = ProgressLog(out, cfg.run.name, len(cfg.model.stages), verbose,
-                           planned_samples(prep))
+    progress = ProgressLog(out, cfg.run.name, len(cfg.model.stages), verbose, planned_samples(prep))
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_spec(prep, plan.threads).as_dict(),
@@ -246,7 +247,7 @@ def _run_ray(prep: Prepared, callbacks: list[Any] | None, verbose: bool) -> bool
 
 def _finish(prep: Prepared, use_gpu: bool, wall_seconds: float) -> dict[str, Any]:
     """The final report → metrics.json (atomically) and curves.png; the result of ``run``."""
-    from raytopk.train.loop import NAN_STOP
+    from raytopk.train.events import StopReport
 
     cfg, out = prep.cfg, prep.output_dir
     final = read_last_report(out)
@@ -255,7 +256,7 @@ def _finish(prep: Prepared, use_gpu: bool, wall_seconds: float) -> dict[str, Any
             f"training ended without a final report in {str(out / LAST_REPORT)!r} "
             "(see the log above)"
         )
-    if final.get("kind") == NAN_STOP:
+    if final.get("kind") == StopReport.KIND:
         last = latest_checkpoint(out)
         raise TrainingStopped(
             f"{final.get('reason')}; last good checkpoint: {last if last else 'none'}"

@@ -22,6 +22,7 @@ import torch
 
 from raytopk.data.local import iter_local_groups, prefetched
 from raytopk.ray_env import SNAPSHOT
+from raytopk.train.events import Report
 from raytopk.train.prepare import CHECKPOINTS, Prepared, latest_checkpoint, planned_samples
 from raytopk.train.report import ProgressLog
 
@@ -48,14 +49,15 @@ class LocalSession:
         datasets: dict[str, Any],
         device: torch.device,
         verbose: bool,
-        on_report: Callable[[dict[str, Any]], None] | None = None,
+        on_report: Callable[[Report], None] | None = None,
     ) -> None:
         self.prep, self.datasets, self.device = prep, datasets, device
         self.on_report = on_report
         self.out = prep.output_dir
         cfg = prep.cfg
-        self.log = ProgressLog(self.out, cfg.run.name, len(cfg.model.stages), verbose,
-                               planned_samples(prep))
+        self.log = ProgressLog(
+            self.out, cfg.run.name, len(cfg.model.stages), verbose, planned_samples(prep)
+        )
         self.keep = cfg.run.keep_checkpoints
 
     def restored(self, load: Callable[[str], Any]) -> Any | None:
@@ -87,15 +89,15 @@ class LocalSession:
 
     def report(
         self,
-        metrics: dict[str, Any],
+        report: Report,
         write_checkpoint: Callable[[str], None] | None = None,
         name: str | None = None,
     ) -> None:
         if write_checkpoint is not None:
             self._checkpoint(write_checkpoint, name or f"checkpoint_{len(self._kept())}")
-        self.log([metrics], name if write_checkpoint is not None else None)
+        self.log([report.metrics()], name if write_checkpoint is not None else None)
         if self.on_report is not None:
-            self.on_report(metrics)
+            self.on_report(report)
 
     # ---- checkpoints: <output_dir>/checkpoints/<name>/, latest recorded as Ray records it ----
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from raytopk.metrics import headline_key, metric_keys
 from raytopk.train.evaluate import random_key
+from raytopk.train.events import DayReport, StepReport, describe, is_last
 
 __all__ = [
     "eta_text",
@@ -33,15 +34,20 @@ __all__ = [
 # latest report, so the final evaluation (reported without a checkpoint) is handed over in this
 # file.
 LAST_REPORT = "last_report.json"
-_LAST_KINDS = ("final", "non_finite_loss")
 
 
 class ProgressLog:
     """After each report: one progress.csv row and one console line (throughput summed over
     workers, data wait averaged); the final report also goes to ``LAST_REPORT``."""
 
-    def __init__(self, out_dir: str | Path, run_name: str, num_stages: int, verbose: bool,
-                 total_samples: int = 0) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        run_name: str,
+        num_stages: int,
+        verbose: bool,
+        total_samples: int = 0,
+    ) -> None:
         self.csv_path = str(Path(out_dir) / "progress.csv")
         self.last_path = str(Path(out_dir) / LAST_REPORT)
         self.run_name, self.num_stages, self.verbose = run_name, num_stages, verbose
@@ -58,7 +64,7 @@ class ProgressLog:
 
     def __call__(self, metrics: list[dict[str, Any]], checkpoint: str | None) -> None:
         m0 = dict(metrics[0])
-        if m0.get("kind") in _LAST_KINDS:
+        if is_last(m0):
             tmp = self.last_path + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(m0, f, default=str)
@@ -86,7 +92,7 @@ class ProgressLog:
         os.replace(tmp, self.csv_path)
         if self.verbose:
             line = progress_line(self.run_name, m0, self.num_stages)
-            if m0.get("kind") == "step" and self.total_samples:
+            if m0.get("kind") == StepReport.KIND and self.total_samples:
                 line += " | " + eta_text(m0, self.total_samples)
             print(line, flush=True)
 
@@ -96,12 +102,8 @@ def read_last_report(out_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
 def eta_text(m: dict[str, Any], total_samples: int) -> str:
-    """"12,800/36,000 samples (36%), training ETA 1m05s": the run's progress and the time its
+    """ "12,800/36,000 samples (36%), training ETA 1m05s": the run's progress and the time its
     remaining training samples take at the window's rate (evaluations not included)."""
     seen, rate = int(m.get("samples_seen", 0)), float(m.get("samples_per_s", 0.0))
     left = max(0, total_samples - seen)
@@ -111,36 +113,8 @@ def eta_text(m: dict[str, Any], total_samples: int) -> str:
 
 
 def progress_line(name: str, m: dict[str, Any], num_stages: int = 2) -> str:
-    kind = m.get("kind")
-    stream = "stream_" + headline_key(num_stages)
-    where = f"day {m.get('day')} ({int(m.get('day_index', -1)) + 1}/{m.get('num_days')})"
-    if kind == "step":
-        parts = " ".join(
-            f"{k}={m[k]:.4f}"
-            for k in m
-            if k.startswith(("stage", "joint", "w")) and isinstance(m[k], float)
-        )
-        return (
-            f"[{name}] {where} step {m.get('global_step')} | loss {m.get('loss', float('nan')):.4f}"
-            f" ({parts}) | {m.get('samples_per_s', 0):,.0f} samples/s"
-            f" | data wait {m.get('data_wait_frac', 0):.1%}"
-        )
-    if kind == "day":
-        line = (
-            f"[{name}] {where} done: {m.get('day_samples')} samples in {m.get('day_seconds')} s,"
-            f" mean loss {m.get('day_loss', float('nan')):.4f}, checkpoint {m.get('checkpoint')}"
-        )
-        if stream in m:
-            line += f" | next day {m.get('stream_day')} {headline_key(num_stages)} {m[stream]:.4f}"
-        return line
-    if kind == "final":
-        keys = [k for k in metric_keys(num_stages) if k in m]
-        return f"[{name}] test day {m.get('test_day')}: " + ", ".join(
-            f"{k}={_fmt(m[k])}" for k in keys
-        )
-    if kind == "non_finite_loss":
-        return f"[{name}] STOPPED: {m.get('reason')}"
-    return f"[{name}] {kind} at step {m.get('global_step')} ({where})"
+    """The console line of report ``m`` (a flat dict; raytopk.train.events.describe)."""
+    return describe(name, m, num_stages)
 
 
 def plot_curves(
@@ -157,8 +131,8 @@ def plot_curves(
         return None
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    steps = [r for r in rows if r.get("kind") == "step"]
-    days = [r for r in rows if r.get("kind") == "day"]
+    steps = [r for r in rows if r.get("kind") == StepReport.KIND]
+    days = [r for r in rows if r.get("kind") == DayReport.KIND]
 
     def col(rs: list[dict[str, str]], key: str) -> list[float]:
         out = []

@@ -12,7 +12,38 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["LoopSpec", "Session"]
+from raytopk.train.events import Report
+
+__all__ = [
+    "EPOCH_DATASETS",
+    "TEST_KEY",
+    "VALID_KEY",
+    "LoopSpec",
+    "Session",
+    "eval_key",
+    "train_key",
+]
+
+# The names of the datasets a session serves (the driver builds them, raytopk.train.driver.
+# dataset_specs; the loop asks for them): a training day per epoch, a streaming-evaluation day,
+# the validation day (anytime points), the test day.
+TEST_KEY = "test"
+VALID_KEY = "valid"
+# Distinct datasets (shuffles and negatives) per training day: epochs 0..EPOCH_DATASETS-1 each
+# get their own; a later epoch e replays epoch e mod EPOCH_DATASETS. Bounded because the Ray
+# backend builds every dataset up front (the study asks for 1000 epochs and stops on a budget).
+EPOCH_DATASETS = 16
+
+
+def train_key(day: str, epoch: int = 0) -> str:
+    """The dataset name of training ``day`` in ``epoch``."""
+    e = epoch % EPOCH_DATASETS
+    return f"train_{day}" if e == 0 else f"train_e{e}_{day}"
+
+
+def eval_key(day: str) -> str:
+    """The dataset name of streaming-evaluation ``day``."""
+    return f"eval_{day}"
 
 
 @dataclass
@@ -54,6 +85,6 @@ class Session(Protocol):
     def dataset(self, key: str, batch_size: int, prefetch: int) -> Any:
         """4: this worker's share of dataset ``key`` (a factory of its batch iterator)."""
 
-    def report(self, metrics: dict[str, Any], write_checkpoint: Any = None,
-               name: str | None = None) -> None:
-        """5: a report (every rank, the same number of times), with rank 0's checkpoint."""
+    def report(self, report: Report, write_checkpoint: Any = None, name: str | None = None) -> None:
+        """5: a report (every rank, the same number of times), with rank 0's checkpoint
+        (``write_checkpoint(directory)``, saved as ``name``)."""

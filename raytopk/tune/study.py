@@ -309,7 +309,8 @@ def _trial_fn(config: dict[str, Any]) -> None:
         })
         return
 
-    def forward(m: dict[str, Any]) -> None:  # local backend: the loop's reports to Tune
+    def forward(report: Any) -> None:  # local backend: the loop's reports to Tune
+        m = report.metrics()
         ray.tune.report({k: v for k, v in m.items() if isinstance(v, int | float | str)})
 
     try:

@@ -48,16 +48,16 @@ def _cfg(data: Path, out: Path, *extra: str) -> TrainConfig:
 def test_eval_points_report_validation_and_exclude_their_time(
     tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import raytopk.train.loop as loop
+    import raytopk.train.trainer as trainer
 
     pause = 1.0  # every evaluation takes at least this long
-    real = loop.evaluate
+    real = trainer.evaluate
 
     def slow_evaluate(*a, **kw):
         time.sleep(pause)
         return real(*a, **kw)
 
-    monkeypatch.setattr(loop, "evaluate", slow_evaluate)
+    monkeypatch.setattr(trainer, "evaluate", slow_evaluate)
     out = tmp_path / "run"
     m = run(_cfg(tiny, out, "run.max_samples=192", "run.eval_points=4"), verbose=False)
     with open(out / "progress.csv", newline="") as f:
@@ -103,7 +103,7 @@ def _first_batch(cfg: TrainConfig):
     import torch
 
     from raytopk.train.local import LocalSession
-    from raytopk.train.loop import train_key
+    from raytopk.train.session import train_key
 
     prep = prepare(cfg)
     session = LocalSession(prep, dataset_specs(prep), torch.device("cpu"), False)

@@ -16,6 +16,7 @@ from local_runs import DAYS, local_config
 from raytopk.train import local as local_backend
 from raytopk.train.config import TrainConfig
 from raytopk.train.driver import run
+from raytopk.train.events import StepReport
 
 
 def _cfg(data: Path, out: Path, *extra: str) -> TrainConfig:
@@ -38,10 +39,10 @@ def test_time_budget_excludes_a_slow_start_and_the_reports(
         time.sleep(start)
         yield from real_groups(*args, **kwargs)
 
-    def slow_report(self, metrics, *args, **kwargs):  # every report is a slow barrier
-        if metrics.get("kind") == "step":
+    def slow_report(self, report, *args, **kwargs):  # every step report is a slow barrier
+        if isinstance(report, StepReport):
             time.sleep(barrier)
-        return real_report(self, metrics, *args, **kwargs)
+        return real_report(self, report, *args, **kwargs)
 
     monkeypatch.setattr(local_backend, "iter_local_groups", slow_start)
     monkeypatch.setattr(local_backend.LocalSession, "report", slow_report)
@@ -55,10 +56,10 @@ def test_time_budget_excludes_a_slow_start_and_the_reports(
     # ... the slowed start and the report barriers went to the excluded time ...
     ex = m["excluded_seconds"]
     assert ex["first_batch_wait"] >= start - 0.05
-    assert ex["reports"] >= barrier * (len(clock) - 1)
+    assert ex["between_steps"] >= barrier * (len(clock) - 1)
     # ... and not also into the step clock: the run's wall time holds them once (no timing of
     # the machine is asserted, so a loaded machine cannot fail this).
-    assert m["train_seconds"] + ex["first_batch_wait"] + ex["reports"] <= m["wall_seconds"]
+    assert m["train_seconds"] + ex["first_batch_wait"] + ex["between_steps"] <= m["wall_seconds"]
 
 
 def test_sample_budget_stops_at_the_cap(tiny: Path, tmp_path: Path) -> None:
@@ -96,7 +97,7 @@ def test_a_second_epoch_draws_new_shuffles_and_negatives(
 
 def test_epoch_seeds_and_dataset_names() -> None:
     from raytopk.train.driver import day_seed
-    from raytopk.train.loop import EPOCH_DATASETS, train_key
+    from raytopk.train.session import EPOCH_DATASETS, train_key
 
     assert day_seed(42, 0, 3) == 45  # epoch 0: what a one-pass run always drew
     seeds = {day_seed(42, e, d) for e in range(4) for d in range(5)}

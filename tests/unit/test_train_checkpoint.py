@@ -20,6 +20,7 @@ from raytopk.train.checkpoint import (
     save_state,
     set_rng_state,
 )
+from raytopk.train.events import Where
 
 
 def _state() -> dict:
@@ -109,6 +110,9 @@ def test_position_ignores_unknown_fields() -> None:
     assert (p.item, p.global_step, p.step) == (2, 5, 0)
 
 
+_WHERE = Where(0, 0, "2024-01-14", 1, 2, 1, 1, 16, 0.5)
+
+
 def test_anytime_curve_survives_a_checkpoint(tmp_path: Path) -> None:
     # A run interrupted after some anytime points and resumed from its checkpoint reports the
     # whole curve, not only the points evaluated after the restart.
@@ -118,7 +122,7 @@ def test_anytime_curve_survives_a_checkpoint(tmp_path: Path) -> None:
     run = RunConfig(max_samples=64, eval_at_samples=[16, 32, 48], valid_day="2024-01-15")
     pos = Position(samples_seen=16, global_step=1)
     first = Anytime(run, pos, 1, torch.device("cpu"))
-    first.evaluate({}, pos, lambda: {"joint_recall@10@20": 0.25})
+    first.evaluate(_WHERE, pos, lambda: {"joint_recall@10@20": 0.25})
     st = _state()
     st["position"] = pos.to_dict()
     save_state(tmp_path, st)
@@ -128,7 +132,8 @@ def test_anytime_curve_survives_a_checkpoint(tmp_path: Path) -> None:
     assert resumed.done == 1  # the point at 16 is not evaluated again
     back.samples_seen, back.global_step = 32, 3
     assert resumed.due(back)
-    resumed.evaluate({}, back, lambda: {"joint_recall@10@20": 0.5})
-    curve = resumed.summary(back)["anytime_curve"]
+    report = resumed.evaluate(_WHERE, back, lambda: {"joint_recall@10@20": 0.5})
+    assert report.point == 2 and report.valid == {"valid_joint_recall@10@20": 0.5}
+    curve = resumed.summary()["anytime_curve"]
     assert [p["valid_joint_recall@10@20"] for p in curve] == [0.25, 0.5]
     assert [p["samples_seen"] for p in curve] == [16, 32]
