@@ -113,9 +113,11 @@ def _append_row(path: Path, row: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
-def _row(m: dict[str, Any], t: dict[str, Any], error: Any, stages: int, clock: str
-         ) -> dict[str, Any]:
-    """A trial's row: its final report, or why it has none (stopped early by ASHA, or died)."""
+def _row(m: dict[str, Any], t: dict[str, Any], error: Any, stages: int, clock: str,
+         points: list[list[float]] | None = None) -> dict[str, Any]:
+    """A trial's row: its final report, or why it has none (stopped early by ASHA, or died).
+    ``points``: its validation points as [clock, value] pairs (``asha_points``: what ASHA saw,
+    so that a resumed study's ASHA judges the trials left against them)."""
     if "status" not in m:
         head = valid_metric(headline_key(stages))
         if error is None and head in m:
@@ -129,6 +131,8 @@ def _row(m: dict[str, Any], t: dict[str, Any], error: Any, stages: int, clock: s
         m = {**{k: t.get(k, "") for k in ident}, **last, "status": why}
     if "train" in t:
         m["config_digest"] = config_digest(t["train"])
+    if points:
+        m["asha_points"] = points
     return m
 
 
@@ -145,17 +149,23 @@ class RowLogger(_callback_base()):  # type: ignore[misc]
 
     def __init__(self, path: Path, stages: int, clock: str) -> None:
         self.path, self.stages, self.clock = path, stages, clock
+        self.head = valid_metric(headline_key(stages))
         self.done: set[str] = set()
+        self.points: dict[str, list[list[float]]] = {}  # trial_id -> [clock, head] pairs
 
     def _log(self, trial: Any, m: dict[str, Any], error: Any = None) -> None:
         if trial.trial_id in self.done:
             return
         self.done.add(trial.trial_id)
         t = (trial.config or {}).get("trial") or {}
-        _append_row(self.path, _row(dict(m or {}), t, error, self.stages, self.clock))
+        points = self.points.pop(trial.trial_id, None)
+        _append_row(self.path, _row(dict(m or {}), t, error, self.stages, self.clock, points))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
+        if self.clock in result and self.head in result and "status" not in result:
+            pair = [float(result[self.clock]), float(result[self.head])]
+            self.points.setdefault(trial.trial_id, []).append(pair)
         if "status" in result:
             self._log(trial, result)
 
@@ -194,6 +204,8 @@ def run_experiment(study: Any, name: str, trials: list[dict[str, Any]], trainabl
             run_config=RunConfig(name=exp, storage_path=str(storage_dir(study)), verbose=0,
                                  callbacks=[RowLogger(row_log(study), stages, clock)]),
         )
+        if hasattr(scheduler, "replay"):  # ASHA's rungs as the logged trials left them
+            scheduler.replay(rows, clock)
         logged_now = len(rows)
         for result in tuner.fit():
             t = (result.config or {}).get("trial") or {}

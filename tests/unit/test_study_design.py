@@ -272,3 +272,48 @@ def test_grouped_asha_judges_each_seed_against_its_own_runs() -> None:
     sched.on_trial_add(None, c2)
     assert sched.on_trial_result(None, c2, {"samples_seen": 10, "valid_m": 0.4}) == "STOP"
     assert sched.stopped == ["c2"]
+
+
+def test_grouped_asha_replay_decides_as_an_uninterrupted_run() -> None:
+    # A study interrupted mid-selection resumes from its row log: the trials left must be judged
+    # against the logged ones as they would have been without the interruption.
+    import random
+
+    rng = random.Random(0)
+    points = [12.0, 36.0, 60.0, 96.0]  # the validation points (clock values) of every trial
+    runs = {f"t{i}": [rng.random() for _ in points] for i in range(12)}  # value per point
+
+    def sched() -> GroupedASHA:
+        return GroupedASHA("valid_m", "samples_seen", max_t={"dftopk-n0": 96.0},
+                           grace_period={"dftopk-n0": 12.0}, reduction_factor=3.0)
+
+    def play(s: GroupedASHA, name: str) -> tuple[str, list[list[float]]]:
+        t = _Trial(trial_id=name, config={"trial": {"group": "dftopk-n0", "seed": 1}})
+        s.on_trial_add(None, t)
+        seen = []
+        for x, v in zip(points, runs[name]):
+            seen.append([x, v])
+            if s.on_trial_result(None, t, {"samples_seen": x, "valid_m": v}) == "STOP":
+                return "STOP", seen
+        s.on_trial_complete(None, t, {"samples_seen": points[-1], "valid_m": runs[name][-1]})
+        return "DONE", seen
+
+    whole = sched()
+    expected = {name: play(whole, name)[0] for name in runs}
+    assert "STOP" in expected.values() and "DONE" in expected.values()
+
+    first = sched()
+    logged = []
+    for name in list(runs)[:6]:  # the run is interrupted after six trials ...
+        decision, seen = play(first, name)
+        logged.append({"phase": "select", "op": "dftopk", "sample_num": 0, "seed": 1,
+                       "asha_points": seen})
+    resumed = sched()
+    assert resumed.replay(logged, "samples_seen") == sum(len(r["asha_points"]) for r in logged)
+    # ... and the six left decide as they did in the uninterrupted run; without the replay the
+    # first of them would face empty rungs and could not be stopped at all.
+    left = list(runs)[6:]
+    assert "STOP" in [expected[n] for n in left]
+    assert {n: play(resumed, n)[0] for n in left} == {n: expected[n] for n in left}
+    fresh = sched()
+    assert play(fresh, "t6")[0] == "DONE"
