@@ -73,6 +73,7 @@ from raytopk.data.request_rows import (
     items_table,
     time_features,
 )
+from raytopk.progress import Progress
 
 __all__ = [
     "convert",
@@ -253,9 +254,11 @@ def convert(
     (out / "requests").mkdir(parents=True, exist_ok=True)
     (out / "_per_day").mkdir(exist_ok=True)
     done, skipped = [], []
+    progress = Progress(f"converting into {out}", len(wanted), "days")
     for day in wanted:
         if _day_done(out, day) and not overwrite:
             skipped.append(day)
+            progress.advance()
             continue
         tmp = out / f".tmp-{day}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
@@ -270,6 +273,8 @@ def convert(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         done.append(day)
+        progress.advance()
+    progress.done()
 
     present = sorted(
         p.name[4:] for p in (out / "requests").glob("day=*") if _day_done(out, p.name[4:])

@@ -61,6 +61,7 @@ from raytopk.data.synthetic_world import (
     day_start_ms,
     warm_up_histories,
 )
+from raytopk.progress import Progress
 
 __all__ = [
     "generate",
@@ -415,8 +416,11 @@ def generate(
     hist = warm_up_histories(world, rng)
     next_rid = 7_000_000_000
     gen = {"density": density, "p_short_rank": p_short_rank, "rank_pos_quirks": rank_pos_quirks}
+    progress = Progress(f"generating {raw}", days, "days")
     for day in day_names(days):
         next_rid = _write_day(raw, day, world, hist, rng, requests_per_day, next_rid, gen)
+        progress.advance()
+    progress.done()
     with open(raw / "others" / "id_cnt.pkl", "wb") as f:
         pickle.dump(dict(world.id_cnt), f, protocol=4)
     return raw

@@ -24,6 +24,7 @@ from torch import nn
 from raytopk.data import schema
 from raytopk.data.batch import CascadeBatch
 from raytopk.metrics import CascadeMetrics, eval_cuts, stage_names
+from raytopk.progress import Progress
 from raytopk.train.model import CascadeModel
 
 __all__ = ["evaluate", "random_key"]
@@ -47,8 +48,10 @@ def evaluate(
     k: int = schema.K_TRUTH,
     corpus_items: dict[str, np.ndarray] | None = None,
     corpus_ms: list[int] | tuple[int, ...] = (),
+    progress: Progress | None = None,
 ) -> dict[str, float]:
     """docs/protocol.md §4.5 metrics over ``batches`` (this worker's share of the test day).
+    ``progress``: advanced once per batch (a long evaluation's progress lines).
 
     Sums and counts are all-reduced when torch.distributed runs several workers. Also returns
     the exact expectation of each recall when the stages pick at random (a stage keeping c of n
@@ -85,6 +88,10 @@ def evaluate(
             pos_mask = batch.cand_mask[:, : schema.GROUP_SIZE].cpu().numpy()  # rank_pos slots
             vids = batch.items[:, : schema.GROUP_SIZE, 0].cpu().numpy()
             positives += [v[m] for v, m in zip(vids, pos_mask)]
+        if progress is not None:
+            progress.advance()
+    if progress is not None:
+        progress.done()
     out = dict(metrics.compute())
     if _distributed():
         rand = rand.to(device)

@@ -1,6 +1,6 @@
-"""What a training run shows and leaves behind: progress.csv, the console lines, metrics.json's
-table, curves.png. Plain Python on plain dicts: the Ray side (a controller-side callback) is
-``raytopk.ray_env.progress_callback`` around :class:`ProgressLog`.
+"""What a training run shows and leaves behind: progress.csv, TensorBoard event files, the console
+lines, metrics.json's table, curves.png. Plain Python on plain dicts: the Ray side (a
+controller-side callback) is ``raytopk.ray_env.progress_callback`` around :class:`ProgressLog`.
 
 Metric names come from ``raytopk.metrics.metric_keys`` (one place), so a 3-stage cascade's
 headline (``joint_recall@10@10``) shows wherever a 2-stage one's (``joint_recall@10@20``) does.
@@ -18,6 +18,7 @@ from typing import Any
 from raytopk.metrics import headline_key, metric_keys
 from raytopk.train.evaluate import random_key
 from raytopk.train.events import DayReport, StepReport, describe, is_last
+from raytopk.train.tensorboard import EventLog
 
 __all__ = [
     "eta_text",
@@ -37,8 +38,9 @@ LAST_REPORT = "last_report.json"
 
 
 class ProgressLog:
-    """After each report: one progress.csv row and one console line (throughput summed over
-    workers, data wait averaged); the final report also goes to ``LAST_REPORT``."""
+    """After each report: one progress.csv row, its scalars in TensorBoard event files
+    (raytopk.train.tensorboard) and one console line (throughput summed over workers, data wait
+    averaged); the final report also goes to ``LAST_REPORT``."""
 
     def __init__(
         self,
@@ -53,6 +55,7 @@ class ProgressLog:
         self.run_name, self.num_stages, self.verbose = run_name, num_stages, verbose
         self.total_samples = int(total_samples)  # the run's training requests (0: unknown)
         self.rows: list[dict[str, Any]] | None = None
+        self.events = EventLog(out_dir)
 
     def _load(self) -> list[dict[str, Any]]:
         if self.rows is None:
@@ -90,6 +93,9 @@ class ProgressLog:
             w.writeheader()
             w.writerows(rows)
         os.replace(tmp, self.csv_path)
+        self.events.write(m0)
+        if is_last(m0):
+            self.events.close()
         if self.verbose:
             line = progress_line(self.run_name, m0, self.num_stages)
             if m0.get("kind") == StepReport.KIND and self.total_samples:

@@ -21,6 +21,7 @@ from raytopk.losses.forms import is_operator
 from raytopk.models.attention import resolve_impl
 from raytopk.models.attention import warmup as warmup_attention
 from raytopk.ops import warmup as warmup_op
+from raytopk.progress import Progress
 from raytopk.train.checkpoint import Position, load_state, rng_state, save_state, set_rng_state
 from raytopk.train.config import TrainConfig
 from raytopk.train.evaluate import evaluate
@@ -132,10 +133,14 @@ class Trainer:
         self._upcoming.clear()
 
     def evaluate(self, key: str, **corpus: Any) -> dict[str, float]:
-        """Evaluate dataset ``key`` (every rank: evaluation all-reduces)."""
+        """Evaluate dataset ``key`` (every rank: evaluation all-reduces); rank 0 prints progress
+        lines when it takes long."""
         cfg = self.cfg
-        batches = self.batches(key, cfg.data.eval_batch_size, cfg.run.eval_max_batches)
-        return evaluate(self.cascade, batches, self.device, k=cfg.loss.k_truth, **corpus)
+        cap = cfg.run.eval_max_batches
+        batches = self.batches(key, cfg.data.eval_batch_size, cap)
+        progress = Progress(f"evaluating {key}", cap or None, "batches", enabled=self.rank == 0)
+        return evaluate(self.cascade, batches, self.device, k=cfg.loss.k_truth,
+                        progress=progress, **corpus)  # fmt: skip
 
     # ---- one step ----
 

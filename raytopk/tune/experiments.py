@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from raytopk.metrics import headline_key
+from raytopk.progress import Progress
 from raytopk.train.anytime import valid_metric
 
 __all__ = [
@@ -147,8 +148,10 @@ class RowLogger(_callback_base()):  # type: ignore[misc]
     report, or its end without one: ASHA, failure), so an interrupted study loses only the
     trials that were running."""
 
-    def __init__(self, path: Path, stages: int, clock: str) -> None:
+    def __init__(self, path: Path, stages: int, clock: str, progress: Progress | None = None
+                 ) -> None:  # fmt: skip
         self.path, self.stages, self.clock = path, stages, clock
+        self.progress = progress  # one line per finished trial, with the experiment's ETA
         self.head = valid_metric(headline_key(stages))
         self.done: set[str] = set()
         self.points: dict[str, list[list[float]]] = {}  # trial_id -> [clock, head] pairs
@@ -160,6 +163,8 @@ class RowLogger(_callback_base()):  # type: ignore[misc]
         t = (trial.config or {}).get("trial") or {}
         points = self.points.pop(trial.trial_id, None)
         _append_row(self.path, _row(dict(m or {}), t, error, self.stages, self.clock, points))
+        if self.progress is not None:
+            self.progress.advance()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
@@ -197,12 +202,13 @@ def run_experiment(study: Any, name: str, trials: list[dict[str, Any]], trainabl
               f"{row_log(study)}; running {len(todo)}", flush=True)
     if todo:
         exp = f"{name}_{final_tag(todo)}"
+        progress = Progress(name, len(todo), "trials", every=0.0, enabled=verbose)
         tuner = Tuner(
             trainable,
             param_space={"trial": ray.tune.grid_search(todo)},
             tune_config=TuneConfig(max_concurrent_trials=conc, scheduler=scheduler),
             run_config=RunConfig(name=exp, storage_path=str(storage_dir(study)), verbose=0,
-                                 callbacks=[RowLogger(row_log(study), stages, clock)]),
+                                 callbacks=[RowLogger(row_log(study), stages, clock, progress)]),
         )
         if hasattr(scheduler, "replay"):  # ASHA's rungs as the logged trials left them
             scheduler.replay(rows, clock)
