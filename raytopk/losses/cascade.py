@@ -57,6 +57,7 @@ from torch import nn
 from raytopk.data.batch import CascadeBatch
 from raytopk.data.labels import ground_truth
 from raytopk.losses.forms import method_spec, resolve_form
+from raytopk.ops import check_param
 
 __all__ = [
     "CascadeTopKLoss",
@@ -143,7 +144,9 @@ def check_ks(ks: Sequence[int]) -> list[int]:
 
 
 def resolve_op_params(op: str, op_params: Mapping[str, float] | None) -> dict[str, float]:
-    """{param: value} for ``op``; a missing param takes the registry's RecFlow default."""
+    """{param: value} for ``op``; a missing param takes the registry's RecFlow default (the one
+    place it is filled: the config's validation and the loss both call this). ValueError /
+    TypeError naming the parameter when it is unknown, not a number, not finite or not > 0."""
     spec = method_spec(op)
     params = dict(op_params or {})
     if not spec.param:  # a baseline without a parameter
@@ -157,7 +160,7 @@ def resolve_op_params(op: str, op_params: Mapping[str, float] | None) -> dict[st
             f"its parameter is {spec.param!r}"
         )
     params.setdefault(spec.param, spec.default)
-    return params
+    return {spec.param: check_param(spec.param, params[spec.param])}
 
 
 def _float_scores(x: torch.Tensor) -> torch.Tensor:

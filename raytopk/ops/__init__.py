@@ -4,6 +4,7 @@
 """
 
 from raytopk.ops._registry import OpSpec, get_op, get_spec, list_ops, register, unregister
+from raytopk.ops._validate import check_param
 
 # Importing a module registers its operator; the order here is the order of list_ops().
 from raytopk.ops import dftopk  # noqa: E402,F401  isort: skip
@@ -13,7 +14,16 @@ from raytopk.ops import neuralsort  # noqa: E402,F401  isort: skip
 from raytopk.ops import softsort  # noqa: E402,F401  isort: skip
 from raytopk.ops import diffsort  # noqa: E402,F401  isort: skip
 
-__all__ = ["OpSpec", "get_op", "get_spec", "list_ops", "register", "unregister", "warmup"]
+__all__ = [
+    "OpSpec",
+    "check_param",
+    "get_op",
+    "get_spec",
+    "list_ops",
+    "register",
+    "unregister",
+    "warmup",
+]
 
 
 def warmup(name: str, dtypes: tuple = ("float32",)) -> None:

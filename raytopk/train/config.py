@@ -234,17 +234,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """
     cfg = from_dict(to_dict(cfg))  # a copy
     # Deferred: importing the config (YAML, dataclasses) stays light; validation needs torch.
+    from raytopk.losses.cascade import resolve_op_params
     from raytopk.losses.forms import is_operator, list_methods, resolve_form
     from raytopk.models import SCORER_KINDS  # build_scorer kinds (docs/design.md, Contract: model)
-    from raytopk.ops import get_spec
 
     if cfg.op.name not in list_methods():
         raise ConfigError(f"op.name: unknown operator {cfg.op.name!r}; valid: {list_methods()}")
     if is_operator(cfg.op.name):
-        spec = get_spec(cfg.op.name)
-        params = dict(cfg.op.params)
-        params.setdefault(spec.param, float(spec.default))
-        cfg.op.params = params
+        try:  # the registry's default when absent; unknown names and bad values are errors
+            cfg.op.params = resolve_op_params(cfg.op.name, cfg.op.params)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"op.params of {cfg.op.name}: {e}") from e
     elif cfg.op.params:
         raise ConfigError(
             f"op.params: {cfg.op.name!r} is a baseline without an operator and takes no "

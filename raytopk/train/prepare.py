@@ -1,9 +1,10 @@
 """Everything about a training run that can be checked before Ray starts (no Ray needed).
 
 :func:`prepare` prepares synthetic data when configured, reads the dataset's ``meta.json``,
-resolves and checks the training days and the test day (docs/protocol.md §4.4), checks the
-operator's parameters by building the loss once, and - when ``run.output_dir`` already holds a run -
-loads its latest checkpoint to make sure it is readable and fits this config. Each problem fails
+resolves and checks the training days and the test day (docs/protocol.md §4.4) and - when
+``run.output_dir`` already holds a run - loads its latest checkpoint to make sure it is readable
+and fits this config (the config's own values, the operator's parameters among them, are checked
+by ``raytopk.train.config.validate``, which runs first). Each problem fails
 fast with a message naming the path, day, key or value, before any worker starts.
 """
 
@@ -79,7 +80,10 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
-    """Validate everything that can be checked before Ray starts; resolve days and paths."""
+    """Get a run ready before Ray starts: validate the config, generate the synthetic dataset
+    when ``data.synthetic`` asks for one and it is absent, resolve and check the days, paths and
+    an existing checkpoint. Raises ConfigError / ValueError / CheckpointError naming the key,
+    path or day."""
     cfg = validate(cfg)
     d = cfg.data
     if d.synthetic.enabled and not (d.path and (Path(d.path) / "meta.json").is_file()):
@@ -137,20 +141,6 @@ def prepare(cfg: TrainConfig) -> Prepared:
     items_path = None
     if cfg.run.corpus_ms and cfg.model.stages[0] == "dssm":
         items_path = str(path)
-
-    # The operator's parameters are checked by the loss itself (names, ranges): build it once.
-    from raytopk.losses import build_loss
-
-    try:
-        build_loss(
-            cfg.op.name,
-            dict(cfg.op.params),
-            list(cfg.loss.ks),
-            k_truth=cfg.loss.k_truth,
-            form=cfg.loss.form,
-        )
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"op {cfg.op.name} with params {cfg.op.params}: {e}") from e
 
     out_dir = Path(cfg.run.output_dir).resolve()
     cfg.run.output_dir = str(out_dir)

@@ -12,6 +12,8 @@ dependency of Ray Tune); a resumed run adds a new events file to the same folder
 from __future__ import annotations
 
 import math
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +58,19 @@ class EventLog:
             from tensorboardX import SummaryWriter
 
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(str(self.dir), flush_secs=5)
+            # A unique suffix: two writers opened in one second must not share a file name.
+            suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            self._writer = SummaryWriter(str(self.dir), flush_secs=5, filename_suffix=suffix)
         step = int(m.get("global_step", 0))
         for tag, value in scalars.items():
             self._writer.add_scalar(tag, value, step)
         if m.get("kind") in ("valid", "day", "final"):
             self._writer.flush()  # rare and worth seeing at once
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Ray may pickle the progress log again after a restart; tensorboardX's writer holds a
+        # multiprocessing queue that cannot be pickled: a copy opens its own writer when needed.
+        return {**self.__dict__, "_writer": None}
 
     def close(self) -> None:
         if self._writer is not None:

@@ -43,3 +43,19 @@ def test_a_run_writes_tensorboard_scalars_as_it_reports(tiny: Path, tmp_path: Pa
     (step, recall), = got["test/joint_recall_10_20"]  # tensorboardX writes "@" as "_"
     assert step == m["global_step"] and abs(recall - m["joint_recall@10@20"]) < 1e-6
     assert not any(tag.endswith(("/rank", "/global_step", "/samples_seen")) for tag in got)
+
+
+def test_the_event_log_survives_pickling_after_it_opened_its_writer(tmp_path: Path) -> None:
+    # Ray pickles the progress log again when it restarts a worker group; the open tensorboardX
+    # writer (a multiprocessing queue inside) must not travel with it.
+    import pickle
+
+    from raytopk.train.tensorboard import EventLog
+
+    log = EventLog(tmp_path)
+    log.write({"kind": "step", "global_step": 1, "loss": 0.5})
+    copy = pickle.loads(pickle.dumps(log))
+    copy.write({"kind": "step", "global_step": 2, "loss": 0.25})
+    log.close()
+    copy.close()
+    assert sorted(s for s, _ in _scalars(tmp_path / TB_DIR)["step/loss"]) == [1, 2]
