@@ -43,7 +43,7 @@ def diagnose(model, batches, scale: float = 1.0) -> dict[str, float]:
     import torch
 
     from raytopk.data.labels import ground_truth
-    from raytopk.losses.cascade import stage_membership
+    from raytopk.losses.joint import stage_membership
 
     loss = model.loss
     sums: dict[str, float] = {}
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from raytopk.data.batch import collate
-    from raytopk.data.local import iter_local_groups
+    from raytopk.data.local_reader import iter_local_groups
     from raytopk.losses import forms_for
     from raytopk.losses.forms import default_form
     from raytopk.train.checkpoint import load_state

@@ -10,7 +10,7 @@ Operator level: forward and forward+backward (BCE against a top-k label) timed s
 B ∈ {1, 1024}, N ∈ {10, 40, 200, 1000, 10⁴, 10⁵}, k ∈ {10, N//2} (clipped to N − 1), plus the target
 shape (B=64, N=10⁵, k=100; docs/protocol.md §5.3); peak extra memory of forward+backward.
 Definitions (what is timed, how memory is measured on CPU and CUDA, the skip rules) are in
-raytopk/bench/sweeps.py, raytopk/bench/harness.py and raytopk/bench/step.py.
+raytopk/bench/op_sweeps.py, raytopk/bench/harness.py and raytopk/bench/step.py.
 
 Writes <out>/bench_ops.json (machine, settings, every record, target summary),
 <out>/bench_ops_operator.png and <out>/bench_ops_step.png; prints markdown tables. Imports
@@ -31,15 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from raytopk.bench.machine import machine_info  # noqa: E402
-from raytopk.bench.report import (  # noqa: E402
-    TARGET_SHAPES,
-    markdown_headline,
-    markdown_operator_tables,
-    plot,
-    targets,
-)
-from raytopk.bench.step import STEP_SIZES, bench_steps, markdown_step_table  # noqa: E402
-from raytopk.bench.sweeps import (  # noqa: E402
+from raytopk.bench.op_sweeps import (  # noqa: E402
     HEADLINE_SHAPES,
     bench_operators,
     build_lines,
@@ -47,6 +39,14 @@ from raytopk.bench.sweeps import (  # noqa: E402
     measure_memory,
     operator_configs,
 )
+from raytopk.bench.op_tables import (  # noqa: E402
+    TARGET_SHAPES,
+    markdown_headline,
+    markdown_operator_tables,
+    plot,
+    targets,
+)
+from raytopk.bench.step import STEP_SIZES, bench_steps, markdown_step_table  # noqa: E402
 
 __all__ = ["main", "parse_args", "settings", "run", "targets", "plot"]
 

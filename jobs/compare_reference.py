@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from raytopk.data.batch import collate
     from raytopk.data.convert import read_meta
-    from raytopk.data.local import iter_local_groups
+    from raytopk.data.local_reader import iter_local_groups
     from raytopk.train.checkpoint import load_state
     from raytopk.train.driver import load_run_config
     from raytopk.train.evaluate import evaluate

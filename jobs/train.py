@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from raytopk.train.checkpoint import CheckpointError
     from raytopk.train.driver import TrainingStopped, run
-    from raytopk.train.report import metrics_table
+    from raytopk.train.outputs import metrics_table
 
     t0 = time.perf_counter()
     if cfg.run.backend == "ray":  # the local backend trains in this process: no Ray at all

@@ -155,7 +155,7 @@ def report_metrics(
 
 class RayTrainSession:
     """The five steps of ``raytopk.train.loop.train_loop`` that Ray Train does, in a Train worker
-    (``raytopk.train.local.LocalSession`` does the same without Ray)."""
+    (``raytopk.train.local_session.LocalSession`` does the same without Ray)."""
 
     def __init__(self) -> None:
         import ray.train
@@ -176,7 +176,7 @@ class RayTrainSession:
 
     def dataset(self, key: str, batch_size: int, prefetch: int) -> Any:
         """This worker's share of dataset ``key`` (a ``DataIterator``; Ray Data samples the
-        negatives), for ``raytopk.data.batches.CascadeBatches``."""
+        negatives), for ``raytopk.data.loader.CascadeBatches``."""
         import ray.train
 
         return ray.train.get_dataset_shard(key)

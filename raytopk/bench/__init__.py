@@ -24,6 +24,7 @@ machine with only torch, numba and matplotlib installed.
 
 from raytopk.bench.harness import peak_memory, time_fn
 from raytopk.bench.machine import machine_info
+from raytopk.bench.op_sweeps import bench_operators
 from raytopk.bench.reference import (
     authors_dftopk,
     authors_dftopk_logits,
@@ -31,7 +32,6 @@ from raytopk.bench.reference import (
     full_sort_logits,
 )
 from raytopk.bench.step import ToyDSSM, bench_steps
-from raytopk.bench.sweeps import bench_operators
 
 __all__ = [
     "ToyDSSM",

@@ -164,7 +164,7 @@ def bench_pipeline(out: Path, day: str, sample_num: int, batch_size: int) -> dic
     """The training pipeline on one day: ``build_train_dataset`` read through the iterator
     training uses (``CascadeBatches``); "first" = a new dataset's first iteration (planning,
     reading, the within-day sort), "steady" = the median of re-iterations."""
-    from raytopk.data.batches import CascadeBatches
+    from raytopk.data.loader import CascadeBatches
     from raytopk.data.pipeline import build_train_dataset
 
     ds = build_train_dataset(out, [day], sample_num=sample_num, batch_size=batch_size, seed=0)

@@ -26,7 +26,7 @@ import torch
 
 from raytopk.bench.harness import sync
 from raytopk.train.events import FinalReport, Report, StepReport
-from raytopk.train.local import LocalSession
+from raytopk.train.local_session import LocalSession
 from raytopk.train.measure import PhaseTimer
 
 __all__ = ["GOAL", "goal", "measure_configs", "train_configs"]

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from raytopk.bench.harness import calibrated_interleaved, timing_record
+from raytopk.bench.op_sweeps import HEADLINE_SHAPES
 from raytopk.bench.reference import authors_dftopk_logits, elementwise_floor_loss
-from raytopk.bench.sweeps import HEADLINE_SHAPES
 from raytopk.ops.dftopk import DEFAULT_TAU, TORCH_SELECTS, dftopk_logits
 
 __all__ = ["SELECT_SHAPES", "device_selects", "compare_selects", "recommend"]

@@ -29,7 +29,7 @@ def materialise(
     """The CascadeBatches the Ray path would train on (the pipeline's own transforms, read by the
     local backend's reader: the same batches as a 1-worker Ray run), in memory."""
     from raytopk.data.batch import collate
-    from raytopk.data.local import iter_local_groups
+    from raytopk.data.local_reader import iter_local_groups
 
     out = []
     groups = iter_local_groups(

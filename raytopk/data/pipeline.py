@@ -31,7 +31,7 @@ Determinism (same path, days, seed -> the same rows in the same order with the s
   only the dataset's last block smaller), whatever the layout after the sort; the sampling UDF
   cuts each block into runs of ``batch_size``, so the groups are the consecutive runs of
   ``batch_size`` requests of the whole dataset (the last one smaller; a group may span a day
-  boundary). Iterating with the same ``batch_size`` (``raytopk.data.batches.CascadeBatches``)
+  boundary). Iterating with the same ``batch_size`` (``raytopk.data.loader.CascadeBatches``)
   therefore yields exactly the sampling groups: each
   batch's negatives come from that very batch, as in the paper;
 - each group's generator is seeded by (seed, sample_num, the group's first request_id, its size).

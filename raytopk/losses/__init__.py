@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from raytopk.losses.cascade import CascadeTopKLoss, combine, topk_stage_loss
 from raytopk.losses.forms import (
     BASELINES,
     FORMS,
@@ -25,6 +24,7 @@ from raytopk.losses.forms import (
     method_spec,
     resolve_form,
 )
+from raytopk.losses.joint import CascadeTopKLoss, combine, topk_stage_loss
 from raytopk.losses.lcron import LCRONLoss, lcron_single_stage_loss
 
 __all__ = [

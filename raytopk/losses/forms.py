@@ -10,7 +10,7 @@ baselines, so the operator contract tests never apply to them.
 
 Forms (``loss.form``; ``auto`` = ``default_form(method)``):
 
-- ``bce``: L_s = BCE(p, y), L_J = BCE(q, y) in log space (losses.cascade). DFTopK, the bce
+- ``bce``: L_s = BCE(p, y), L_J = BCE(q, y) in log space (losses.joint). DFTopK, the bce
   baseline: log p = logσ(z) exactly (z the logits), never saturates. LapSum, sparse top-k:
   logs of p clamped at the dtype's tiny (torch's BCE clamp): a positive at p = 0 costs
   −log(tiny) ≈ 87 with zero gradient (docs/protocol.md §3.5).

@@ -30,7 +30,7 @@ priority −1 (below every valid priority, the lowest being 0) in the label rela
 left out of every mean. A stage whose k_s ≥ #valid keeps every item of the row: there u = 1,
 d = 0 are set exactly, the row is left out of L_s, the stage contributes the factor 1 / 0 to the
 joint products, and rows where every stage keeps everything are left out of L_J (as in the BCE
-cascade loss, raytopk.losses.cascade).
+cascade loss, raytopk.losses.joint).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from torch import nn
 
 from raytopk.data.batch import CascadeBatch
 from raytopk.data.labels import ground_truth
-from raytopk.losses.cascade import (
+from raytopk.losses.joint import (
     check_k,
     check_ks,
     combine,

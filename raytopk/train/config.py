@@ -234,8 +234,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """
     cfg = from_dict(to_dict(cfg))  # a copy
     # Deferred: importing the config (YAML, dataclasses) stays light; validation needs torch.
-    from raytopk.losses.cascade import resolve_op_params
     from raytopk.losses.forms import is_operator, list_methods, resolve_form
+    from raytopk.losses.joint import resolve_op_params
     from raytopk.models import SCORER_KINDS  # build_scorer kinds (docs/design.md, Contract: model)
 
     if cfg.op.name not in list_methods():

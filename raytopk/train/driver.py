@@ -13,7 +13,7 @@
 4. ``TorchTrainer`` (Ray Train V2) with ``RunConfig(storage_path=run.output_dir,
    name="checkpoints", CheckpointConfig, FailureConfig(max_failures))``; Ray restores its latest
    checkpoint when the same output_dir is run again, and after a worker failure;
-5. outputs in ``run.output_dir`` (raytopk.train.report): ``config.yaml`` (resolved),
+5. outputs in ``run.output_dir`` (raytopk.train.outputs): ``config.yaml`` (resolved),
    ``progress.csv`` (written live from the controller, which also prints progress),
    ``checkpoints/``, ``metrics.json`` and ``curves.png``.
 """
@@ -31,6 +31,7 @@ import yaml
 
 from raytopk import ray_env
 from raytopk.train.config import TrainConfig, dump_yaml, from_dict, to_dict
+from raytopk.train.outputs import LAST_REPORT, ProgressLog, plot_curves, read_last_report
 from raytopk.train.prepare import (
     CHECKPOINTS,
     Prepared,
@@ -38,7 +39,6 @@ from raytopk.train.prepare import (
     planned_samples,
     prepare,
 )
-from raytopk.train.report import LAST_REPORT, ProgressLog, plot_curves, read_last_report
 from raytopk.train.resources import plan_resources
 from raytopk.train.session import LoopSpec
 
@@ -60,7 +60,7 @@ class TrainingStopped(RuntimeError):
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One dataset of a run, as both backends build it (Ray Data, or raytopk.data.local)."""
+    """One dataset of a run, as both backends build it (Ray Data, or raytopk.data.local_reader)."""
 
     days: tuple[str, ...]
     train: bool  # shuffled within each day, sample_num negatives; else the evaluation protocol
@@ -188,7 +188,7 @@ def _announce(prep: Prepared, where: str) -> None:
 
 
 def _run_local(prep: Prepared, verbose: bool, on_report: Any = None) -> bool:
-    from raytopk.train.local import LocalSession, local_device
+    from raytopk.train.local_session import LocalSession, local_device
     from raytopk.train.loop import train_loop
 
     cfg = prep.cfg

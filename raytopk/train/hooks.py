@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from raytopk.data.batch import CascadeBatch
-    from raytopk.data.batches import CascadeBatches
+    from raytopk.data.loader import CascadeBatches
     from raytopk.train.trainer import Step, Trainer
 
 __all__ = ["Hook", "Hooks"]

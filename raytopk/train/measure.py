@@ -27,7 +27,7 @@ from raytopk.train.hooks import Hook
 
 if TYPE_CHECKING:
     from raytopk.data.batch import CascadeBatch
-    from raytopk.data.batches import CascadeBatches
+    from raytopk.data.loader import CascadeBatches
     from raytopk.train.trainer import Step, Trainer
 
 __all__ = [

@@ -1,7 +1,8 @@
-"""What one worker's training loop receives (``LoopSpec``) and the five steps a backend provides
-(``Session``): Ray Train's (``raytopk.ray_env.RayTrainSession``) or one local process's
-(``raytopk.train.local.LocalSession``). ``raytopk.train.loop.train_loop(spec, session)`` is the
-one training loop; the driver builds the spec (``raytopk.train.driver.loop_spec``).
+"""What one worker's training loop receives (``LoopSpec``), the names of the datasets it reads,
+and the five steps a backend provides (``Session``): Ray Train's
+(``raytopk.ray_env.RayTrainSession``) or one local process's
+(``raytopk.train.local_session.LocalSession``). ``raytopk.train.loop.train_loop(spec, session)``
+is the one training loop; the driver builds the spec (``raytopk.train.driver.loop_spec``).
 """
 
 from __future__ import annotations

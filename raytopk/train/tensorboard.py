@@ -1,5 +1,5 @@
 """TensorBoard event files of a training run: ``<run.output_dir>/tensorboard/``, written by the
-progress log (raytopk.train.report.ProgressLog) as reports arrive, so a run can be watched live::
+progress log (raytopk.train.outputs.ProgressLog) as reports arrive, so a run can be watched live::
 
     tensorboard --logdir runs/            # pip install tensorboard (not a raytopk dependency)
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from raytopk.data.batch import CascadeBatch
-from raytopk.data.batches import CascadeBatches
+from raytopk.data.loader import CascadeBatches
 from raytopk.losses.forms import is_operator
 from raytopk.models.attention import resolve_impl
 from raytopk.models.attention import warmup as warmup_attention

@@ -270,7 +270,7 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
     ``results`` (default ``out``). Returns :func:`choose_joint`'s choice per
     (op, N)."""
     from raytopk.tune.experiments import run_experiment
-    from raytopk.tune.reports import write_selection
+    from raytopk.tune.results import write_selection
 
     head = headline_key(stages)
     lrs = list(getattr(study, "lrs", []) or [])

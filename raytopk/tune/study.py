@@ -26,7 +26,7 @@ A trial that cannot run is recorded with its reason and number, not dropped: a t
 needing more than ``study.mem_budget_gb`` (the registry's step_bytes), a single step longer
 than the budget, a failure; a selection trial stopped early is recorded as such.
 
-Outputs in ``study.output_dir`` (raytopk.tune.reports): results.csv, results.md, anytime.csv,
+Outputs in ``study.output_dir`` (raytopk.tune.results): results.csv, results.md, anytime.csv,
 anytime.png, sample_scaling.png, selection.csv and selection.json. Re-running the same command
 continues the study: selection.json is reused (and its pending extension rounds run), and a final
 trial that an earlier final experiment already ran with the same training config
@@ -52,7 +52,7 @@ from raytopk.train.config import ConfigError, TrainConfig, from_dict, load_schem
 from raytopk.train.resources import plan_resources
 from raytopk.tune.compute import check_streaming, compute_planner
 from raytopk.tune.experiments import run_experiment
-from raytopk.tune.reports import RESULT_COLUMNS, result_columns, write_reports
+from raytopk.tune.results import RESULT_COLUMNS, result_columns, write_reports
 from raytopk.tune.selection import chosen_lrs, op_param, run_selection, split_validation
 
 __all__ = [
@@ -449,7 +449,7 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
                           verbose, clock)
     write_reports(rows, results, stages, reference=study.reference_op)
     if plan is not None:
-        from raytopk.tune.compute_reports import write_compute_reports
+        from raytopk.tune.compute_results import write_compute_reports
 
         write_compute_reports(rows, results, study, base)
     return rows

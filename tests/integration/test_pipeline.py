@@ -38,7 +38,7 @@ def _raw_day(data: Path, day: str) -> dict[int, dict[str, np.ndarray]]:
 
 
 def _batches(ds: Any) -> list[CascadeBatch]:
-    from raytopk.data.batches import CascadeBatches  # the iterator training reads with
+    from raytopk.data.loader import CascadeBatches  # the iterator training reads with
 
     return list(CascadeBatches(ds, BS))
 

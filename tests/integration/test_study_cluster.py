@@ -124,9 +124,9 @@ def _submit_once(address: str, out: Path, timeout: float) -> subprocess.Complete
             json.dumps({"excludes": [".venv", "runs", "data", ".git"]}),
             "--",
             "python",
-            "jobs/sweep.py",
+            "jobs/study.py",
             "--config",
-            "jobs/configs/sample_scaling_quick.yaml",
+            "jobs/configs/study_quick.yaml",
             "study.ops=[dftopk,softsort]",
             "study.trial_backend=ray",  # a TorchTrainer inside each Tune trial (docs/ray.md §6)
             "study.sample_nums=[0]",

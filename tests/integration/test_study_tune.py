@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.ray]
 def test_selection_then_paired_final_trials(ray_cluster: Any, tmp_path: Path) -> None:
     out = tmp_path / "study"
     study, base = load_study(
-        CONFIGS / "sample_scaling_quick.yaml",
+        CONFIGS / "study_quick.yaml",
         [
             "study.ops=[dftopk,softsort]",
             "study.sample_nums=[0]",
@@ -104,7 +104,7 @@ def test_compute_matched_study_resumes_from_its_row_log_alone(
         "train.run.eval_max_batches=1", "train.data.eval_batch_size=100",
         "train.data.batch_size=64", "train.run.corpus_ms=[100]",
     ]
-    study, base = load_study(CONFIGS / "sample_scaling_quick.yaml", args)
+    study, base = load_study(CONFIGS / "study_quick.yaml", args)
     rows = run_study(study, base, verbose=False)
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
     steps = {r["op"]: r["max_samples"] // 64 for r in rows}

@@ -161,7 +161,7 @@ def test_three_stage_cascade_trains_evaluates_and_reports(
 ) -> None:
     """model.stages: [dssm, din, din]: the headline is joint_recall@10@10 (cuts 30, 20, 10), in
     metrics.json, in the progress line and in the table."""
-    from raytopk.train.report import metrics_table
+    from raytopk.train.outputs import metrics_table
 
     out = tmp_path / "three"
     cfg = _cfg(
@@ -181,7 +181,7 @@ def test_capped_evaluation_reads_only_what_it_scores(
 ) -> None:
     """run.eval_max_batches bounds the pipeline's work, not only what the model scores: a cap of
     2 batches of 16 prepares about 32 requests of the 240-request day, not the day."""
-    from raytopk.data.batches import CascadeBatches
+    from raytopk.data.loader import CascadeBatches
     from raytopk.data.pipeline import build_eval_dataset
 
     ds = build_eval_dataset(tiny_data, [TEST_DAY], batch_size=16, seed=0, max_requests=2 * 16)

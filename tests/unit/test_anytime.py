@@ -102,7 +102,7 @@ def test_eval_points_need_a_validation_day_and_a_budget(tiny: Path, tmp_path: Pa
 def _first_batch(cfg: TrainConfig):
     import torch
 
-    from raytopk.train.local import LocalSession
+    from raytopk.train.local_session import LocalSession
     from raytopk.train.session import train_key
 
     prep = prepare(cfg)

@@ -13,9 +13,9 @@ import torch
 
 from raytopk.bench.harness import peak_memory, time_fn
 from raytopk.bench.machine import MACHINE_KEYS, machine_info
+from raytopk.bench.op_sweeps import bench_operators, build_lines, operator_configs
 from raytopk.bench.reference import authors_dftopk, authors_dftopk_logits, full_sort_logits
 from raytopk.bench.step import ToyDSSM, make_step
-from raytopk.bench.sweeps import bench_operators, build_lines, operator_configs
 from raytopk.ops import get_spec, list_ops
 from raytopk.ops.dftopk import dftopk, dftopk_logits
 

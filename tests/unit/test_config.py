@@ -38,14 +38,14 @@ def _entry_script(path: Path) -> str:
     assert first.startswith("# ") and path.name in first, (
         f"{path.name} must open with the exact command that runs it, got {first!r}"
     )
-    scripts = [s for s in ("jobs/train.py", "jobs/sweep.py") if s in first]
+    scripts = [s for s in ("jobs/train.py", "jobs/study.py") if s in first]
     assert len(scripts) == 1, f"{path.name}: first line runs no known entry script: {first!r}"
     return scripts[0]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_yaml_loads_and_validates(path: Path) -> None:
-    if _entry_script(path) == "jobs/sweep.py":
+    if _entry_script(path) == "jobs/study.py":
         # A study YAML: its train: section is a TrainConfig and must validate like the others.
         from raytopk.tune.study import load_study
 
@@ -274,7 +274,7 @@ def test_resources_that_would_starve_ray_data_are_refused() -> None:
 
 
 def test_metrics_table_prints_the_random_baseline() -> None:
-    from raytopk.train.report import metrics_table
+    from raytopk.train.outputs import metrics_table
 
     table = metrics_table(
         {
@@ -296,7 +296,7 @@ def test_metrics_table_prints_the_random_baseline() -> None:
 def test_three_stage_names_reach_every_report() -> None:
     """A 3-stage cascade's headline (joint_recall@10@10) is in the console line and the table."""
     from raytopk.metrics import headline_key, metric_keys
-    from raytopk.train.report import metrics_table, progress_line
+    from raytopk.train.outputs import metrics_table, progress_line
 
     assert headline_key(3) == "joint_recall@10@10"
     m = {key: 0.25 for key in metric_keys(3)}

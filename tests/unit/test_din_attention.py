@@ -9,7 +9,7 @@ import torch
 from test_models import VOCAB, make_batch
 
 from raytopk.data.batch import collate
-from raytopk.data.local import iter_local_groups
+from raytopk.data.local_reader import iter_local_groups
 from raytopk.models import PrerankDIN
 from raytopk.models.attention import attention_scores, reference_scores, resolve_impl
 

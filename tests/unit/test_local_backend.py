@@ -75,7 +75,7 @@ def test_local_batches_are_the_pipeline_groups(tiny: Path) -> None:
     """The local reader's training groups: the day's every request once, shuffled, 40 + n
     candidates, negatives drawn from the same group (sampled slots have priority 0)."""
     from raytopk.data.batch import collate
-    from raytopk.data.local import iter_local_groups
+    from raytopk.data.local_reader import iter_local_groups
 
     groups = [
         collate(g)
@@ -125,7 +125,7 @@ def test_prefetch_thread_ends_when_the_consumer_stops_before_the_end(tiny: Path)
     # producer must not stay blocked on the full queue (it used to, until a 60 s join timeout).
     import threading
 
-    from raytopk.data.local import iter_local_groups, prefetched
+    from raytopk.data.local_reader import iter_local_groups, prefetched
 
     groups = iter_local_groups(tiny, [DAYS[0]], train=True, sample_num=8, batch_size=60, seed=3)
     it = prefetched(groups, prefetch=1)  # 2 batches + the end marker: the queue fills up
@@ -144,7 +144,7 @@ def test_both_backends_implement_the_session_protocol(tiny: Path, tmp_path: Path
 
     from raytopk.ray_env import RayTrainSession
     from raytopk.train.driver import dataset_specs, loop_spec
-    from raytopk.train.local import LocalSession
+    from raytopk.train.local_session import LocalSession
     from raytopk.train.prepare import prepare
     from raytopk.train.session import LoopSpec, Session
 
@@ -165,8 +165,8 @@ def test_progress_lines_show_the_runs_progress_and_eta(
     tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from raytopk.train.driver import run
+    from raytopk.train.outputs import eta_text
     from raytopk.train.prepare import planned_samples, prepare
-    from raytopk.train.report import eta_text
 
     cfg = local_config(tiny, tmp_path / "eta", "run.report_every_steps=2", "run.corpus_ms=[]",
                        "run.eval_max_batches=1")  # fmt: skip

@@ -145,7 +145,7 @@ def test_forms_are_validated() -> None:
 
 
 def test_sparse_hinge_keeps_gradients_where_the_operator_saturates_wrongly() -> None:
-    from raytopk.losses.cascade import stage_membership, stage_terms
+    from raytopk.losses.joint import stage_membership, stage_terms
 
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(6, 12, generator=g, dtype=torch.float64) * 5

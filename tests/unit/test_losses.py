@@ -18,7 +18,7 @@ from raytopk.losses import (
     lcron_single_stage_loss,
     topk_stage_loss,
 )
-from raytopk.losses.cascade import combine, log1mexp, uncertainty_total
+from raytopk.losses.joint import combine, log1mexp, uncertainty_total
 from raytopk.losses.lcron import label_param_of, soft_permutation_fn
 from raytopk.ops import get_op, get_spec, list_ops
 

@@ -78,7 +78,7 @@ def test_one_default_per_parameter(name: str) -> None:
     x = torch.randn(3, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     op = get_op(name)
     torch.testing.assert_close(op(x, 4), op(x, 4, **{spec.param: spec.default}), atol=0, rtol=0)
-    from raytopk.losses.cascade import resolve_op_params
+    from raytopk.losses.joint import resolve_op_params
 
     assert resolve_op_params(name, None) == {spec.param: spec.default}
 

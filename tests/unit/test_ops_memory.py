@@ -43,7 +43,7 @@ def measured_peak_bytes(fn) -> int:
 
 
 def _stage_step(name: str, batch: int, n: int, dtype: torch.dtype):
-    from raytopk.losses.cascade import topk_stage_loss
+    from raytopk.losses.joint import topk_stage_loss
     from raytopk.losses.lcron import label_param_of, lcron_single_stage_loss, soft_permutation_fn
 
     spec = get_spec(name)

@@ -23,7 +23,7 @@ from raytopk.tune.study import (
 )
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
-STUDIES = sorted(CONFIGS.glob("sample_scaling*.yaml"))
+STUDIES = sorted(CONFIGS.glob("study*.yaml"))
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
@@ -55,7 +55,7 @@ def test_study_yamls_load_and_every_trial_validates(path: Path) -> None:
 
 
 def test_quick_study_covers_every_operator() -> None:
-    study, base = load_study(CONFIGS / "sample_scaling_quick.yaml")
+    study, base = load_study(CONFIGS / "study_quick.yaml")
     assert study.ops == [] and study.sample_nums == [0, 160] and len(study.seeds) == 1
     assert study.select is False and study.trial_backend == "local"
     ops = {t["op"] for t in trial_configs(study, base)}
@@ -64,20 +64,20 @@ def test_quick_study_covers_every_operator() -> None:
 
 def test_study_loss_forms_and_the_bce_baseline() -> None:
     study, base = load_study(
-        CONFIGS / "sample_scaling_quick.yaml",
+        CONFIGS / "study_quick.yaml",
         ["study.ops=[sparse_topk,bce]", "study.loss_forms={sparse_topk: bce_logits}"],
     )
     forms = {t["op"]: t["loss_form"] for t in trial_configs(study, base)}
     assert forms == {"sparse_topk": "bce_logits", "bce": "bce"}
     assert step_bytes("bce", 64, 200) > 0
     with pytest.raises(ConfigError, match="study.loss_forms.bce"):
-        load_study(CONFIGS / "sample_scaling_quick.yaml", ["study.loss_forms={bce: mse}"])
+        load_study(CONFIGS / "study_quick.yaml", ["study.loss_forms={bce: mse}"])
     with pytest.raises(ConfigError, match="study.ops: unknown operator 'nope'"):
-        load_study(CONFIGS / "sample_scaling_quick.yaml", ["study.ops=[nope]"])
+        load_study(CONFIGS / "study_quick.yaml", ["study.ops=[nope]"])
 
 
 def test_overrides_and_unknown_keys(tmp_path: Path) -> None:
-    path = CONFIGS / "sample_scaling_quick.yaml"
+    path = CONFIGS / "study_quick.yaml"
     study, base = load_study(
         path, ["study.budget_seconds=3", "study.ops=[dftopk,lapsum]", "train.data.batch_size=64"]
     )
@@ -104,7 +104,7 @@ def test_overrides_and_unknown_keys(tmp_path: Path) -> None:
 
 def test_op_params_reset_per_operator() -> None:
     study, base = load_study(
-        CONFIGS / "sample_scaling_quick.yaml",
+        CONFIGS / "study_quick.yaml",
         ["study.ops=[dftopk,lapsum]", "study.op_params={lapsum: {alpha: 2.0}}"],
     )
     by_op = {t["op"]: t["train"]["op"]["params"] for t in trial_configs(study, base)}

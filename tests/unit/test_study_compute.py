@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from raytopk.tune.compute import load_step_table, trial_plan
-from raytopk.tune.compute_reports import comparison_rows, plateau, recut
+from raytopk.tune.compute_results import comparison_rows, plateau, recut
 from raytopk.tune.selection import choose, choose_joint, chosen_lrs, lr_extensions
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"

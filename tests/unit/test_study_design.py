@@ -17,7 +17,7 @@ from raytopk.train.config import from_dict, to_dict
 from raytopk.train.driver import dataset_specs
 from raytopk.train.prepare import prepare
 from raytopk.tune.experiments import config_digest, final_tag
-from raytopk.tune.reports import write_reports
+from raytopk.tune.results import write_reports
 from raytopk.tune.selection import (
     GroupedASHA,
     choose,
@@ -131,7 +131,7 @@ def test_grouped_asha_compares_settings_within_their_group_only() -> None:
 
 def test_selection_trials_never_hold_the_test_day(tiny: Path, tmp_path: Path) -> None:
     study, base = load_study(
-        CONFIGS / "sample_scaling_quick.yaml",
+        CONFIGS / "study_quick.yaml",
         [f"train.data.path={tiny}", "train.data.synthetic.enabled=false",
          f"study.output_dir={tmp_path}", "study.select=true", "study.budget_seconds=5"],
     )
@@ -182,7 +182,7 @@ def test_edge_extensions_bracket_the_best_value() -> None:
 
 
 def test_trial_identity_is_what_it_trains(tmp_path: Path) -> None:
-    study, base = load_study(CONFIGS / "sample_scaling_quick.yaml",
+    study, base = load_study(CONFIGS / "study_quick.yaml",
                              [f"study.output_dir={tmp_path}", "study.seeds=[1]"])
     a = {t["trial"]: t for t in trial_configs(study, base, {"dftopk": {0: 5.0}})}
     b = {t["trial"]: t for t in trial_configs(study, base, {"dftopk": {0: 0.05}})}
@@ -209,7 +209,7 @@ def test_trial_identity_is_what_it_trains(tmp_path: Path) -> None:
 def test_study_rejects_bad_design_keys() -> None:
     from raytopk.train.config import ConfigError
 
-    path = CONFIGS / "sample_scaling_quick.yaml"
+    path = CONFIGS / "study_quick.yaml"
     with pytest.raises(ConfigError, match="distinct seeds"):
         load_study(path, ["study.seeds=[1,1]"])
     with pytest.raises(ConfigError, match="trial_backend"):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from local_runs import DAYS, local_config
 
-from raytopk.train import local as local_backend
+from raytopk.train import local_session as local_backend
 from raytopk.train.config import TrainConfig
 from raytopk.train.driver import run
 from raytopk.train.events import StepReport

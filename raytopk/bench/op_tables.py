@@ -3,8 +3,8 @@ headline comparison, the performance targets (docs/protocol.md §5.3) computed f
 and the PNG plots.
 
 Notation: B = rows (requests), N = scores per row, k = selected per row. A record is one
-measurement of ``raytopk.bench.sweeps.bench_operators`` (keys line, B, N, k, mode, status,
-median_ms, …); a headline record one shape × mode of ``raytopk.bench.sweeps.headline``.
+measurement of ``raytopk.bench.op_sweeps.bench_operators`` (keys line, B, N, k, mode, status,
+median_ms, …); a headline record one shape × mode of ``raytopk.bench.op_sweeps.headline``.
 """
 
 from __future__ import annotations

@@ -3,11 +3,11 @@ or a lone GPU.
 
 ``raytopk.train.loop.train_loop`` asks its session for five things; :class:`LocalSession` answers
 them here: rank 0 of 1 on the chosen device (a GPU when there is one and ``scaling.use_gpu``
-allows it), the model moved there (no DDP), the day's batches from ``raytopk.data.local`` (the
-Ray pipeline's own transforms, so a 1-worker Ray run and a local run see identical batches),
-and reports written to the run directory in the Ray backend's format: progress.csv, the console
-line, ``checkpoints/<name>/`` and the record of the latest checkpoint, so ``run.resume`` and
-``raytopk.train.prepare`` work the same for both backends.
+allows it), the model moved there (no DDP), the day's batches from
+``raytopk.data.local_reader`` (the Ray pipeline's own transforms, so a 1-worker Ray run and a
+local run see identical batches), and reports written to the run directory in the Ray backend's
+format: progress.csv, the console line, ``checkpoints/<name>/`` and the record of the latest
+checkpoint, so ``run.resume`` and ``raytopk.train.prepare`` work the same for both backends.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from raytopk.data.local import iter_local_groups, prefetched
+from raytopk.data.local_reader import iter_local_groups, prefetched
 from raytopk.ray_env import SNAPSHOT
 from raytopk.train.events import Report
+from raytopk.train.outputs import ProgressLog
 from raytopk.train.prepare import CHECKPOINTS, Prepared, latest_checkpoint, planned_samples
-from raytopk.train.report import ProgressLog
 
 __all__ = ["LocalSession", "local_device"]
 
@@ -69,7 +69,7 @@ class LocalSession:
 
     def dataset(self, key: str, batch_size: int, prefetch: int) -> Any:
         """A function opening an iterator over dataset ``key``'s batches, for
-        ``raytopk.data.batches.CascadeBatches``."""
+        ``raytopk.data.loader.CascadeBatches``."""
         spec = self.datasets[key]
         pin = self.device.type == "cuda"
 

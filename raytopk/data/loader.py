@@ -1,5 +1,5 @@
 """One iterator of CascadeBatches, from a Ray dataset (or a Train worker's shard of it) or from
-the local backend's reader (raytopk.data.local).
+the local backend's reader (raytopk.data.local_reader).
 
 Training, evaluation and the data benchmark all read batches through :class:`CascadeBatches`,
 so the benchmark measures the iterator training uses.
@@ -39,7 +39,7 @@ class CascadeBatches:
     while the current one trains.
 
     ``max_batches`` (> 0) stops after that many batches. ``pin``: a Ray source's batches are
-    pinned in Ray's collate threads (a function source pins its own, see raytopk.data.local).
+    pinned in Ray's collate threads (a function source pins its own, see raytopk.data.local_reader).
     """
 
     def __init__(

@@ -1,9 +1,9 @@
 """The sample-scaling study on Ray Tune: parameter selection on a validation day, then every
 operator × sample_num × seed at equal compute (raytopk.tune.study).
 
-    python jobs/sweep.py --config jobs/configs/sample_scaling_quick.yaml     # < 15 min, 2 cores
-    python jobs/sweep.py --config jobs/configs/sample_scaling_medium.yaml    # <= 2 h, 2 cores
-    ray job submit --working-dir . -- python jobs/sweep.py --config jobs/configs/sample_scaling.yaml
+    python jobs/study.py --config jobs/configs/study_quick.yaml     # < 15 min, 2 cores
+    python jobs/study.py --config jobs/configs/study_medium.yaml    # <= 2 h, 2 cores
+    ray job submit --working-dir . -- python jobs/study.py --config jobs/configs/study.yaml
 
 Overrides: ``study.<key>=value`` (e.g. study.budget_seconds=120 study.seeds=[1,2,3]
 study.select=false) and ``train.<key>=value`` for every trial's training config (e.g.
