@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="study.key=value or train.key=value")
     args = p.parse_args(argv)
 
+    from raytopk.tune.experiments import StudyInterrupted
     from raytopk.tune.study import load_study, run_study
 
     try:
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     init_ray()
     try:
         rows = run_study(study, base)
+    except StudyInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -25,6 +25,7 @@ from raytopk.train.anytime import valid_metric
 __all__ = [
     "ROW_LOG",
     "RowLogger",
+    "StudyInterrupted",
     "config_digest",
     "final_tag",
     "logged_rows",
@@ -137,6 +138,10 @@ def _row(m: dict[str, Any], t: dict[str, Any], error: Any, stages: int, clock: s
     return m
 
 
+class StudyInterrupted(RuntimeError):
+    """A Tune experiment of the study returned with trials unfinished (it was interrupted)."""
+
+
 def _callback_base() -> type:
     from ray.tune import Callback
 
@@ -213,9 +218,23 @@ def run_experiment(study: Any, name: str, trials: list[dict[str, Any]], trainabl
         if hasattr(scheduler, "replay"):  # ASHA's rungs as the logged trials left them
             scheduler.replay(rows, clock)
         logged_now = len(rows)
+        stopped = set(getattr(scheduler, "stopped", []))  # by ASHA: a trial's legitimate end
+        unfinished = []
         for result in tuner.fit():
             t = (result.config or {}).get("trial") or {}
-            rows.append(_row(dict(result.metrics or {}), t, result.error, stages, clock))
+            m = dict(result.metrics or {})
+            if "status" not in m and result.error is None and t.get("trial") not in stopped:
+                unfinished.append(str(t.get("trial")))  # neither ended nor failed: interrupted
+                continue
+            rows.append(_row(m, t, result.error, stages, clock))
+        if unfinished:
+            # Tune returns from fit() when interrupted (Ctrl-C, SIGINT); the trials still running
+            # must not be logged as ended, nor the study go on with a partial selection.
+            raise StudyInterrupted(
+                f"{exp}: {len(unfinished)} trial(s) did not finish ({', '.join(unfinished[:5])}"
+                f"{', ...' if len(unfinished) > 5 else ''}): the experiment was interrupted. "
+                f"The finished ones are in {row_log(study)}; re-run the same command to continue."
+            )
         # A trial whose end the callback did not see (none should be) is logged now.
         seen = {r.get("config_digest") for r in _read_log(row_log(study))}
         for r in rows[logged_now:]:

@@ -134,3 +134,45 @@ def test_compute_matched_study_resumes_from_its_row_log_alone(
     assert sorted((r["trial"], r["joint_recall@10@20"]) for r in again) == sorted(
         (r["trial"], r["joint_recall@10@20"]) for r in rows)
     assert (res / "trials.jsonl").read_text().splitlines() == logged
+
+
+@pytest.mark.timeout(300)
+def test_an_interrupted_experiment_logs_only_finished_trials(
+    ray_cluster: Any, tmp_path: Path
+) -> None:
+    # Ctrl-C makes Tune's fit() return with trials unfinished: they must not be logged as ended
+    # (a resumed study would skip them), nor the study go on to choose from a partial selection.
+    import os
+    from types import SimpleNamespace
+
+    from raytopk.tune.experiments import StudyInterrupted, logged_rows, run_experiment
+
+    def interrupting(config: dict[str, Any]) -> None:
+        # Defined here so that Ray pickles it by value (a test module is not importable in a
+        # worker). It finishes, or (the second trial) reports a validation point and sends the
+        # driver the SIGINT of a Ctrl-C, as a user stopping the study would.
+        import os
+        import signal
+        import time
+
+        import ray.tune
+
+        t = config["trial"]
+        ray.tune.report({"samples_seen": 10, "valid_joint_recall@10@20": 0.5})
+        if t["trial"] == "second":
+            os.kill(t["driver_pid"], signal.SIGINT)
+            time.sleep(120)
+        ray.tune.report({"status": "ok", "samples_seen": 20, "valid_joint_recall@10@20": 0.6,
+                         **{k: t[k] for k in ("trial", "phase", "op", "seed")}})  # fmt: skip
+
+
+    study = SimpleNamespace(output_dir=str(tmp_path), results_dir="", storage_path="",
+                            budget_seconds=0)  # fmt: skip
+    trials = [{"trial": name, "phase": "select", "op": "dftopk", "seed": 1,
+               "driver_pid": os.getpid(), "train": {"run": {"seed": i}}}
+              for i, name in enumerate(["first", "second", "third"])]  # fmt: skip
+    with pytest.raises(StudyInterrupted, match=r"did not finish \(second"):
+        run_experiment(study, "interrupted", trials, interrupting, 1, None,
+                       2, False, "samples_seen")  # fmt: skip
+    logged = logged_rows(study, "select")
+    assert [r["trial"] for r in logged.values()] == ["first"]
