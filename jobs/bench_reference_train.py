@@ -25,15 +25,15 @@ raytopk first in even rounds) so that a drifting background load hits both sides
 - raytopk: ``raytopk.train.driver.run`` on jobs/configs/reference_compare.yaml, local backend
   (no Ray), ``run.test_eval=false``, one step per report, in a child process.
 
-What is timed, the same rule on both sides (raytopk's step clock, raytopk.train.loop): a step
+What is timed, the same rule on both sides (raytopk's step clock, raytopk.train.measure): a step
 runs from the end of the previous one (for the first step: from its batch's arrival) to the end
 of its optimiser update, so the data wait of every batch but the first counts and process start,
 data loading before the first batch, the checkpoint after the day and evaluation do not. The
 figure is requests/s over the steps after the first ``--warm-steps`` (the first step also pays
 the allocator's and kernels' start-up); the rate over all steps is recorded too. Per side: the
 median over rounds; the ratio is raytopk's median over the reference's. Also per step: the
-training thread's CPU seconds (``time.thread_time``; raytopk's measured around the loop's
-``_Worker.step``, whose computation is unchanged), a figure less sensitive to a busy machine.
+training thread's CPU seconds (``time.thread_time``; raytopk's measured around its step
+through a loop hook), a figure less sensitive to a busy machine.
 
 Writes one JSON (machine, load averages, commands, per-round numbers, medians, ratio) atomically.
 """
@@ -187,27 +187,37 @@ def _reference_child(spec: dict[str, Any]) -> None:
 def _raytopk_child(spec: dict[str, Any]) -> None:
     import torch
 
-    import raytopk.train.loop as loop
     from raytopk.train.config import load_config
     from raytopk.train.driver import run
+    from raytopk.train.hooks import Hook
 
     torch.set_num_threads(spec["threads"])
     records: list[dict[str, Any]] = []
-    cpu: list[float] = []  # the training thread's CPU seconds in each step
-    step = loop._Worker.step
 
-    def timed_step(self: Any, *a: Any, **k: Any) -> Any:
-        c = time.thread_time()
-        out = step(self, *a, **k)
-        cpu.append(time.thread_time() - c)
-        return out
+    class StepCPU(Hook):
+        """The training thread's CPU seconds of each step (from its batch on the device to the
+        end of Adam), through the loop's hook interface."""
 
-    loop._Worker.step = timed_step
+        def __init__(self) -> None:
+            self.cpu: list[float] = []
+            self.t = 0.0
+
+        def phase(self, name: str) -> None:
+            if name == "h2d":
+                self.t = time.thread_time()
+
+        def after_step(self, t: Any, batch: Any, step: Any) -> None:
+            self.cpu.append(time.thread_time() - self.t)
+
+    timer = StepCPU()
     final = run(
-        load_config(str(ROOT / CONFIG), spec["overrides"]), verbose=False, on_report=records.append
+        load_config(str(ROOT / CONFIG), spec["overrides"]),
+        verbose=False,
+        on_report=lambda r: records.append(r.metrics()),
+        hooks=[timer],
     )
     steps = [r for r in records if r.get("kind") == "step"]
-    out = {"steps": steps, "cpu": cpu, "final": final}
+    out = {"steps": steps, "cpu": timer.cpu, "final": final}
     Path(spec["timings"]).write_text(json.dumps(out, default=str))
 
 
@@ -419,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
             "loading before the first batch, the day's checkpoint and evaluation excluded",
             "cpu_timing": "the training thread's CPU time (time.thread_time) per step: reference "
             "from its batch handed out to the next one asked for, raytopk around the loop's "
-            "training step (_Worker.step); data preparation runs elsewhere on both sides (the "
+            "training step (a loop hook: from the batch on the device to the end of Adam); data "
+            "preparation runs elsewhere on both sides (the "
             "reference's DataLoader worker process, raytopk's prefetch thread) and is not in it",
         },
         "command": " ".join(["python", "jobs/bench_reference_train.py", *argv]),

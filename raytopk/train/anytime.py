@@ -26,12 +26,11 @@ import torch.distributed as dist
 from raytopk.train.checkpoint import Position
 from raytopk.train.config import RunConfig, TrainConfig
 from raytopk.train.events import ValidReport, Where
-from raytopk.train.hooks import Hook
+from raytopk.train.hooks import Hook, Run, Step
 from raytopk.train.session import TEST_KEY, VALID_KEY
 
 if TYPE_CHECKING:
     from raytopk.data.batch import CascadeBatch
-    from raytopk.train.trainer import Step, Trainer
 
 __all__ = ["Anytime", "AnytimePoints", "test_metric", "valid_metric"]
 
@@ -160,29 +159,29 @@ class AnytimePoints(Hook):
         self.anytime: Anytime | None = None
         self.last_batch: CascadeBatch | None = None  # for the end point's diagnostics
 
-    def start(self, t: Trainer) -> None:
+    def start(self, t: Run) -> None:
         self.anytime = Anytime(self.cfg.run, t.pos, t.world, t.device)
 
-    def _diagnose(self, t: Trainer, batch: CascadeBatch | None) -> Any:
+    def _diagnose(self, t: Run, batch: CascadeBatch | None) -> Any:
         if not self.cfg.run.diagnostics or batch is None:
             return None
         from raytopk.train.diagnostics import diagnostics
 
         return lambda: diagnostics(t.cascade, batch)
 
-    def after_step(self, t: Trainer, batch: CascadeBatch, step: Step) -> None:
+    def after_step(self, t: Run, batch: CascadeBatch, step: Step) -> None:
         self.last_batch = batch
         if self.anytime is not None and self.anytime.due(t.pos):
             t.report(self.anytime.evaluate(t.where(), t.pos, lambda: t.evaluate(VALID_KEY),
                                            lambda: t.evaluate(TEST_KEY),
                                            self._diagnose(t, batch)))  # fmt: skip
 
-    def end(self, t: Trainer) -> None:  # the last point: at the end of training
+    def end(self, t: Run) -> None:  # the last point: at the end of training
         if self.anytime is not None and self.anytime.pending():
             t.report(self.anytime.evaluate(t.where(), t.pos, lambda: t.evaluate(VALID_KEY),
                                            None, self._diagnose(t, self.last_batch)))  # fmt: skip
 
-    def final(self, t: Trainer, test: dict[str, float]) -> dict[str, Any]:
+    def final(self, t: Run, test: dict[str, float]) -> dict[str, Any]:
         if self.anytime is None:
             return {}
         if test:

@@ -154,11 +154,13 @@ def run(
     callbacks: list[Any] | None = None,
     verbose: bool = True,
     on_report: Any = None,
+    hooks: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate ``cfg``: on the connected Ray cluster (an embedded local one when none
     is), or in this process with ``run.backend: local``. ``callbacks``: Ray Train callbacks
-    (Ray backend); ``on_report(metrics)``: called after each report (local backend; the study
-    forwards them to Tune). Returns the final metrics (also written
+    (Ray backend); ``on_report(report)``: called after each report (local backend; the study
+    forwards them to Tune); ``hooks``: more training-loop hooks (raytopk.train.hooks; local
+    backend: a benchmark's measuring). Returns the final metrics (also written
     to ``<output_dir>/metrics.json``). Raises :class:`TrainingStopped` on a non-finite loss, and
     the validation errors of ``prepare`` before any worker starts."""
     t_start = time.perf_counter()
@@ -169,7 +171,10 @@ def run(
     (out / "config.yaml").write_text(dump_yaml(cfg))
     (out / LAST_REPORT).unlink(missing_ok=True)  # a previous run's final report is not ours
     if cfg.run.backend == "local":
-        use_gpu = _run_local(prep, verbose, on_report)
+        use_gpu = _run_local(prep, verbose, on_report, hooks or [])
+    elif hooks:
+        raise ValueError("run(hooks=...) needs run.backend=local (Ray Train workers build their "
+                         "hooks from the config)")
     else:
         use_gpu = _run_ray(prep, callbacks, verbose)
     return _finish(prep, use_gpu, time.perf_counter() - t_start)
@@ -187,7 +192,8 @@ def _announce(prep: Prepared, where: str) -> None:
         print(f"[raytopk] resuming from {prep.checkpoint}", flush=True)
 
 
-def _run_local(prep: Prepared, verbose: bool, on_report: Any = None) -> bool:
+def _run_local(prep: Prepared, verbose: bool, on_report: Any = None,
+               hooks: list[Any] | None = None) -> bool:  # fmt: skip
     from raytopk.train.local_session import LocalSession, local_device
     from raytopk.train.loop import train_loop
 
@@ -198,7 +204,7 @@ def _run_local(prep: Prepared, verbose: bool, on_report: Any = None) -> bool:
     if verbose:
         _announce(prep, f"local backend on {device}, {threads} torch thread(s)")
     session = LocalSession(prep, dataset_specs(prep), device, verbose, on_report)
-    train_loop(loop_spec(prep, threads), session)
+    train_loop(loop_spec(prep, threads), session, hooks or [])
     return device.type == "cuda"
 
 

@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from raytopk.train.anytime import AnytimePoints
 from raytopk.train.checkpoint import Position
 from raytopk.train.config import RunConfig, TrainConfig
 from raytopk.train.events import CheckpointReport, StepReport
-from raytopk.train.hooks import Hook
+from raytopk.train.hooks import Hook, Run, Step
 
 if TYPE_CHECKING:
     from raytopk.data.batch import CascadeBatch
     from raytopk.data.loader import CascadeBatches
-    from raytopk.train.trainer import Step, Trainer
 
 __all__ = [
     "WARMUP_FRACTION",
@@ -48,8 +48,6 @@ WARMUP_FRACTION = 0.2
 
 def run_hooks(cfg: TrainConfig) -> list[Hook]:
     """The hooks a run's config asks for, the step clock first."""
-    from raytopk.train.anytime import AnytimePoints
-
     clock = StepClock(cfg.run)
     hooks: list[Hook] = [clock, Budget(cfg.run), AnytimePoints(cfg),
                          StepReports(cfg.run.report_every_steps, clock)]  # fmt: skip
@@ -85,18 +83,18 @@ class StepClock(Hook):
         self._batches: CascadeBatches | None = None
         self._wait_seen, self._first = 0.0, False
 
-    def day_start(self, t: Trainer, batches: CascadeBatches) -> None:
+    def day_start(self, t: Run, batches: CascadeBatches) -> None:
         now = time.perf_counter()
         _exclude(t.pos, "between_days", now - self._gap)
         self._gap = now
         self._batches, self._wait_seen, self._first = batches, batches.wait, True
 
-    def before_batch(self, t: Trainer) -> None:
+    def before_batch(self, t: Run) -> None:
         now = time.perf_counter()
         _exclude(t.pos, "between_steps", now - self._gap)
         self._t0 = now
 
-    def after_step(self, t: Trainer, batch: CascadeBatch, step: Step) -> None:
+    def after_step(self, t: Run, batch: CascadeBatch, step: Step) -> None:
         now = time.perf_counter()
         seen = self._batches.wait if self._batches is not None else 0.0
         wait, self._wait_seen = seen - self._wait_seen, seen
@@ -120,7 +118,7 @@ class StepClock(Hook):
         self.window_seconds = self.window_wait = 0.0
         return out
 
-    def final(self, t: Trainer, test: dict[str, float]) -> dict[str, Any]:
+    def final(self, t: Run, test: dict[str, float]) -> dict[str, Any]:
         pos = t.pos
         ws, wn = self.warm if self.warm is not None else (0.0, 0)
         secs = pos.train_seconds - ws
@@ -137,7 +135,7 @@ class Budget(Hook):
     def __init__(self, run: RunConfig) -> None:
         self.run = run
 
-    def wants_stop(self, t: Trainer) -> bool:
+    def wants_stop(self, t: Run) -> bool:
         at, budget = budget_clock(self.run, t.pos)
         return budget > 0 and at >= budget
 
@@ -174,7 +172,7 @@ class StepReports(Hook):
         self.every, self.clock = every, clock
         self.window = LossWindow()
 
-    def after_step(self, t: Trainer, batch: CascadeBatch, step: Step) -> None:
+    def after_step(self, t: Run, batch: CascadeBatch, step: Step) -> None:
         self.window.add(step.total, step.parts, batch.batch_size)
         if t.pos.global_step % self.every:
             return
@@ -191,7 +189,7 @@ class PeriodicCheckpoints(Hook):
     def __init__(self, every: int) -> None:
         self.every = every
 
-    def after_step(self, t: Trainer, batch: CascadeBatch, step: Step) -> None:
+    def after_step(self, t: Run, batch: CascadeBatch, step: Step) -> None:
         if t.pos.global_step % self.every == 0:
             t.report(CheckpointReport(t.where()), checkpoint="step")
 
@@ -218,10 +216,10 @@ class PhaseTimer(Hook):
         dt, self._t = now - self._t, now
         return dt
 
-    def day_start(self, t: Trainer, batches: CascadeBatches) -> None:
+    def day_start(self, t: Run, batches: CascadeBatches) -> None:
         self._batches = batches
 
-    def before_batch(self, t: Trainer) -> None:
+    def before_batch(self, t: Run) -> None:
         self._lap()
         self._wait = self._batches.wait if self._batches is not None else 0.0
 
@@ -235,7 +233,7 @@ class PhaseTimer(Hook):
             dt -= wait
         self.sums[name] += dt
 
-    def after_step(self, t: Trainer, batch: CascadeBatch, step: Step) -> None:
+    def after_step(self, t: Run, batch: CascadeBatch, step: Step) -> None:
         self.seen += 1
 
     def mean_ms(self) -> dict[str, float]:

@@ -9,7 +9,7 @@ negatives), S = cascade stages (retrieval DSSM, pre-rank DIN, ...).
 from __future__ import annotations
 
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,20 +26,12 @@ from raytopk.train.checkpoint import Position, load_state, rng_state, save_state
 from raytopk.train.config import TrainConfig
 from raytopk.train.evaluate import evaluate
 from raytopk.train.events import DayReport, FinalReport, Report, StopReport, Where
-from raytopk.train.hooks import Hook
+from raytopk.train.hooks import Hook, Step
 from raytopk.train.measure import LossWindow
 from raytopk.train.model import CascadeModel, param_digest
 from raytopk.train.session import LoopSpec, Session, eval_key, train_key
 
-__all__ = ["Step", "Trainer"]
-
-
-class Step(NamedTuple):
-    outcome: str  # "ok", "stop" (a hook wants it: the budget), "non_finite" (a rank's loss)
-    rows: int  # requests trained, summed over workers
-    total: torch.Tensor
-    parts: dict[str, torch.Tensor]
-    reason: str = ""
+__all__ = ["Trainer"]
 
 
 class Trainer:
