@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from raytopk.data.batch import collate
+    from raytopk.data.convert import read_meta
     from raytopk.data.local_reader import iter_local_groups
     from raytopk.losses import forms_for
     from raytopk.losses.forms import default_form
@@ -134,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 final = run(load_config(args.config, over), verbose=False)
             cfg = load_run_config(out)  # resolved: data.path set
             state = load_state(str(latest_checkpoint(out)))
-            model = CascadeModel.from_config(cfg, json.loads(
-                (Path(cfg.data.path) / "meta.json").read_text())["vocab"])
+            model = CascadeModel.from_config(cfg, read_meta(cfg.data.path, "data.path")["vocab"])
             model.scorers.load_state_dict(state["scorers"])
             model.loss.load_state_dict(state["loss"])
             groups = iter_local_groups(

@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # importable from a checkout without installing
 
+from raytopk.data.convert import read_meta  # noqa: E402
 from raytopk.data.synthetic import day_names  # noqa: E402
 
 __all__ = ["main", "run_phase"]
@@ -159,7 +160,7 @@ def _convert(data: Path, out: Path, days: list[str]) -> dict:
                "--src", str(data / "raw"), "--out", str(pq_dir), "--days", day]  # fmt: skip
         res = run_phase(cmd, out / "logs" / f"convert-{day}.log")
         _check(res, f"convert {day}")
-        meta = json.loads((pq_dir / "meta.json").read_text())
+        meta = read_meta(pq_dir, "--out")
         n = meta["counts"]["requests_per_day"][day]
         per_day.append({"day": day, "requests": n,
                         "requests_per_s": round(n / res["seconds"], 1), **res})  # fmt: skip

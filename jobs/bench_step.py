@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from raytopk.bench.machine import machine_info
     from raytopk.bench.step_times import STAGES, attention_records, step_records
+    from raytopk.data.convert import read_meta
     from raytopk.data.synthetic import prepare_synthetic
     from raytopk.losses import list_methods
     from raytopk.losses.forms import is_operator, step_bytes
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.data_root), days=2, requests_per_day=args.requests_per_day, seed=0
         )
     )
-    meta = json.loads((data / "meta.json").read_text())
+    meta = read_meta(data, "--data-root")
     vocab, day = dict(meta["vocab"]), sorted(meta["days"])[0]
     if dev == "cpu":
         warmup_attention()

@@ -16,7 +16,6 @@ Two passes per configuration (N, precision), on the same day of a converted data
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -46,10 +45,11 @@ def train_configs() -> list[dict[str, Any]]:
 def _prepared(
     data: Path, work: Path, size: dict[str, Any], c: dict[str, Any], label: str, steps: int
 ) -> Any:
+    from raytopk.data.convert import read_meta
     from raytopk.train.config import load_config
     from raytopk.train.prepare import prepare
 
-    days = json.loads((data / "meta.json").read_text())["days"]
+    days = read_meta(data, "data")["days"]
     cfg = load_config(
         None,
         [

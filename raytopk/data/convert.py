@@ -321,10 +321,23 @@ def convert(
     }
 
 
-def read_meta(path: str | os.PathLike) -> dict:
-    """OUT/meta.json of a converted dataset (``path`` = OUT or the meta.json file itself)."""
+def read_meta(path: str | os.PathLike, what: str = "path") -> dict:
+    """OUT/meta.json of a converted dataset (``path`` = OUT or the meta.json file itself): the
+    one reader of it. Errors name ``what`` (the argument or config key that gave the path):
+    FileNotFoundError when the path or its meta.json is absent, ValueError when meta.json is
+    unreadable, lacks a key or has another schema version."""
     p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(
+            f"{what} {str(p)!r} does not exist: convert RecFlow with "
+            "`python jobs/prepare_data.py convert ...` (or set data.synthetic.enabled=true)"
+        )
     if p.is_dir():
+        if not (p / "meta.json").is_file():
+            raise FileNotFoundError(
+                f"{what} {str(p)!r} has no meta.json: it is not a converted raytopk dataset "
+                "(point it at the output directory of `jobs/prepare_data.py convert`)"
+            )
         p = p / "meta.json"
     try:
         meta = json.loads(p.read_text())

@@ -229,12 +229,13 @@ def _read_meta(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     from raytopk.data.convert import read_meta
 
     root = Path(path)
-    if not (root / "meta.json").is_file() or not (root / "requests").is_dir():
+    meta = read_meta(root, "'path'")
+    if not (root / "requests").is_dir():
         raise ValueError(
             f"'path' should be a converted dataset (meta.json + requests/, written by "
-            f"`jobs/prepare_data.py convert`) but got {str(path)!r}"
+            f"`jobs/prepare_data.py convert`) but {str(path)!r} has no requests/"
         )
-    return root, read_meta(root)
+    return root, meta
 
 
 def day_files(path: str | os.PathLike, day: str) -> list[str]:

@@ -34,6 +34,7 @@ from raytopk.train.typed_config import (
 
 __all__ = [
     "ConfigError",
+    "check_days",
     "DataConfig",
     "SyntheticConfig",
     "ModelConfig",
@@ -221,6 +222,21 @@ def _one_day(key: str, day: str, train_days: list[str]) -> None:
         raise ConfigError(f"{key} {day} is also a training day")
 
 
+def check_days(cfg: TrainConfig) -> None:
+    """The test and validation days are single days, neither a training day, and not the same
+    day when the test day is evaluated. Run by ``validate`` on the days the config names, and by
+    ``raytopk.train.prepare`` again once the defaults are resolved from the dataset."""
+    d, r = cfg.data, cfg.run
+    if d.test_day:
+        _one_day("data.test_day", d.test_day, d.train_days)
+    if r.valid_day:
+        _one_day("run.valid_day", r.valid_day, d.train_days)
+        if r.test_eval and r.valid_day == d.test_day:
+            raise ConfigError(
+                f"run.valid_day {r.valid_day} is the test day: validation must be another day"
+            )
+
+
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
@@ -298,8 +314,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "(or set data.synthetic.enabled=true)"
         )
     cfg.data.train_days = expand_days(d.train_days)
-    if d.test_day:
-        _one_day("data.test_day", d.test_day, cfg.data.train_days)
+    check_days(cfg)
     _positive("data.sample_num", d.sample_num, allow_zero=True)
     _positive("data.batch_size", d.batch_size)
     _positive("data.eval_batch_size", d.eval_batch_size)
@@ -337,12 +352,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _positive("run.max_samples", r.max_samples, allow_zero=True)
     _positive("run.eval_max_batches", r.eval_max_batches, allow_zero=True)
     _positive("run.eval_points", r.eval_points, allow_zero=True)
-    if r.valid_day:
-        _one_day("run.valid_day", r.valid_day, cfg.data.train_days)
-        if r.test_eval and r.valid_day == d.test_day:
-            raise ConfigError(
-                f"run.valid_day {r.valid_day} is the test day: validation must be another day"
-            )
     if r.eval_points and not r.valid_day:
         raise ConfigError(f"run.eval_points={r.eval_points} needs run.valid_day (a held-out day)")
     if r.eval_points and not (r.max_train_seconds > 0 or r.max_samples > 0):

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from raytopk import ray_env
-from raytopk.data.convert import missing_days
+from raytopk.data.convert import missing_days, read_meta
 from raytopk.train.checkpoint import CheckpointError, Position, load_state
-from raytopk.train.config import ConfigError, TrainConfig, to_dict, validate
+from raytopk.train.config import ConfigError, TrainConfig, check_days, to_dict, validate
 
 __all__ = ["CHECKPOINTS", "Prepared", "prepare", "latest_checkpoint", "planned_samples"]
 
@@ -63,22 +63,6 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
         raise CheckpointError(str(e)) from e
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
-    from raytopk.data.convert import read_meta
-
-    if not path.exists():
-        raise FileNotFoundError(
-            f"data.path {str(path)!r} does not exist: convert RecFlow with "
-            "`python jobs/prepare_data.py convert ...` or set data.synthetic.enabled=true"
-        )
-    if not (path / "meta.json").is_file():
-        raise FileNotFoundError(
-            f"data.path {str(path)!r} has no meta.json: it is not a converted raytopk dataset "
-            "(point data.path at the output directory of `jobs/prepare_data.py convert`)"
-        )
-    return read_meta(path)
-
-
 def prepare(cfg: TrainConfig) -> Prepared:
     """Get a run ready before Ray starts: validate the config, generate the synthetic dataset
     when ``data.synthetic`` asks for one and it is absent, resolve and check the days, paths and
@@ -100,7 +84,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         print(f"[raytopk] synthetic dataset ready at {out} ({time.perf_counter() - t0:.1f} s)")
     path = Path(d.path).resolve()
     d.path = str(path)
-    meta = _read_meta(path)
+    meta = read_meta(path, "data.path")
     present = list(meta["days"])
     if not present:
         raise ValueError(f"data.path {str(path)!r}: meta.json lists no days")
@@ -125,11 +109,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
         )
     if not train_days:
         raise ValueError(f"no training day before test day {test_day} in {str(path)!r}")
-    if test_day in train_days:
-        raise ValueError(f"data.test_day {test_day} is also a training day")
-    if valid and (valid in train_days or (valid == test_day and cfg.run.test_eval)):
-        raise ValueError(f"run.valid_day {valid} is also a training day or the test day")
     d.train_days, d.test_day = train_days, test_day
+    check_days(cfg)  # the config's day rules, on the days resolved from the dataset
 
     next_day = {}
     if cfg.run.stream_eval:

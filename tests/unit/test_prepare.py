@@ -57,3 +57,13 @@ def test_default_days_are_every_day_before_the_test_day(tiny: Path, tmp_path: Pa
     prep = _prepare(tiny, tmp_path / "o")  # no days given: the last day tests, the rest train
     assert prep.cfg.data.train_days == [*DAYS, TEST_DAY]
     assert prep.cfg.data.test_day == "2024-01-16"
+
+
+def test_the_day_rules_hold_for_days_resolved_from_the_dataset(tiny: Path, tmp_path: Path) -> None:
+    # The config's own check sees no test day (it defaults to the dataset's last day); the same
+    # rule runs again once prepare has resolved it.
+    with pytest.raises(ValueError, match="run.valid_day 2024-01-16 is the test day"):
+        _prepare(tiny, tmp_path / "v", "data.train_days=[2024-01-13]", "run.valid_day=2024-01-16")
+    prep = _prepare(tiny, tmp_path / "ok", "data.train_days=[2024-01-13]",
+                    "run.valid_day=2024-01-14")  # fmt: skip
+    assert (prep.cfg.data.test_day, prep.cfg.run.valid_day) == ("2024-01-16", "2024-01-14")
