@@ -21,6 +21,7 @@ the file named by ``RAY_AUTH_TOKEN_PATH``); a process joining a cluster needs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -92,9 +93,17 @@ QUIET_LOGGERS = {
 
 def quiet_workers() -> None:
     """Ray worker setup hook (``runtime_env["worker_process_setup_hook"]``): the levels of
-    :data:`QUIET_LOGGERS` in this process."""
+    :data:`QUIET_LOGGERS` in this process; and ``RAY_ADDRESS`` set to this worker's own cluster
+    when it is unset, so that a State API call without an address (Train's placement-group
+    cleaner makes one) finds this cluster instead of failing with "Found multiple active Ray
+    instances" (and a traceback) on a machine running another Ray."""
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    if not os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        with contextlib.suppress(Exception):  # a worker not (yet) connected: leave it unset
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def configure_data_context(ctx: Any = None) -> Any:

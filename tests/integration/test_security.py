@@ -78,6 +78,16 @@ def test_workers_quiet_only_the_loggers_that_repeat_themselves(ray_cluster: Any)
         names = [*QUIET_LOGGERS, "ray.data._internal.execution.operators.map_operator"]
         return {n: logging.getLogger(n).getEffectiveLevel() for n in names}
 
+    @ray.remote(num_cpus=0)
+    def own_address() -> tuple[str | None, str]:
+        import os
+
+        return os.environ.get("RAY_ADDRESS"), ray.get_runtime_context().gcs_address
+
+    # Workers name their own cluster: an address-less State API call in them (Train's
+    # placement-group cleaner) cannot fail on a machine that runs another Ray instance.
+    seen, own = ray.get(own_address.remote())
+    assert seen == own
     got = ray.get(levels.remote())
     for name, level in QUIET_LOGGERS.items():
         assert got[name] == level, (name, got)
