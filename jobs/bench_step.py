@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     from raytopk.data.convert import read_meta
     from raytopk.data.synthetic import prepare_synthetic
     from raytopk.losses import list_methods
-    from raytopk.losses.forms import is_operator, step_bytes
+    from raytopk.losses.forms import is_operator, step_bytes, step_fits
     from raytopk.models.attention import warmup as warmup_attention
     from raytopk.ops import warmup as warmup_op
 
@@ -255,10 +255,10 @@ def main(argv: list[str] | None = None) -> int:
             for m in methods:
                 if is_operator(m):
                     need = step_bytes(m, args.batch_size, n, STAGES)
-                    if need > args.mem_budget_gb * 1e9:
+                    if not step_fits(m, args.batch_size, n, STAGES, args.mem_budget_gb):
                         table["skipped"].append({"method": m, "N": n, "reason":
-                            f"needs ~{need / 1e9:.1f} GB > --mem-budget-gb {args.mem_budget_gb:g}"})  # noqa: E501  # fmt: skip
-                        print(f"table N={n:4d} {m:12s} skipped ({need / 1e9:.1f} GB)")
+                            f"needs ~{need / 2**30:.1f} GiB > --mem-budget-gb {args.mem_budget_gb:g}"})  # noqa: E501  # fmt: skip
+                        print(f"table N={n:4d} {m:12s} skipped ({need / 2**30:.1f} GiB)")
                         continue
                 impl = "fused" if dev == "cpu" else "reference"
                 lines[m], lr = _builder(data, vocab, m, n, args.batch_size, impl, dev)

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from raytopk.data import schema
     from raytopk.data.synthetic import prepare_synthetic
-    from raytopk.losses.forms import step_bytes
+    from raytopk.losses.forms import step_bytes, step_fits
     from raytopk.ops import get_spec, list_ops
     from raytopk.ray_env import init_ray
     from raytopk.train.config import load_config
@@ -177,12 +177,13 @@ def main(argv: list[str] | None = None) -> int:
             for op in list_ops():
                 spec = get_spec(op)
                 need = step_bytes(op, args.batch_size, schema.N_OWN + n, STAGES)
-                if need > args.mem_budget_gb * 1e9:
+                if not step_fits(op, args.batch_size, schema.N_OWN + n, STAGES,
+                                 args.mem_budget_gb):  # fmt: skip
                     sweep.setdefault(op, {})[f"N={schema.N_OWN + n}"] = {
-                        "skipped": f"needs ~{need / 1e9:.1f} GB > --mem-budget-gb "
+                        "skipped": f"needs ~{need / 2**30:.1f} GiB > --mem-budget-gb "
                         f"{args.mem_budget_gb:g} (O(N^2) memory)"
                     }
-                    gb, big_n = need / 1e9, schema.N_OWN + n
+                    gb, big_n = need / 2**30, schema.N_OWN + n
                     print(f"  {op:12s} sample_num={n:3d} (N={big_n}): skipped ({gb:.1f} GB)")
                     continue
                 c = load_config(

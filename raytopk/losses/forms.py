@@ -140,6 +140,13 @@ def step_bytes(method: str, batch_size: int, num_candidates: int, num_stages: in
     return num_stages * method_spec(method).step_bytes(batch_size, num_candidates)
 
 
+def step_fits(method: str, batch_size: int, num_candidates: int, num_stages: int,
+              budget_gb: float) -> bool:  # fmt: skip
+    """Whether a training step of ``method`` fits ``budget_gb`` GiB by :func:`step_bytes` (the
+    study's rule for which methods run, set budgets, and are recorded as not fitting)."""
+    return step_bytes(method, batch_size, num_candidates, num_stages) <= budget_gb * 1024**3
+
+
 def forms_for(method: str) -> tuple[str, ...]:
     """The loss forms ``method`` can be trained with (its default first), from what its entry
     provides: a membership (bce, bce_logits, mse), exact logs (bce_log), an unclipped

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from raytopk.data import schema
-from raytopk.losses.forms import step_bytes
+from raytopk.losses.forms import step_fits
 from raytopk.train.config import ConfigError, TrainConfig
 
 __all__ = [
@@ -154,16 +154,19 @@ def compute_planner(study: Any, base: TrainConfig
     ops = list(study.ops) if study.ops else list_methods()  # the study's methods
     batch = base.data.batch_size * study.workers_per_trial
 
+    def fits(op: str, n: int) -> bool:
+        stages = len(base.model.stages)
+        return step_fits(op, base.data.batch_size, n, stages, study.mem_budget_gb)
+
     def plan_of(op: str, sample_num: int) -> Any:
         n = schema.N_OWN + sample_num
-        fitting = [m for m in ops if step_bytes(m, base.data.batch_size, n) <= study.mem_budget_gb
-                   * 1024**3 and (m, n) in table.seconds]  # fmt: skip
+        fitting = [m for m in ops if fits(m, n) and (m, n) in table.seconds]
         return trial_plan(table, fitting or [op], op, n, study.slowest_steps[sample_num],
                           study.compute_cuts, study.eval_points)
 
     def plan(cfg: TrainConfig, op: str, sample_num: int) -> None:
         n = schema.N_OWN + sample_num
-        if step_bytes(op, base.data.batch_size, n) > study.mem_budget_gb * 1024**3:
+        if not fits(op, n):
             cfg.run.max_train_seconds, cfg.run.max_samples = 0.0, batch  # never trained: the
             cfg.run.eval_at_samples, cfg.run.test_at_samples = [], []  # trial records that it
             return  # does not fit (_trial_fn)

@@ -46,7 +46,7 @@ import yaml
 
 from raytopk import ray_env
 from raytopk.data import schema
-from raytopk.losses.forms import step_bytes
+from raytopk.losses.forms import step_bytes, step_fits
 from raytopk.metrics import metric_keys
 from raytopk.train.config import ConfigError, TrainConfig, from_dict, load_schema, to_dict, validate
 from raytopk.train.resources import plan_resources
@@ -298,8 +298,9 @@ def _trial_fn(config: dict[str, Any]) -> None:
     base["op_params"] = json.dumps(cfg.op.params, sort_keys=True)
     base["node"] = ray_env.node_id()
     stages = len(cfg.model.stages)
-    need = step_bytes(cfg.op.name, cfg.data.batch_size, base["num_candidates"], stages)
-    if need > config["mem_budget_gb"] * 1024**3:
+    n, budget = base["num_candidates"], config["mem_budget_gb"]
+    if not step_fits(cfg.op.name, cfg.data.batch_size, n, stages, budget):
+        need = step_bytes(cfg.op.name, cfg.data.batch_size, n, stages)
         ray.tune.report({
             **base,
             "status": f"does not fit: a training step needs ~{need / 1024**3:.1f} GiB for "
@@ -425,8 +426,8 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
             study.select_seed if study.select_seed >= 0 else study.seeds[0]
         ]
         def fits(op: str, sample_num: int) -> bool:
-            need = step_bytes(op, base.data.batch_size, schema.N_OWN + sample_num, stages)
-            return need <= study.mem_budget_gb * 1024**3
+            n = schema.N_OWN + sample_num
+            return step_fits(op, base.data.batch_size, n, stages, study.mem_budget_gb)
 
         joint = run_selection(study, _budgeted(study, base), ops, seeds, out, trainable,
                               conc, stages, verbose, plan, max_t, fits, results)
