@@ -1,5 +1,5 @@
 """Progress lines for the long phases (generating and converting data, evaluating, a study's
-trials): ``[raytopk] converting: 3/20 days (15%), 4.1 s/day, ETA 1m10s``.
+trials): ``[raytopk] converting: 3/20 days (15%), 4.1 s each, ETA 1m10s``.
 
 A line at most every ``every`` seconds, none for a phase that ends before the first is due (a
 short phase stays silent), and one at the end of a phase that printed any. With no ``total`` the
@@ -54,7 +54,7 @@ class Progress:
         else:
             head += f" {self.unit}"
         if self.count and rate >= 1:
-            head += f", {rate:.3g} s per {self.unit.removesuffix('s')}"
+            head += f", {rate:.3g} s each"
         elif self.count:
             head += f", {self.count / max(elapsed, 1e-9):,.1f} {self.unit}/s"
         if self.total and self.count and self.count < self.total:

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ __all__ = [
     "checkpoint_record",
     "node_id",
     "progress_callback",
+    "quiet_loggers",
     "quiet_train_logs",
     "quiet_workers",
     "report_metrics",
@@ -62,7 +64,9 @@ def init_ray(**local: Any) -> Any:
         return None
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if os.environ.get("RAY_ADDRESS") and local.get("address") != "local":
-        return ray.init()  # never num_cpus here: the cluster's resources are what they are
+        ctx = ray.init()  # never num_cpus here: the cluster's resources are what they are
+        quiet_loggers()
+        return ctx
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
         raise RuntimeError(
@@ -72,8 +76,10 @@ def init_ray(**local: Any) -> Any:
     # Every worker process of the job (Train's controller and its helper actors, Ray Data's
     # coordinators) quiets the log lines that only repeat themselves (quiet_workers).
     env = {"worker_process_setup_hook": "raytopk.ray_env.quiet_workers"}
-    return ray.init(**{"_node_ip_address": "127.0.0.1", "include_dashboard": False,
-                       "runtime_env": env, **local})  # fmt: skip
+    ctx = ray.init(**{"_node_ip_address": "127.0.0.1", "include_dashboard": False,
+                      "runtime_env": env, **local})  # fmt: skip
+    quiet_loggers()  # the driver's own Ray Data lines
+    return ctx
 
 
 # Loggers of Ray's own processes that only repeat themselves on a run's console, and the level
@@ -83,12 +89,30 @@ def init_ray(**local: Any) -> Any:
 #   (~66 lines a quickstart); the cleanup it exists for runs when a controller dies uncleanly;
 # - Ray Data's progress module says once per process that progress bars are off, and its
 #   streaming executor logs "execution finished" per dataset at INFO (raytopk prints its own
-#   progress lines; the executor's warnings still pass).
+#   progress lines; the executor's warnings still pass);
+# - Ray Data's parquet reader logs two estimates per dataset at INFO, in the driver (~14 lines
+#   a quickstart);
+# - Train's autoscaling-coordinator client warns, with a traceback, when its resource request
+#   times out on a busy machine, "safe to ignore" if transient; a local run has no autoscaler;
+# - faiss's loader logs, at INFO, each CPU-specific library it tries (11 lines per worker).
+# Workers get these levels from the setup hook (quiet_workers); the driver from init_ray.
 QUIET_LOGGERS = {
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client": logging.ERROR,
     "ray.data._internal.progress": logging.ERROR,
+    "ray.data._internal.datasource.parquet_datasource": logging.WARNING,
     "ray.data._internal.execution.streaming_executor": logging.WARNING,
+    "faiss.loader": logging.WARNING,
 }
+
+
+def quiet_loggers() -> None:
+    """The levels of :data:`QUIET_LOGGERS` in this process, and no RayDeprecationWarning about
+    a Ray Data option Ray itself sets (``ExecutionOptions.exclude_resources``, from Ray Train's
+    dataset manager: nothing a raytopk user can change)."""
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    warnings.filterwarnings("ignore", message=r".*exclude_resources.* is deprecated")
 
 
 def quiet_workers() -> None:
@@ -97,8 +121,7 @@ def quiet_workers() -> None:
     when it is unset, so that a State API call without an address (Train's placement-group
     cleaner makes one) finds this cluster instead of failing with "Found multiple active Ray
     instances" (and a traceback) on a machine running another Ray."""
-    for name, level in QUIET_LOGGERS.items():
-        logging.getLogger(name).setLevel(level)
+    quiet_loggers()
     if not os.environ.get("RAY_ADDRESS"):
         import ray
 

@@ -217,26 +217,29 @@ def run_experiment(study: Any, name: str, trials: list[dict[str, Any]], trainabl
         )
         if hasattr(scheduler, "replay"):  # ASHA's rungs as the logged trials left them
             scheduler.replay(rows, clock)
-        logged_now = len(rows)
-        stopped = set(getattr(scheduler, "stopped", []))  # by ASHA: a trial's legitimate end
+        logged_now, lines_before = len(rows), len(_read_log(row_log(study)))
+        results = list(tuner.fit())
+        # The callback logged every trial that ended (finished, stopped by ASHA, failed). Tune
+        # also returns from fit() when interrupted (Ctrl-C, SIGINT): a trial it did not log in
+        # this experiment, with neither a final report nor an error, was still running and must
+        # not be logged as ended, nor the study go on with a partial selection.
+        seen = {r.get("config_digest") for r in _read_log(row_log(study))[lines_before:]}
         unfinished = []
-        for result in tuner.fit():
+        for result in results:
             t = (result.config or {}).get("trial") or {}
             m = dict(result.metrics or {})
-            if "status" not in m and result.error is None and t.get("trial") not in stopped:
-                unfinished.append(str(t.get("trial")))  # neither ended nor failed: interrupted
+            logged = config_digest(t["train"]) in seen if "train" in t else False
+            if not logged and "status" not in m and result.error is None:
+                unfinished.append(str(t.get("trial")))
                 continue
             rows.append(_row(m, t, result.error, stages, clock))
         if unfinished:
-            # Tune returns from fit() when interrupted (Ctrl-C, SIGINT); the trials still running
-            # must not be logged as ended, nor the study go on with a partial selection.
             raise StudyInterrupted(
                 f"{exp}: {len(unfinished)} trial(s) did not finish ({', '.join(unfinished[:5])}"
                 f"{', ...' if len(unfinished) > 5 else ''}): the experiment was interrupted. "
                 f"The finished ones are in {row_log(study)}; re-run the same command to continue."
             )
         # A trial whose end the callback did not see (none should be) is logged now.
-        seen = {r.get("config_digest") for r in _read_log(row_log(study))}
         for r in rows[logged_now:]:
             if r.get("config_digest") not in seen:
                 _append_row(row_log(study), r)
