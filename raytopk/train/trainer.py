@@ -113,7 +113,8 @@ class Trainer:
                 train_key(*self.schedule[item + 1][::-1]), bs
             ).warm_async()
         for _ in range(skip):  # trained before the checkpoint this run resumed from
-            next(batches)
+            if next(batches, None) is None:
+                break  # the day holds no more: the loop finds it empty and ends the day
             pos.step += 1
         self.day_losses, self.day_samples, self.day_t0 = LossWindow(), 0, time.perf_counter()
         return batches
