@@ -379,9 +379,10 @@ class GroupedASHA(_scheduler_base()):  # type: ignore[misc]
     def replay(self, rows: list[dict[str, Any]], clock: str) -> int:
         """Put the validation points of trials that already ran (rows of the study's log, e.g.
         before an interruption) into their group's rungs, so the trials still to run are judged
-        against them as in an uninterrupted run. A row's points: ``asha_points`` (what ASHA
-        saw), else its anytime curve, else the one point it was stopped at (the rungs it passed
-        before are then unknown and left out). Returns the number of points replayed."""
+        against them as in an uninterrupted run. A row's points: its anytime curve (a finished
+        trial's, whole even across a restart), else ``asha_points`` (what the experiment that
+        stopped it saw), else the one point it was stopped at (the rungs it passed before are
+        then unknown and left out). Returns the number of points replayed."""
         metric = self._args["metric"]
         n = 0
         for i, r in enumerate(rows):
@@ -391,9 +392,9 @@ class GroupedASHA(_scheduler_base()):  # type: ignore[misc]
             if isinstance(self._max_t, dict) and group not in self._max_t:
                 continue
             _, asha = self._bracket(group, r.get("seed"))
-            points = r.get("asha_points") or [
+            points = [
                 [p.get(clock), p.get(metric)] for p in r.get("anytime_curve") or []
-            ] or [[r.get(clock), r.get(metric)]]
+            ] or r.get("asha_points") or [[r.get(clock), r.get(metric)]]
             # Ray 2.60's AsyncHyperBandScheduler keeps its rungs in one _Bracket; its on_result
             # records a value at the highest milestone the clock has reached (tests/unit/
             # test_study_compute.py checks the replay decides as an uninterrupted run does).
