@@ -76,6 +76,7 @@ from raytopk.data.request_rows import (
 from raytopk.progress import Progress
 
 __all__ = [
+    "NotADataset",
     "convert",
     "read_meta",
     "missing_days",
@@ -321,20 +322,25 @@ def convert(
     }
 
 
+class NotADataset(FileNotFoundError, ValueError):
+    """A path that should be a converted dataset is absent or has no meta.json: a missing file
+    and a bad argument at once, so callers catching either convention see it."""
+
+
 def read_meta(path: str | os.PathLike, what: str = "path") -> dict:
     """OUT/meta.json of a converted dataset (``path`` = OUT or the meta.json file itself): the
     one reader of it. Errors name ``what`` (the argument or config key that gave the path):
-    FileNotFoundError when the path or its meta.json is absent, ValueError when meta.json is
+    :class:`NotADataset` when the path or its meta.json is absent, ValueError when meta.json is
     unreadable, lacks a key or has another schema version."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(
+        raise NotADataset(
             f"{what} {str(p)!r} does not exist: convert RecFlow with "
             "`python jobs/prepare_data.py convert ...` (or set data.synthetic.enabled=true)"
         )
     if p.is_dir():
         if not (p / "meta.json").is_file():
-            raise FileNotFoundError(
+            raise NotADataset(
                 f"{what} {str(p)!r} has no meta.json: it is not a converted raytopk dataset "
                 "(point it at the output directory of `jobs/prepare_data.py convert`)"
             )
