@@ -32,7 +32,7 @@ from raytopk.train.session import TEST_KEY, VALID_KEY
 if TYPE_CHECKING:
     from raytopk.data.batch import CascadeBatch
 
-__all__ = ["Anytime", "AnytimePoints", "test_metric", "valid_metric"]
+__all__ = ["Anytime", "AnytimePoints", "budget_clock", "test_metric", "valid_metric"]
 
 
 def valid_metric(key: str) -> str:
@@ -45,12 +45,20 @@ def test_metric(key: str) -> str:
     return f"test_{key}"
 
 
+def budget_clock(run: RunConfig, pos: Position) -> tuple[float, float]:
+    """(where the run stands, its budget) on the clock the budget counts: training seconds
+    (``run.max_train_seconds``), else samples seen (``run.max_samples``; 0: no budget)."""
+    if run.max_train_seconds > 0:
+        return pos.train_seconds, float(run.max_train_seconds)
+    return float(pos.samples_seen), float(run.max_samples)
+
+
 class Anytime:
     """The evaluation points of one worker's run and the curve evaluated so far."""
 
     def __init__(self, run: RunConfig, pos: Position, world: int, device: torch.device) -> None:
-        self.by_seconds = run.max_train_seconds > 0
-        self.budget = float(run.max_train_seconds if self.by_seconds else run.max_samples)
+        self.run = run
+        self.budget = budget_clock(run, pos)[1]
         self.at = sorted({float(v) for v in run.eval_at_samples if v < self.budget})
         self.test_at = {float(v) for v in run.test_at_samples}
         if self.at:
@@ -63,7 +71,7 @@ class Anytime:
         self.eval_seconds = 0.0  # all evaluation points together
 
     def _clock(self, pos: Position) -> float:
-        return pos.train_seconds if self.by_seconds else float(pos.samples_seen)
+        return budget_clock(self.run, pos)[0]
 
     def _thresholds(self) -> list[float]:
         if self.at:

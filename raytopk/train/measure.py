@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from raytopk.train.anytime import AnytimePoints
+from raytopk.train.anytime import AnytimePoints, budget_clock
 from raytopk.train.checkpoint import Position
 from raytopk.train.config import RunConfig, TrainConfig
 from raytopk.train.events import CheckpointReport, StepReport
@@ -58,14 +58,6 @@ def run_hooks(cfg: TrainConfig) -> list[Hook]:
 
 def _exclude(pos: Position, part: str, seconds: float) -> None:
     pos.excluded_seconds[part] = pos.excluded_seconds.get(part, 0.0) + seconds
-
-
-def budget_clock(run: RunConfig, pos: Position) -> tuple[float, float]:
-    """(where the run stands, its budget) on the clock the budget counts: training seconds
-    (``run.max_train_seconds``), else samples seen (``run.max_samples``; 0: no budget)."""
-    if run.max_train_seconds > 0:
-        return pos.train_seconds, float(run.max_train_seconds)
-    return float(pos.samples_seen), float(run.max_samples)
 
 
 class StepClock(Hook):
