@@ -110,6 +110,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-sizes", type=int, nargs="+", default=None, help="override step n")
     p.add_argument("--repeats", type=int, default=None, help="override timed calls per shape")
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch and numba threads (default: the libraries' defaults, all cores)",
+    )
+    p.add_argument(
         "--no-target-shapes",
         action="store_true",
         help=f"leave out the target shapes {list(TARGET_SHAPES)} (B, N, k)",
@@ -126,6 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--repeats should be >= 1 but got {args.repeats}")
     if args.mem_budget_gb <= 0:
         p.error(f"--mem-budget-gb should be > 0 but got {args.mem_budget_gb}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads should be >= 1 but got {args.threads}")
     return args
 
 
@@ -220,6 +228,11 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.threads is not None:
+        import numba
+
+        torch.set_num_threads(args.threads)
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = run(args)

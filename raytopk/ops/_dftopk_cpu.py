@@ -1,9 +1,13 @@
 """DFTopK's CPU selection kernel (numba): θ_k and the two boundary slots π(k), π(k+1) per row with
 one selection (docs/protocol.md §2.1; the operator and its notation are in raytopk/ops/dftopk.py).
 
-Per row: v = x_[k+1] by a three-way-partition quickselect (O(N) expected; insertion for small
-rank sets; a sampled Floyd-Rivest-style filter first for long rows), then x_[k] = the minimum of
-the k slots the partition put in front of v. Rows run in parallel for large batches. A row with
+Per row, for k + 1 <= 16 (the training shapes: k = 10): a lower bound on x_[k+1] from k + 1 group
+maxima, one branch-free pass keeping the values above it, and the k + 1 largest of those by
+insertion, straight from the row. Otherwise: v = x_[k+1] by a three-way-partition quickselect
+(O(N) expected; insertion for small rank sets; a sampled Floyd-Rivest-style filter first for long
+rows), then x_[k] = the minimum of the k slots the partition put in front of v. Every path names
+the same boundary slots (the first holding x_[k] and x_[k+1]). Rows run in parallel for large
+batches. A row with
 a NaN/inf valid score is flagged (index −2) and reported by ``check_finite`` with its number.
 """
 
@@ -191,93 +195,208 @@ def _find_slots(vals, ids, w, hi, lo):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _rows(x, mask, has_mask, k, theta, idx, start, stop, vals, ids, scratch):  # pragma: no cover
-    """θ and the boundary slots [π(k), π(k+1)] for rows start..stop−1 (−1 where k >= n;
-    idx[r, 0] = −2 where a valid score is NaN or ±inf: the kernel doubles as the finiteness
-    check, saving the separate isfinite pass)."""
-    n_cols = x.shape[1]
-    for r in range(start, stop):
-        kr = k[r]
+def _small_k_boundary(row, mrow, has_mask, k, cand, cand_slots, buf, slots):  # pragma: no cover
+    """(finite, hi, lo, hi_slot, lo_slot) for k + 1 <= _SMALL, straight from the row.
+
+    1. A lower bound on x_[k+1]: split the row into k + 1 groups; the smallest group maximum is
+       at most x_[k+1] (the k + 1 maxima are k + 1 values at least that large). A group with no
+       valid slot makes the bound −∞.
+    2. One branch-free pass copies the valid values at or above the bound (and their slots, in
+       slot order) to cand and checks finiteness; about 30 of 200 standard-normal scores pass.
+    3. The k + 1 largest candidates, sorted descending by insertion into buf (with slots).
+
+    Ties: an equal value never passes an earlier one and never enters a full set, so buf ends
+    as the k + 1 largest under (value descending, slot ascending) whatever was dropped in step 2
+    (only values below x_[k+1] are), and hi_slot / lo_slot are the first slots holding x_[k] /
+    x_[k+1] (the first two when they are equal), as ``_find_slots`` gives on the other paths."""
+    m = k + 1
+    n_cols = row.shape[0]
+    bound = np.inf
+    for g in range(m):
+        mx = -np.inf
         if has_mask:
-            n = 0
-            for j in range(n_cols):
-                n += mask[r, j]
+            for i in range(g * n_cols // m, (g + 1) * n_cols // m):
+                v = row[i]
+                mx = v if (v > mx) & (mrow[i] != 0) else mx
         else:
-            n = n_cols
-        if kr >= n:
-            theta[r] = -np.inf
-            idx[r, 0] = -1
-            idx[r, 1] = -1
-            for j in range(n_cols):  # selected whatever the values, but NaN is still an error
-                if (not has_mask or mask[r, j]) and x[r, j] - x[r, j] != 0.0:
-                    idx[r, 0] = -2
-                    break
+            for i in range(g * n_cols // m, (g + 1) * n_cols // m):
+                v = row[i]
+                mx = v if v > mx else mx  # NaN never wins (it is caught in step 2)
+        bound = mx if mx < bound else bound
+    w = 0
+    finite = True
+    if has_mask:
+        for i in range(n_cols):
+            v = row[i]
+            ok = mrow[i] != 0
+            finite &= (v - v == 0.0) | (not ok)  # NaN or ±inf at a valid slot
+            cand[w] = v
+            cand_slots[w] = i
+            w += ok & (v >= bound)
+    else:
+        for i in range(n_cols):
+            v = row[i]
+            finite &= v - v == 0.0
+            cand[w] = v
+            cand_slots[w] = i
+            w += v >= bound
+    if not finite:
+        return False, 0.0, 0.0, -1, -1
+    for i in range(w):
+        v = cand[i]
+        if i < m:
+            j = i
+        elif v > buf[m - 1]:
+            j = m - 1
+        else:
             continue
-        found = False
-        hi_slot = -1
-        if n >= _SAMPLE_MIN:
-            found, hi, lo, hi_slot, lo_slot = _sampled_boundary(
-                x[r], mask[r if has_mask else 0], has_mask, n, kr, vals, ids, scratch
-            )
-        if hi_slot == -2:  # a non-finite valid score: reported by the caller
-            idx[r, 0] = -2
-            continue
-        if not found:
-            n = 0
-            finite = True
-            for j in range(n_cols):
-                if not has_mask or mask[r, j]:
-                    v = x[r, j]
-                    finite &= v - v == 0.0
-                    vals[n] = v
-                    ids[n] = j
-                    n += 1
-            if not finite:
-                idx[r, 0] = -2
-                continue
-            scratch[:n] = vals[:n]
-            hi, lo = _boundary_values(scratch, n, kr)
-            hi_slot, lo_slot = _find_slots(vals, ids, n, hi, lo)
-        theta[r] = 0.5 * (hi + lo)
-        idx[r, 0] = hi_slot  # π(k)
-        idx[r, 1] = lo_slot  # π(k+1)
+        while j > 0 and buf[j - 1] < v:
+            buf[j] = buf[j - 1]
+            slots[j] = slots[j - 1]
+            j -= 1
+        buf[j] = v
+        slots[j] = cand_slots[i]
+    hi = buf[k - 1]
+    lo = buf[k]
+    hi_slot = -1
+    lo_slot = slots[k]
+    for j in range(m):  # the first slot holding x_[k]: the front-most entry equal to it
+        if buf[j] == hi:
+            hi_slot = slots[j]
+            if hi == lo and j < k:
+                lo_slot = slots[j + 1]
+            break
+    return True, hi, lo, hi_slot, lo_slot
 
 
 @numba.njit(cache=True, nogil=True)
-def _threshold_serial(x, mask, has_mask, k, theta, idx):  # pragma: no cover - compiled
+def _rows(
+    x, mask, has_mask, k, theta, idx, start, stop, vals, ids, scratch, slots, tau, z, want_z
+):  # pragma: no cover
+    """θ and the boundary slots [π(k), π(k+1)] for rows start..stop−1 (−1 where k >= n;
+    idx[r, 0] = −2 where a valid score is NaN or ±inf: the kernel doubles as the finiteness
+    check, saving the separate isfinite pass), and when want_z the logits z (R, N)."""
+    n_cols = x.shape[1]
+    for r in range(start, stop):
+        _row(x, mask, has_mask, k, theta, idx, r, vals, ids, scratch, slots)
+        if want_z and idx[r, 0] != -2:
+            th = theta[r]
+            if has_mask:
+                for j in range(n_cols):
+                    z[r, j] = (x[r, j] - th) / tau if mask[r, j] else -np.inf
+            else:
+                for j in range(n_cols):
+                    z[r, j] = (x[r, j] - th) / tau
+
+
+@numba.njit(cache=True, nogil=True)
+def _row(x, mask, has_mask, k, theta, idx, r, vals, ids, scratch, slots):  # pragma: no cover
+    """θ and the boundary slots of row r (see _rows)."""
+    n_cols = x.shape[1]
+    kr = k[r]
+    if has_mask:
+        n = 0
+        for j in range(n_cols):
+            n += mask[r, j]
+    else:
+        n = n_cols
+    if kr >= n:
+        theta[r] = -np.inf
+        idx[r, 0] = -1
+        idx[r, 1] = -1
+        for j in range(n_cols):  # selected whatever the values, but NaN is still an error
+            if (not has_mask or mask[r, j]) and x[r, j] - x[r, j] != 0.0:
+                idx[r, 0] = -2
+                break
+        return
+    found = False
+    hi_slot = -1
+    if kr + 1 <= _SMALL and n < _SAMPLE_MIN:
+        finite, hi, lo, hi_slot, lo_slot = _small_k_boundary(
+            x[r], mask[r if has_mask else 0], has_mask, kr, vals, ids, scratch, slots
+        )
+        if not finite:
+            idx[r, 0] = -2
+            return
+        found = True
+    elif n >= _SAMPLE_MIN:
+        found, hi, lo, hi_slot, lo_slot = _sampled_boundary(
+            x[r], mask[r if has_mask else 0], has_mask, n, kr, vals, ids, scratch
+        )
+    if hi_slot == -2:  # a non-finite valid score: reported by the caller
+        idx[r, 0] = -2
+        return
+    if not found:
+        n = 0
+        finite = True
+        for j in range(n_cols):
+            if not has_mask or mask[r, j]:
+                v = x[r, j]
+                finite &= v - v == 0.0
+                vals[n] = v
+                ids[n] = j
+                n += 1
+        if not finite:
+            idx[r, 0] = -2
+            return
+        scratch[:n] = vals[:n]
+        hi, lo = _boundary_values(scratch, n, kr)
+        hi_slot, lo_slot = _find_slots(vals, ids, n, hi, lo)
+    theta[r] = 0.5 * (hi + lo)
+    idx[r, 0] = hi_slot  # π(k)
+    idx[r, 1] = lo_slot  # π(k+1)
+
+
+@numba.njit(cache=True, nogil=True)
+def _threshold_serial(x, mask, has_mask, k, theta, idx, tau, z, want_z):  # pragma: no cover
     vals = np.empty(x.shape[1], x.dtype)
     ids = np.empty(x.shape[1], np.int64)
     scratch = np.empty(x.shape[1], x.dtype)
-    _rows(x, mask, has_mask, k, theta, idx, 0, x.shape[0], vals, ids, scratch)
+    slots = np.empty(_SMALL, np.int64)
+    _rows(
+        x, mask, has_mask, k, theta, idx, 0, x.shape[0], vals, ids, scratch, slots, tau, z, want_z
+    )
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _threshold_parallel(x, mask, has_mask, k, theta, idx, n_chunks):  # pragma: no cover
+def _threshold_parallel(
+    x, mask, has_mask, k, theta, idx, n_chunks, tau, z, want_z
+):  # pragma: no cover
     rows = x.shape[0]
     for c in numba.prange(n_chunks):
         vals = np.empty(x.shape[1], x.dtype)  # scratch buffers per chunk, not per row
         ids = np.empty(x.shape[1], np.int64)
         scratch = np.empty(x.shape[1], x.dtype)
+        slots = np.empty(_SMALL, np.int64)
         start = c * rows // n_chunks
         stop = (c + 1) * rows // n_chunks
-        _rows(x, mask, has_mask, k, theta, idx, start, stop, vals, ids, scratch)
+        _rows(
+            x, mask, has_mask, k, theta, idx, start, stop, vals, ids, scratch, slots, tau, z, want_z
+        )
 
 
 def threshold_numba(
-    x: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (R, N) float32/64 CPU, k (R,) -> θ (R,), idx (R, 2) [π(k), π(k+1)] (−1 if k >= n)."""
+    x: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, tau: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x (R, N) float32/64 CPU, k (R,) -> θ (R,), idx (R, 2) [π(k), π(k+1)] (−1 if k >= n), and
+    with tau the logits z = (x − θ) / τ (R, N) (−∞ at masked slots, +∞ at the valid slots of rows
+    with k >= n), formed while each row is still in cache; else None."""
     xn = x.detach().contiguous().numpy()
     kn = k.contiguous().numpy()
     has_mask = mask is not None
-    mn = mask.contiguous().numpy() if has_mask else np.ones((1, 1), np.bool_)
+    # The mask as uint8: numba's loads of bool arrays defeat its branch-free selects (~3× slower).
+    mn = mask.contiguous().numpy().view(np.uint8) if has_mask else np.ones((1, 1), np.uint8)
     theta = np.empty(xn.shape[0], xn.dtype)
     idx = np.empty((xn.shape[0], 2), np.int64)
+    want_z = tau is not None
+    z = np.empty(xn.shape if want_z else (1, 1), xn.dtype)
+    tau_x = xn.dtype.type(tau if want_z else 1.0)  # torch divides in x's dtype too
     threads = numba.get_num_threads() if xn.size >= PARALLEL_MIN_ELEMENTS else 1
     if threads > 1:
-        _threshold_parallel(xn, mn, has_mask, kn, theta, idx, min(threads * 4, xn.shape[0]))
+        chunks = min(threads * 4, xn.shape[0])
+        _threshold_parallel(xn, mn, has_mask, kn, theta, idx, chunks, tau_x, z, want_z)
     else:
-        _threshold_serial(xn, mn, has_mask, kn, theta, idx)
+        _threshold_serial(xn, mn, has_mask, kn, theta, idx, tau_x, z, want_z)
     if (idx[:, 0] == -2).any():
         check_finite(x, mask)  # raises, naming the first row with a NaN/inf valid score
-    return torch.from_numpy(theta), torch.from_numpy(idx)
+    return torch.from_numpy(theta), torch.from_numpy(idx), torch.from_numpy(z) if want_z else None

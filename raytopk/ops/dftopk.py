@@ -14,15 +14,17 @@ slots ("localized gradients"). Σ f = k is not enforced. O(N) per row.
 Implementation:
 - One selection per row, not two: v = x_[k+1] by quickselect, then x_[k] = min of the k slots
   the partition put in front of v (they are exactly the k largest). On CPU this is a numba kernel
-  (three-way-partition quickselect, O(N) expected, parallel over rows for large batches); on
+  (three-way-partition quickselect, O(N) expected; for k + 1 <= 16 a group-maxima bound, one
+  branch-free filtering pass and insertion instead; parallel over rows for large batches); on
   other devices torch primitives: ``topk`` (``torch.topk(max k + 1)``, sorted), and for a k
   that is the same in every row ``topk_unsorted`` (``torch.topk(k + 1, sorted=False)`` and two
   min passes over those k + 1: no sort of the top set, which matters at large k) or
   ``kthvalue`` (``torch.kthvalue`` and a masked min); ``sort`` (a full row sort, what small rows
   may do fastest on a GPU). A uniform-k primitive falls back to ``topk`` for per-row k.
   ``select="auto"`` chooses by device (see ``_AUTO_SELECT``).
-- A custom ``autograd.Function`` whose backward is the closed form above. It saves only the two
-  boundary indices per row (int64, −1 for rows with k >= n) and the mask when one is given.
+- A custom ``autograd.Function`` whose backward is the closed form above, in place on one (R, N)
+  buffer. It saves only the two boundary indices per row (int64, −1 for rows with k >= n) and the
+  mask when one is given.
 - Masked slots never enter the selection; z = −∞ there (f = 0, no gradient). A row whose k is at
   least its number of valid slots selects all of them: θ = −∞, z = +∞, f = 1, zero gradient.
 - Ties at the k/k+1 boundary give θ = the tied value and f = ½ at the tied slots; π(k) and
@@ -130,7 +132,7 @@ def _threshold(
     if select == "numba":
         if x.device.type != "cpu":
             raise ValueError(f"'select'='numba' needs a CPU tensor but scores are on {x.device}")
-        return threshold_numba(x, k, mask)
+        return threshold_numba(x, k, mask)[:2]
     return _threshold_torch(x, k, mask, select)
 
 
@@ -142,12 +144,17 @@ class _DFTopKLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, k, mask, tau, select):  # type: ignore[override]
-        theta, idx = _threshold(x, k, mask, select)
-        theta = theta.to(x.device)
-        idx = idx.to(x.device)
-        z = (x - theta.unsqueeze(-1)) / tau  # decided rows: θ = −∞ → z = +∞
-        if mask is not None:
-            z = z.masked_fill(~mask, float("-inf"))
+        if select == "auto":
+            select = _AUTO_SELECT.get(x.device.type, _DEFAULT_SELECT)
+        if select == "numba" and x.device.type == "cpu":
+            _, idx, z = threshold_numba(x, k, mask, tau)  # z formed in the kernel, same bits
+        else:
+            theta, idx = _threshold(x, k, mask, select)
+            theta = theta.to(x.device)
+            idx = idx.to(x.device)
+            z = (x - theta.unsqueeze(-1)).div_(tau)  # decided rows: θ = −∞ → z = +∞
+            if mask is not None:
+                z.masked_fill_(~mask, float("-inf"))
         ctx.tau = tau
         ctx.save_for_backward(idx, mask if mask is not None else torch.empty(0))
         ctx.has_mask = mask is not None
@@ -157,14 +164,18 @@ class _DFTopKLogits(torch.autograd.Function):
     def backward(ctx, grad_z):  # type: ignore[override]
         idx, mask = ctx.saved_tensors
         decided = idx[:, 0] < 0  # (R,)
-        g = grad_z
+        # One (R, N) buffer, updated in place (the same values as the out-of-place form).
+        g = grad_z / ctx.tau  # (R, N)
         if ctx.has_mask:
-            g = g.masked_fill(~mask, 0.0)
-        g = g.masked_fill(decided.unsqueeze(-1), 0.0) / ctx.tau  # (R, N)
+            g.masked_fill_(~mask, 0.0)
+        any_decided = bool(decided.any())
+        if any_decided:
+            g.masked_fill_(decided.unsqueeze(-1), 0.0)
         # Each boundary slot absorbs −½ of the row's total upstream gradient.
         half = (-0.5 * g.sum(-1, keepdim=True)).expand(-1, 2)  # (R, 2)
-        grad_x = g.scatter_add(-1, idx.clamp_min(0), half.masked_fill(decided.unsqueeze(-1), 0))
-        return grad_x, None, None, None, None
+        if any_decided:
+            half = half.masked_fill(decided.unsqueeze(-1), 0)
+        return g.scatter_add_(-1, idx.clamp_min(0), half), None, None, None, None
 
 
 def _as_compute(x: torch.Tensor) -> torch.Tensor:

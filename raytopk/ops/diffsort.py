@@ -106,9 +106,7 @@ def _network(x: torch.Tensor, steepness: float, n: torch.Tensor | None) -> torch
     return perm if mixed else perm.clone()
 
 
-def _soft_permutation(
-    x: torch.Tensor, steepness: float, mask: torch.Tensor | None
-) -> torch.Tensor:
+def _soft_permutation(x: torch.Tensor, steepness: float, mask: torch.Tensor | None) -> torch.Tensor:
     """Unchecked kernel on a float32/float64 tensor (..., N) -> (..., N, N)."""
     if mask is None:
         return _network(x, steepness, None)

@@ -259,8 +259,9 @@ def _log_laplace_cdf(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _lapsum_t(scores: torch.Tensor, k: int, mask: torch.Tensor, alpha: float,
-              keep: torch.Tensor) -> torch.Tensor:
+def _lapsum_t(
+    scores: torch.Tensor, k: int, mask: torch.Tensor, alpha: float, keep: torch.Tensor
+) -> torch.Tensor:
     """t = x/α − b of LapSum with b's implicit gradient ∂b/∂x = f/(αΣf) (docs/protocol.md §2.2), as
     a differentiable tensor; 0 outside ``keep``."""
     x = scores.masked_fill(~mask, 0.0)

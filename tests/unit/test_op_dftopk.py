@@ -142,7 +142,10 @@ def test_torch_compile_matches_eager() -> None:
         z = torch.where(mask & (k.unsqueeze(-1) < mask.sum(-1, keepdim=True)), z, 0.0)
         return torch.nn.functional.binary_cross_entropy_with_logits(z, y)
 
-    compiled = torch.compile(loss, fullgraph=False, )
+    compiled = torch.compile(
+        loss,
+        fullgraph=False,
+    )
     a = x.clone().requires_grad_()
     b = x.clone().requires_grad_()
     la = loss(a)
@@ -229,3 +232,32 @@ def test_gradient_with_ties_long_rows(select: str) -> None:
         xg = x.clone().requires_grad_()
         dftopk_logits(xg, k, tau=2.0, mask=mask, select=select).backward(up)
         _assert_closed_form_grad(x, torch.full((3,), k), mask, 2.0, up, xg.grad)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("k", [1, 2, 10, 15, 16, 40, 195, 199])
+def test_numba_boundary_slots_are_the_first_holding_the_values(k: int, masked: bool) -> None:
+    # The CPU kernel's paths (one-pass insertion for k + 1 <= 16, quickselect, its mirror for
+    # n − k + 1 <= 16, the sampled filter for long rows) all name the same slots: π(k) the first
+    # valid slot holding x_[k], π(k+1) the first holding x_[k+1] (the first two when they are
+    # equal). Which tied slot absorbs the boundary gradient then never depends on the path, so
+    # a faster path cannot change a training run's numbers.
+    from raytopk.ops._dftopk_cpu import threshold_numba
+
+    g = torch.Generator().manual_seed(1000 + k)
+    for n, scale in ((200, 1.0), (200, 0.0), (5000, 1.0)):
+        if k >= n:
+            continue
+        x = torch.randn(9, n, generator=g, dtype=torch.float32)
+        x = (x * 3).round() if scale == 1.0 else x  # heavy ties / distinct values
+        mask = torch.rand(9, n, generator=g) > 0.2 if masked else torch.ones(9, n, dtype=torch.bool)
+        mask[:, : k + 1] = True  # every row keeps more than k valid slots
+        idx = threshold_numba(x, torch.full((9,), k), mask if masked else None)[1]
+        for r in range(9):
+            valid = mask[r].nonzero().flatten().tolist()
+            s = torch.sort(x[r, valid], descending=True).values
+            hi, lo = float(s[k - 1]), float(s[k])
+            holding_hi = [j for j in valid if float(x[r, j]) == hi]
+            holding_lo = [j for j in valid if float(x[r, j]) == lo]
+            want = holding_hi[:2] if hi == lo else [holding_hi[0], holding_lo[0]]
+            assert idx[r].tolist() == want, (n, r, idx[r].tolist(), want)
