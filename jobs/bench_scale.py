@@ -167,9 +167,12 @@ def _convert(data: Path, out: Path, days: list[str]) -> dict:
     return {"parquet": str(pq_dir), "per_day": per_day}
 
 
-def _train(data: Path, out: Path, days: list[str], seconds: float, eval_batches: int) -> dict:
+def _train(
+    data: Path, out: Path, days: list[str], seconds: float, eval_batches: int, eval_threads: int
+) -> dict:
     run_dir = out / "run"
     overrides = [
+        f"run.eval_threads={eval_threads}",
         f"data.path={data / 'parquet'}",
         f"data.train_days=['{days[0]}']",
         f"data.test_day='{days[1]}'",
@@ -186,10 +189,11 @@ def _train(data: Path, out: Path, days: list[str], seconds: float, eval_batches:
     return _run_train(cmd, out, run_dir, "train")
 
 
-def _eval_full(data: Path, out: Path, days: list[str]) -> dict:
+def _eval_full(data: Path, out: Path, days: list[str], eval_threads: int) -> dict:
     """The train phase's run, resumed from its checkpoint, evaluated on the whole test day."""
     run_dir = out / "run"
     overrides = [
+        f"run.eval_threads={eval_threads}",
         f"data.path={data / 'parquet'}",
         f"data.train_days=['{days[0]}']",
         f"data.test_day='{days[1]}'",
@@ -301,7 +305,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="runs/bench_scale")
     p.add_argument("--train-seconds", type=float, default=300.0)
     p.add_argument("--eval-max-batches", type=int, default=20)
+    p.add_argument(
+        "--eval-threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="run.eval_threads of the test-day evaluations (default: every core, the training "
+        "pipeline being over; 0: the training worker's threads)",
+    )
     args = p.parse_args(argv)  # fmt: skip
+    if args.eval_threads < 0:
+        p.error(f"--eval-threads should be >= 0 but got {args.eval_threads}")
     phases = [x.strip() for x in args.phases.split(",") if x.strip()]
     bad = [x for x in phases if x not in PHASES]
     if bad:
@@ -336,9 +349,11 @@ def main(argv: list[str] | None = None) -> dict:
         elif phase == "convert":
             r = _convert(data, out, days)
         elif phase == "train":
-            r = _train(data, out, days, args.train_seconds, args.eval_max_batches)
+            r = _train(
+                data, out, days, args.train_seconds, args.eval_max_batches, args.eval_threads
+            )
         else:
-            r = _eval_full(data, out, days)
+            r = _eval_full(data, out, days, args.eval_threads)
         result["phases"][phase] = r
         for row in r.get("per_day", [r]):
             if "seconds" in row:

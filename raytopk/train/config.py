@@ -147,6 +147,10 @@ class RunConfig:
     max_train_seconds: float = 0.0  # training-time budget per run; 0: none. Then evaluate.
     max_samples: int = 0  # training-sample budget (requests, all workers); 0: none
     eval_max_batches: int = 0  # cap on test batches per worker (quick checks); 0: whole day
+    # torch/numba threads of the test-day evaluation after training, when the training data
+    # pipeline's CPUs are idle (scoring is CPU-bound; the data take ~3% of it); 0: the training
+    # threads. More threads may change the metrics' last digits (other reduction splits).
+    eval_threads: int = 0
     # A held-out validation day (never trained on, never the test day); empty: none.
     valid_day: str = ""
     # Anytime curve: evaluate run.valid_day this many times, evenly over the budget
@@ -351,6 +355,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _positive("run.max_train_seconds", r.max_train_seconds, allow_zero=True)
     _positive("run.max_samples", r.max_samples, allow_zero=True)
     _positive("run.eval_max_batches", r.eval_max_batches, allow_zero=True)
+    _positive("run.eval_threads", r.eval_threads, allow_zero=True)
     _positive("run.eval_points", r.eval_points, allow_zero=True)
     if r.eval_points and not r.valid_day:
         raise ConfigError(f"run.eval_points={r.eval_points} needs run.valid_day (a held-out day)")

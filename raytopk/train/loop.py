@@ -44,15 +44,14 @@ __all__ = ["set_threads", "train_fn_per_worker", "train_loop"]
 def set_threads(threads: int) -> int:
     """Bind torch's and numba's CPU threads to the worker's allotment (numba's parallel kernels
     otherwise use every core of the machine, whatever the worker reserved). Returns the count."""
+    import numba
     import torch
 
     threads = max(1, threads)
-    torch.set_num_threads(threads)
-    try:
-        import numba
-    except ImportError:  # pragma: no cover - numba is a dependency
-        return threads
+    # numba first: its first set_num_threads starts its OpenMP pool, which resets the OpenMP
+    # thread count torch reads (a worker given 1 CPU then ran torch on every core).
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(threads)
     return threads
 
 
@@ -111,6 +110,8 @@ def train_loop(spec: LoopSpec, session: Session, hooks: Sequence[Hook] = ()) -> 
     t0, test = time.perf_counter(), {}
     if cfg.run.test_eval:  # off in selection trials: they never see the test day
         items = _corpus(spec, cfg)
+        if cfg.run.eval_threads:  # training is over: its data pipeline's CPUs are free
+            set_threads(cfg.run.eval_threads)
         test = t.evaluate(TEST_KEY, corpus_items=items, corpus_ms=cfg.run.corpus_ms)
     seconds = time.perf_counter() - t0
     t.final(test, seconds, h.final(t, test))

@@ -35,16 +35,26 @@ __all__ = [
 ]
 
 
+# Config keys added after studies logged results, with the default that reproduces the earlier
+# behaviour: left out of the digest at that default, so a new key does not orphan every row
+# logged before it existed (a trial setting another value gets another digest).
+ADDED_KEYS: dict[tuple[str, str], Any] = {("run", "eval_threads"): 0}
+
+
 def config_digest(train: dict[str, Any]) -> str:
     """What a trial trains, as a short hash of its TrainConfig dict without where things are on
     this machine (run name, output directory, the dataset's path and the synthetic data's root:
-    synthetic data is identified by its generator settings, which stay in): two trials with one
-    digest are the same training run, on this machine or a fresh clone elsewhere."""
+    synthetic data is identified by its generator settings, which stay in) and without the keys
+    of ``ADDED_KEYS`` at their defaults: two trials with one digest are the same training run,
+    on this machine or a fresh clone elsewhere."""
     d = json.loads(json.dumps(train, sort_keys=True, default=str))
     d.get("run", {}).pop("name", None)
     d.get("run", {}).pop("output_dir", None)
     d.get("data", {}).pop("path", None)
     d.get("data", {}).get("synthetic", {}).pop("root", None)
+    for (section, key), default in ADDED_KEYS.items():
+        if d.get(section, {}).get(key, default) == default:
+            d.get(section, {}).pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -181,3 +181,29 @@ def test_progress_lines_show_the_runs_progress_and_eta(
     assert eta_text({"samples_seen": 60, "samples_per_s": 30.0}, 240) == (
         "60/240 samples (25%), training ETA 0m06s"
     )
+
+
+def test_eval_threads_apply_to_the_test_day_only(tiny: Path, tmp_path: Path) -> None:
+    """run.eval_threads: the test-day evaluation after training runs with that many threads;
+    training keeps the worker's own (scaling.cpus_per_worker=1)."""
+    import torch
+
+    from raytopk.train.hooks import Hook
+
+    seen: dict[str, int] = {}
+
+    class Threads(Hook):
+        def start(self, t):  # type: ignore[no-untyped-def]
+            seen["train"] = torch.get_num_threads()
+
+        def final(self, t, test):  # type: ignore[no-untyped-def]
+            seen["test"] = torch.get_num_threads()
+            return {}
+
+    before = torch.get_num_threads()  # torch's pool started before the run sets its threads
+    try:
+        cfg = _cfg(tiny, tmp_path / "run", "run.eval_threads=2", "run.eval_max_batches=1")
+        run(cfg, verbose=False, hooks=[Threads()])
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"train": 1, "test": 2}

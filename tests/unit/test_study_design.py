@@ -16,7 +16,7 @@ from raytopk.ops import get_spec, list_ops
 from raytopk.train.config import from_dict, to_dict
 from raytopk.train.driver import dataset_specs
 from raytopk.train.prepare import prepare
-from raytopk.tune.experiments import config_digest, final_tag
+from raytopk.tune.experiments import ADDED_KEYS, config_digest, final_tag
 from raytopk.tune.results import write_reports
 from raytopk.tune.selection import (
     GroupedASHA,
@@ -204,6 +204,15 @@ def test_trial_identity_is_what_it_trains(tmp_path: Path) -> None:
     moved["optim"]["lr"] = 0.5
     assert config_digest(moved) != config_digest(a["lapsum-n0-alpha5-s1"]["train"])
     assert final_tag(list(a.values())) != final_tag(list(b.values()))
+    # A config key added after rows were logged keeps their digest at its default (the rows'
+    # configs never had it), and makes another trial at any other value.
+    before = json.loads(json.dumps(a["lapsum-n0-alpha5-s1"]["train"]))
+    for (section, key), default in ADDED_KEYS.items():
+        assert before[section].pop(key) == default
+    assert config_digest(before) == config_digest(a["lapsum-n0-alpha5-s1"]["train"])
+    threads = json.loads(json.dumps(a["lapsum-n0-alpha5-s1"]["train"]))
+    threads["run"]["eval_threads"] = 2
+    assert config_digest(threads) != config_digest(before)
 
 
 def test_study_rejects_bad_design_keys() -> None:
