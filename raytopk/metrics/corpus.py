@@ -14,7 +14,8 @@ them in priority order; with RecFlow's ≤ 10 rank_pos slots and K = 10 that is 
 
 The index is a GPU IndexFlatIP when faiss has GPUs (``faiss.StandardGpuResources`` exists and
 ``faiss.get_num_gpus() > 0``) and max(ms) is within faiss' GPU k limit (2048), else a CPU one.
-Queries are searched in blocks so the (Q, max m) result never has to be held at once.
+Queries are searched in blocks so the (Q, max m) result never has to be held at once, with as
+many threads as torch has (``torch.get_num_threads()``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def _faiss():
             "corpus retrieval needs faiss: pip install 'raytopk[cpu]' (faiss-cpu) or "
             "'raytopk[gpu]' (faiss-gpu-cu12)"
         ) from e
+    # faiss brings its own OpenMP runtime, sized by OMP_NUM_THREADS or every core: search with
+    # the threads torch was given (a worker's allotment; run.eval_threads after training).
+    faiss.omp_set_num_threads(torch.get_num_threads())
     return faiss
 
 

@@ -116,3 +116,20 @@ def test_embed_corpus_uses_the_item_tower() -> None:
     assert model.training  # mode restored
     with pytest.raises(ValueError, match="missing item columns \\['upload_minute'\\]"):
         embed_corpus(model, {f: items[f] for f in schema.ITEM_FIELDS[:-1]})
+
+
+def test_faiss_searches_with_torchs_threads() -> None:
+    # faiss has its own OpenMP runtime (OMP_NUM_THREADS or every core): a worker bound to one
+    # CPU must not search on all of them, and run.eval_threads must reach faiss too.
+    import faiss
+
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            rng = np.random.default_rng(threads)
+            v = rng.standard_normal((50, 4)).astype(np.float32)
+            corpus_recall(v[:3], v, np.arange(50), [[0], [1], [2]], k=1, ms=(5,))
+            assert faiss.omp_get_max_threads() == threads
+    finally:
+        torch.set_num_threads(before)
