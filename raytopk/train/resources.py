@@ -5,7 +5,8 @@ c = CPUs per worker, t = CPUs of a Tune trial's own function (0 for a plain run)
 
 docs/ray.md §5.1: Ray Data gets only the CPUs that Train workers did not reserve; Train workers
 holding every CPU starve it, and the run hangs forever without an error. So R = max(1, T / 4) stays
-free for reading and negative sampling, and every plan satisfies m * (n * c + t) <= T - 1.
+free for reading and negative sampling, and every plan satisfies m * (n * c + t) <= T - 1. Runs
+that read without Ray Data (the study's local trials) keep nothing back: m * n * c <= T.
 """
 
 from __future__ import annotations
@@ -38,13 +39,16 @@ def plan_resources(
     trial_cpu: float = 0.0,
     concurrent: int = 0,
     max_cpus_per_worker: float = math.inf,
+    ray_data: bool = True,
 ) -> Plan:
     """The plan for runs of ``num_workers`` workers on ``cluster`` (``ray.cluster_resources()``).
 
     ``cpus_per_worker="auto"``: the CPUs left after R and one trial function, split equally over
     the workers (to 1/100), at most ``max_cpus_per_worker`` (the study caps it at 1 so that trials
     run side by side on large clusters). ``concurrent=0``: as many runs as fit (one per
-    ``num_workers`` GPUs with GPUs). ValueError naming the setting when the plan cannot fit.
+    ``num_workers`` GPUs with GPUs). ``ray_data=False``: the runs read their data without Ray
+    Data (the study's local trials), so no CPU is kept for it and they may fill the cluster.
+    ValueError naming the setting when the plan cannot fit.
     """
     total = float(cluster.get("CPU", 0.0))
     gpus = float(cluster.get("GPU", 0.0))
@@ -55,7 +59,7 @@ def plan_resources(
             f"scaling.use_gpu={use_gpu} with scaling.num_workers={n} needs {n} GPU(s); "
             f"the cluster has {gpus:g}"
         )
-    reserve = data_reserve(total)
+    reserve = data_reserve(total) if ray_data else 0.0
     if cpus_per_worker == "auto":
         per = min(max_cpus_per_worker, math.floor((total - reserve - trial_cpu) / n * 100) / 100)
         if per < 0.05:
@@ -72,7 +76,12 @@ def plan_resources(
         conc = max(1, int(gpus // n))
     else:
         conc = max(1, int((total - reserve) // one))
-    if conc * one > total - 1.0 + 1e-9:
+    if not ray_data and conc * one > total + 1e-9:
+        raise ValueError(
+            f"{conc} run(s) x ({n} worker(s) x cpus_per_worker={per:g}) need more than the "
+            f"cluster's {total:g} CPUs; lower it"
+        )
+    if ray_data and conc * one > total - 1.0 + 1e-9:
         raise ValueError(
             f"{conc} run(s) x ({n} worker(s) x cpus_per_worker={per:g}"
             + (f" + {trial_cpu:g} for the trial" if trial_cpu else "")

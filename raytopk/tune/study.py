@@ -392,6 +392,7 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
         trial_cpu=0.0 if local else _TRIAL_CPU,
         concurrent=study.max_concurrent,
         max_cpus_per_worker=1.0,
+        ray_data=not local,  # local trials read their days themselves, without Ray Data
     )
     per, conc = plan.cpus_per_worker, plan.concurrent
     base.scaling.cpus_per_worker = per

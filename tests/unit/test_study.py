@@ -129,6 +129,23 @@ def test_resource_plan_leaves_cpus_to_ray_data() -> None:
         _trial_plan({"CPU": 2.0}, concurrent=4)
 
 
+def test_local_trials_keep_no_cpu_for_ray_data() -> None:
+    # study.trial_backend=local: trials read their days in their own process, without Ray
+    # Data, so two one-CPU trials may fill a 2-CPU machine; three may not.
+    def plan(conc: int, per: float | str = 1.0):
+        return plan_resources({"CPU": 2.0}, num_workers=1, cpus_per_worker=per, use_gpu=False,
+                              concurrent=conc, max_cpus_per_worker=1.0, ray_data=False)
+
+    p = plan(2)
+    assert (p.concurrent, p.cpus_per_worker, p.threads) == (2, 1.0, 1)
+    assert plan(0, "auto").concurrent == 2  # as many as fit
+    with pytest.raises(ValueError, match="need more than the cluster's 2 CPUs"):
+        plan(3)
+    with pytest.raises(ValueError, match="leave less than one"):  # with Ray Data: refused
+        plan_resources({"CPU": 2.0}, num_workers=1, cpus_per_worker=1.0, use_gpu=False,
+                       concurrent=2, max_cpus_per_worker=1.0)
+
+
 def test_step_memory_comes_from_the_registry() -> None:
     from raytopk.ops import get_spec
 
