@@ -240,7 +240,8 @@ def run_experiment(study: Any, name: str, trials: list[dict[str, Any]], trainabl
             m = dict(result.metrics or {})
             logged = config_digest(t["train"]) in seen if "train" in t else False
             if not logged and "status" not in m and result.error is None:
-                unfinished.append(str(t.get("trial")))
+                # A trial Tune had not started yet carries no config: name it by its directory.
+                unfinished.append(str(t.get("trial") or Path(str(result.path or "?")).name))
                 continue
             rows.append(_row(m, t, result.error, stages, clock))
         if unfinished:
