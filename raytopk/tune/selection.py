@@ -233,21 +233,28 @@ def lr_extensions(
 def edge_extensions(
     rows: list[dict[str, Any]], chosen: dict[str, dict[int, float]], factor: float
 ) -> list[tuple[str, int, float]]:
-    """(op, sample_num, value) to try next: for each (op, N) whose chosen value is the smallest
-    (largest) value tried for it, the value ``factor`` further out, if not tried yet. A value
-    counts as tried whatever its status (ASHA-stopped or not fitting too); a grid of one value
-    extends both ways."""
+    """(op, sample_num, value) to try next: for each (op, N) whose chosen value is on an edge of
+    the values tried for it, the value ``factor`` further out on that side, if not tried yet. On
+    an edge: no value tried on that side within ``factor``² — the smallest (largest) value, or
+    one whose neighbour is a far-off value such as the paper's τ = 500 beside a grid ending at 5.
+    A value counts as tried whatever its status (ASHA-stopped or not fitting too); a grid of one
+    value extends both ways."""
     tried: dict[tuple[str, int], set[float]] = {}
     for r in rows:
         if r.get("value") not in (None, ""):
             tried.setdefault((str(r["op"]), int(r["sample_num"])), set()).add(float(r["value"]))
     out = []
+    gap = factor * factor * (1 + 1e-9)
     for op, by_n in sorted(chosen.items()):
         for n, v in sorted(by_n.items()):
             vals = tried.get((op, int(n)), {v})
-            for edge, new in ((min(vals), v / factor), (max(vals), v * factor)):
+            below = [t for t in vals if t < v and not math.isclose(t, v)]
+            above = [t for t in vals if t > v and not math.isclose(t, v)]
+            for near, new in ((max(below, default=0.0), v / factor),
+                              (min(above, default=math.inf), v * factor)):
                 new = float(f"{new:.6g}")
-                if math.isclose(v, edge) and not any(math.isclose(new, t) for t in vals):
+                open_side = near == 0.0 or near == math.inf or max(near / v, v / near) > gap
+                if open_side and not any(math.isclose(new, t) for t in vals):
                     out.append((op, int(n), new))
     return out
 

@@ -179,6 +179,13 @@ def test_edge_extensions_bracket_the_best_value() -> None:
     rows += [row("dftopk", 0, 0.05)]
     assert ("dftopk", 0, 0.0005) in edge_extensions(rows, {"dftopk": {0: 0.05}}, 100.0)
     assert edge_extensions(rows, {"dftopk": {0: 5.0}}, 100.0) == []  # now inside
+    # A half-decade grid (ratios 3 and 3.33 at factor 3) is inside; a best value whose next
+    # value tried is far off (the paper's 500 beside a grid ending at 5) is an edge on that side.
+    grid = [row("dftopk", 0, v) for v in (0.05, 0.15, 0.5, 1.5, 5.0, 500.0)]
+    assert edge_extensions(grid, {"dftopk": {0: 1.5}}, 3.0) == []
+    assert edge_extensions(grid, {"dftopk": {0: 5.0}}, 3.0) == [("dftopk", 0, 15.0)]
+    grid += [row("dftopk", 0, 15.0)]
+    assert edge_extensions(grid, {"dftopk": {0: 15.0}}, 3.0) == [("dftopk", 0, 45.0)]
 
 
 def test_trial_identity_is_what_it_trains(tmp_path: Path) -> None:
