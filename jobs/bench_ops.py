@@ -229,10 +229,9 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads is not None:
-        import numba
+        from raytopk.train.loop import set_threads  # numba's pool before torch's (see there)
 
-        torch.set_num_threads(args.threads)
-        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+        set_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = run(args)

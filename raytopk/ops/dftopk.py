@@ -144,9 +144,7 @@ class _DFTopKLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, k, mask, tau, select):  # type: ignore[override]
-        if select == "auto":
-            select = _AUTO_SELECT.get(x.device.type, _DEFAULT_SELECT)
-        if select == "numba" and x.device.type == "cpu":
+        if select == "numba" and x.device.type == "cpu":  # dftopk_logits resolved "auto"
             _, idx, z = threshold_numba(x, k, mask, tau)  # z formed in the kernel, same bits
         else:
             theta, idx = _threshold(x, k, mask, select)
