@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-rounds", type=int, default=3, help="rounds of the fused/plain step")
     p.add_argument("--attention-seconds", type=float, default=60.0)
     p.add_argument("--mem-budget-gb", type=float, default=6.0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
+    p.add_argument("--threads", type=int, default=0, help="torch, numba threads; 0: defaults")
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--append",
@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     from raytopk.ops import warmup as warmup_op
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        from raytopk.train.loop import set_threads  # torch's and numba's (DIN's fused kernel)
+
+        set_threads(args.threads)
     methods = args.methods.split(",") if args.methods else list_methods()
     bad = [m for m in methods if m not in list_methods()]
     if bad:
