@@ -1,5 +1,6 @@
-"""Timing and memory harness of the benchmarks: wall time of a call (``time_fn``), rotating
-interleaved rounds (``interleaved``) and the extra peak memory of one call (``peak_memory``).
+"""Timing and memory harness of the benchmarks: wall time of a call (``time_fn``), interleaved
+rounds in a shuffled order (``interleaved``) and the extra peak memory of one call
+(``peak_memory``).
 
 Timing: each timing is the median of repeated calls after warm-up, with
 ``torch.cuda.synchronize()`` around every call on CUDA; the number of repeats is capped by a time
@@ -24,11 +25,12 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import random
 import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -38,6 +40,7 @@ __all__ = [
     "time_fn",
     "interleaved",
     "interleaved_times",
+    "round_orders",
     "calibrated_interleaved",
     "timing_record",
     "peak_memory",
@@ -154,24 +157,38 @@ def interleaved(
     fns: dict[str, Callable[[], object]], device: torch.device | str, rounds: int, warmup: int = 3
 ) -> dict[str, float]:
     """Median seconds per call of each fn, measured in rounds that call every fn once, in a
-    rotating order: on a shared machine a burst of load hits every line alike, so the ratios
-    between lines stay meaningful even when the absolute times drift."""
+    fresh order each round (:func:`round_orders`): on a shared machine a burst of load hits
+    every line alike, so the ratios between lines stay meaningful even when the absolute times
+    drift."""
     times = interleaved_times(fns, device, rounds, warmup)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def round_orders(names: Sequence[str], rounds: int, seed: int = 0) -> list[list[str]]:
+    """The order of each round of :func:`interleaved_times`: a seeded shuffle per round, so that
+    no fn always runs after the same one."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(rounds):
+        order = list(names)
+        rng.shuffle(order)
+        out.append(order)
+    return out
 
 
 def interleaved_times(
     fns: dict[str, Callable[[], object]], device: torch.device | str, rounds: int, warmup: int = 3
 ) -> dict[str, list[float]]:
     """Every round's seconds per fn, for :func:`interleaved` (which keeps the medians) and for
-    callers that report a spread."""
+    callers that report a spread. Each round calls the fns in a fresh order (seeded, so a run
+    is repeatable): a rotation would keep every fn behind the same neighbour, and a fn that
+    frees a large working set (DiffSort's) slows whichever fn runs next."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
+    for order in round_orders(names, rounds):
         for name in order:
             sync(device)
             t = time.perf_counter()

@@ -12,7 +12,7 @@ Lines (all on the same (B, N) standard-normal scores, k the same in every row):
 
 Modes: ``forward`` (no grad) and ``forward_backward`` (BCE-with-logits against a random label,
 backward to the scores). Timing: ``raytopk.bench.harness.interleaved`` (device-synchronised,
-rotating order, median), so the lines of one shape share whatever load the machine has.
+shuffled order, median), so the lines of one shape share whatever load the machine has.
 
 ``recommend`` picks the select with the lowest geometric mean of forward+backward time over the
 shapes; ties within 3% go to the earlier entry of ``TORCH_SELECTS`` (``topk`` first: it is the

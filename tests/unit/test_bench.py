@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from raytopk.bench.harness import peak_memory, time_fn
+from raytopk.bench.harness import interleaved_times, peak_memory, round_orders, time_fn
 from raytopk.bench.machine import MACHINE_KEYS, machine_info
 from raytopk.bench.op_sweeps import bench_operators, build_lines, operator_configs
 from raytopk.bench.reference import authors_dftopk, authors_dftopk_logits, full_sort_logits
@@ -110,6 +110,20 @@ def test_cpu_peak_memory_sees_a_64_mib_tensor() -> None:
     peak = peak_memory(alloc, "cpu")
     assert peak["bytes"] >= 60 * 2**20, peak
     assert isinstance(peak["method"], str)
+
+
+def test_rounds_shuffle_so_no_line_always_follows_the_same_one() -> None:
+    names = ["a", "b", "c", "d", "e"]
+    orders = round_orders(names, 12)
+    assert orders == round_orders(names, 12)  # seeded: a run is repeatable
+    assert all(sorted(o) == names for o in orders)  # every line once per round
+    # A rotation keeps each line behind one neighbour; the shuffle gives each several.
+    behind = {n: {o[o.index(n) - 1] for o in orders if o.index(n) > 0} for n in names}
+    assert all(len(v) >= 2 for v in behind.values()), behind
+    calls: list[str] = []
+    times = interleaved_times({n: (lambda n=n: calls.append(n)) for n in names}, "cpu", 12, 0)
+    assert [calls[i * 5 : i * 5 + 5] for i in range(12)] == orders
+    assert all(len(t) == 12 for t in times.values())
 
 
 def test_time_fn_counts_repeats() -> None:
