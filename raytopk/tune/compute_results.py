@@ -36,7 +36,7 @@ from raytopk.metrics import headline_key
 from raytopk.tune.compute import StepTable, load_step_table
 from raytopk.tune.stats import paired_difference, t_interval
 
-__all__ = ["comparison_rows", "recut", "write_compute_reports", "plateau"]
+__all__ = ["comparison_rows", "recut", "reported_finals", "write_compute_reports", "plateau"]
 
 COLUMNS = ["N", "comparison", "fraction", "method", "step", "compute_s", "seeds", "mean",
            "low", "high", "diff_to_ref", "diff_low", "diff_high"]  # fmt: skip
@@ -148,11 +148,13 @@ def plateau(rows: list[dict[str, Any]], head: str) -> dict[int, dict[str, Any]]:
     return out
 
 
-def _markdown(comp: list[dict[str, Any]], table: StepTable, reference: str, note: str) -> str:
+def _markdown(comp: list[dict[str, Any]], table: StepTable, reference: str, note: str,
+              source: str = "") -> str:
     md = [
         "# Equal steps and equal compute",
         "",
-        f"Step times from {table.path} ({table.machine}, batch {table.batch_size}). {note}",
+        f"Step times from {source or table.path} ({table.machine}, batch {table.batch_size}). "
+        f"{note}",
         f"Paired differences are to {reference} (same seeds); an interval excluding 0 is a "
         "measured difference, otherwise none is claimed.",
         "",
@@ -238,25 +240,45 @@ def write_compute_reports(rows: list[dict[str, Any]], out: str | Path, study: An
                            study.reference_op)
     _write_csv(out / "equal_compute.csv", comp)
     note = ("Read on the test day at each method's cut steps (evaluated there during training).")
-    _write(out / "equal_compute.md", _markdown(comp, table, study.reference_op, note))
+    _write(out / "equal_compute.md", _markdown(comp, table, study.reference_op, note,
+                                               "step_table.json (beside this file)"))
     _write(out / "plateau.json", json.dumps(plateau(rows, head), indent=2) + "\n")
     if Path(study.step_table).resolve() != (out / "step_table.json").resolve():
         shutil.copyfile(study.step_table, out / "step_table.json")
     _plots(rows, table, head, out)
 
 
+def reported_finals(rows: list[dict[str, Any]], results_csv: Path) -> list[dict[str, Any]]:
+    """The final rows of a row log that the study reported: the trials results.csv lists (the
+    log can also hold final trials of a setting the selection later moved away from), the last
+    logged row of each. Without results.csv: every final trial."""
+    last: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r.get("phase") == "final":
+            last[str(r["trial"])] = r
+    if not results_csv.is_file():
+        return list(last.values())
+    with results_csv.open(newline="") as f:
+        names = {row["trial"] for row in csv.DictReader(f)}
+    return [r for t, r in last.items() if t in names]
+
+
 def recut(results_dir: str | Path, step_table: str | Path, out: str | Path) -> list[dict]:
-    """Another device's equal-compute comparison from a finished study's rows (trials.jsonl)
-    and that device's step table: validation headline, interpolated between anytime points."""
+    """Another device's equal-compute comparison from a finished study's reported final trials
+    (trials.jsonl, :func:`reported_finals`) and that device's step table: the validation
+    headline, interpolated between anytime points. ``out`` must not be ``results_dir``."""
     import yaml
 
     from raytopk.tune.experiments import ROW_LOG
 
     results_dir, out = Path(results_dir), Path(out)
+    if out.resolve() == results_dir.resolve():
+        raise ValueError(f"recut: out {str(out)!r} is the study's results directory; its "
+                         "equal_compute files are the study's own: write elsewhere")
     doc = yaml.safe_load((results_dir / "study.yaml").read_text())
     study, stages = doc["study"], len(doc["train"]["model"]["stages"])
     rows = [json.loads(x) for x in (results_dir / ROW_LOG).read_text().splitlines() if x.strip()]
-    rows = [r for r in rows if r.get("phase") == "final"]
+    rows = reported_finals(rows, results_dir / "results.csv")
     table = load_step_table(step_table)
     head = headline_key(stages)
     slowest = {int(k): int(v) for k, v in study["slowest_steps"].items()}
@@ -267,5 +289,6 @@ def recut(results_dir: str | Path, step_table: str | Path, out: str | Path) -> l
     note = ("Recut for this table's device: the VALIDATION day's headline, interpolated "
             "linearly in steps between anytime points (the test day was evaluated only at the "
             "original study's cut points). A step beyond a trial's last point has no value.")
-    _write(out / "equal_compute.md", _markdown(comp, table, study["reference_op"], note))
+    _write(out / "equal_compute.md", _markdown(comp, table, study["reference_op"], note,
+                                               str(step_table)))
     return comp

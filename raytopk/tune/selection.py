@@ -274,9 +274,9 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
     Trials already in the study's row log are not run again; an (op, N) for which ``fits``
     says no (a step over the memory budget) is not searched (its final trials record why).
     Trial directories go under ``out``; selection.csv/json (written after each round) into
-    ``results`` (default ``out``). Returns :func:`choose_joint`'s choice per
-    (op, N)."""
-    from raytopk.tune.experiments import run_experiment
+    ``results`` (default ``out``), with the selection trials the row log holds for the
+    study's other N. Returns :func:`choose_joint`'s choice per (op, N), those N included."""
+    from raytopk.tune.experiments import logged_rows, run_experiment
     from raytopk.tune.results import write_selection
 
     head = headline_key(stages)
@@ -314,15 +314,30 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
                   f"{budgeted.run.valid_day}, seeds {seeds}, lrs {lrs or [base_lr]}", flush=True)
         rows = run_experiment(study, f"{study.name}_select", sel, trainable, conc, sched,
                               stages, verbose, clock)
-    joint = choose_joint(rows, head, base_lr)
+    # The study's other N (an earlier run with other study.sample_nums, logged in the same
+    # row log) stay in selection.csv/json and in the choice returned: the files describe the
+    # whole study, whichever N this run covers.
+    now = set(study.sample_nums)
+    earlier = [r for r in logged_rows(study, "select").values() if int(r["sample_num"]) not in now]
     results = results or out
-    write_selection(rows, joint, grid, results, head)
+
+    def report() -> dict[tuple[str, int], dict[str, Any]]:
+        every = rows + earlier
+        joint = choose_joint(every, head, base_lr)
+        tried = {op: sorted({*vals, *(float(r["value"]) for r in every if r["op"] == op
+                                      and r.get("value") not in (None, ""))})
+                 for op, vals in grid.items()}
+        write_selection(every, joint, tried, results, head)
+        return joint
+
+    joint = report()
     for rnd in range(1, study.grid_extend + 1):
         ext: list[dict[str, Any]] = []
+        joint_now = {k: c for k, c in joint.items() if k[1] in now}  # this run's N only
         for op, n, v in edge_extensions(rows, choose(rows, head), study.grid_factor):
-            lr = joint[(op, n)]["lr"] if lrs else None  # without an lr search: the base lr
+            lr = joint_now[(op, n)]["lr"] if lrs else None  # without an lr search: the base lr
             ext += trials_of(op, n, [v], [lr] if lr is not None else None, rnd)
-        for op, n, v, lr in (lr_extensions(rows, joint, study.lr_factor) if lrs else []):
+        for op, n, v, lr in (lr_extensions(rows, joint_now, study.lr_factor) if lrs else []):
             ext += trials_of(op, n, [v] if v is not None else [], [lr], rnd)
         if not ext:
             break
@@ -332,11 +347,7 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
         # No scheduler: few settings per (op, N), nothing in this round to compare them with.
         rows += run_experiment(study, f"{study.name}_select_ext{rnd}", ext, trainable, conc,
                                None, stages, verbose, clock)
-        for t in ext:
-            if t.get("param") and t.get("value") not in (None, ""):
-                grid[t["op"]] = sorted({*grid.get(t["op"], []), float(t["value"])})
-        joint = choose_joint(rows, head, base_lr)
-        write_selection(rows, joint, grid, results, head)
+        joint = report()
     return joint
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ from raytopk.metrics import metric_keys
 from raytopk.train.config import ConfigError, TrainConfig, from_dict, load_schema, to_dict, validate
 from raytopk.train.resources import plan_resources
 from raytopk.tune.compute import check_streaming, compute_planner
-from raytopk.tune.experiments import run_experiment
+from raytopk.tune.experiments import config_digest, logged_rows, run_experiment
 from raytopk.tune.results import RESULT_COLUMNS, result_columns, write_reports
 from raytopk.tune.selection import chosen_lrs, op_param, run_selection, split_validation
 
@@ -61,6 +61,7 @@ __all__ = [
     "study_ops",
     "resolve_base",
     "trial_configs",
+    "logged_finals",
     "step_bytes",
     "run_study",
     "write_reports",
@@ -278,6 +279,25 @@ def trial_configs(
     return trials
 
 
+def logged_finals(
+    study: StudyConfig,
+    base: TrainConfig,
+    sample_nums: list[int],
+    chosen: dict[str, dict[int, float]] | None = None,
+    chosen_lr: dict[str, dict[int, float]] | None = None,
+    plan: Callable[[TrainConfig, str, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The row log's final trials at ``sample_nums`` that this study, with these chosen values,
+    would run (matched by configuration digest): an earlier N's results, without a trial
+    whose setting the selection has since moved away from or that another config trained."""
+    if not sample_nums:
+        return []
+    done = logged_rows(study, "final")
+    want = trial_configs(replace(study, sample_nums=list(sample_nums)), base, chosen, chosen_lr,
+                         plan)
+    return [done[d] for d in (config_digest(t["train"]) for t in want) if d in done]
+
+
 def _trial_fn(config: dict[str, Any]) -> None:
     """Tune function trainable: one training run under the study's budget."""
     import ray.tune
@@ -399,8 +419,13 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
     # Local trials train in the trial's own process: it holds the worker's resources.
     own = {"cpu": per, **({"gpu": 1} if use_gpu else {})} if local else {"cpu": _TRIAL_CPU}
     trainable = ray.tune.with_resources(_trial_fn, {**own, **study.trial_resources})
+    # N that an earlier run of this study logged (other study.sample_nums, same row log): the
+    # reports cover them too, so a run per N leaves one set of files for the whole study.
+    earlier = sorted({int(r["sample_num"]) for ph in ("select", "final")
+                      for r in logged_rows(study, ph).values()} - set(study.sample_nums))
+    covered = {**asdict(study), "sample_nums": sorted({*study.sample_nums, *earlier})}
     (results / "study.yaml").write_text(
-        yaml.safe_dump({"study": asdict(study), "train": to_dict(base)}, sort_keys=False)
+        yaml.safe_dump({"study": covered, "train": to_dict(base)}, sort_keys=False)
     )
     ops = study_ops(study, base)
     if verbose:
@@ -449,6 +474,7 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
     # A trial the study's row log holds with the same training config is not run again.
     rows = run_experiment(study, f"{study.name}_final", trials, trainable, conc, None, stages,
                           verbose, clock)
+    rows += logged_finals(study, base, earlier, chosen, chosen_lr, plan)
     write_reports(rows, results, stages, reference=study.reference_op)
     if plan is not None:
         from raytopk.tune.compute_results import write_compute_reports

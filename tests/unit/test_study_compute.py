@@ -4,7 +4,9 @@ parameter choice on the validation day over seeds, and resuming from the committ
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ from raytopk.tune.compute import load_step_table, trial_plan
 from raytopk.tune.compute_results import comparison_rows, plateau, recut
 from raytopk.tune.selection import choose, choose_joint, chosen_lrs, lr_extensions
 
-CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
+CONFIGS = JOBS / "configs"
 
 
 def _table(tmp_path: Path, rows: dict[tuple[str, int], float], batch: int = 128) -> Path:
@@ -101,14 +104,32 @@ def test_recut_reads_validation_interpolated_for_another_device(tmp_path: Path) 
         "train: {model: {stages: [dssm, din]}}\n"
     )
     rows = [_final_row("dftopk", 1, [(2, .1, None), (4, .2, None), (8, .4, None)]),
-            _final_row("softsort", 1, [(2, .1, None), (4, .3, None)])]
+            _final_row("softsort", 1, [(2, .1, None), (4, .3, None)]),
+            # a final trial of a setting the selection later moved away from: not reported
+            _final_row("dftopk", 1, [(2, .9, None), (4, .9, None), (8, .9, None)])]
+    for r, name in zip(rows, ("dftopk-tau5-s1", "softsort-tau1-s1", "dftopk-tau50-s1")):
+        r["trial"] = name
     (res / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (res / "results.csv").write_text("trial,op\ndftopk-tau5-s1,dftopk\nsoftsort-tau1-s1,softsort\n")
     # Another device where dftopk costs 2/3 of softsort: T = 4 x 0.3 = 1.2 s -> dftopk 6 steps.
     other = _table(tmp_path, {("dftopk", 200): 0.2, ("softsort", 200): 0.3})
     comp = recut(res, other, tmp_path / "recut")
     d = next(r for r in comp if r["comparison"] == "compute" and r["method"] == "dftopk")
     assert d["step"] == 6 and d["mean"] == pytest.approx(0.3)  # between (4, .2) and (8, .4)
+    assert d["seeds"] == 1
     assert "VALIDATION" in (tmp_path / "recut" / "equal_compute.md").read_text()
+    with pytest.raises(ValueError, match="results directory"):
+        recut(res, other, res)  # never over the study's own equal_compute files
+    # The command: same files; a directory that is not a study's results is named.
+    spec = importlib.util.spec_from_file_location("study_recut", JOBS / "study_recut.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main(["--results", str(res), "--step-table", str(other),
+                     "--out", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "equal_compute.csv").read_text() == (
+        tmp_path / "recut" / "equal_compute.csv").read_text()
+    assert job.main(["--results", str(tmp_path), "--step-table", str(other),
+                     "--out", str(tmp_path / "x")]) == 2
 
 
 def test_joint_choice_averages_seeds_over_lr_and_parameter() -> None:
@@ -156,3 +177,52 @@ def test_row_log_skips_a_last_row_cut_short_and_names_a_corrupt_one(tmp_path: Pa
     log.write_text('{"phase": "fin\n' + json.dumps(ok) + "\n")  # not the last line: an error
     with pytest.raises(ValueError, match="line 1 is not JSON"):
         logged_rows(study, "final")
+
+
+def test_a_run_per_n_keeps_the_other_ns_selection_and_final_rows(tmp_path: Path) -> None:
+    """study.sample_nums=[0], then [2] as a second run on the same row log: selection.json
+    keeps N = 0's trials and choice, and logged_finals gives back N = 0's reported final rows
+    (not a final of a setting the selection moved away from)."""
+    from raytopk.tune.experiments import ROW_LOG, config_digest
+    from raytopk.tune.selection import param_grid, run_selection, selection_trials
+    from raytopk.tune.study import _budgeted, load_study, logged_finals, trial_configs
+
+    res, out = tmp_path / "res", tmp_path / "out"
+    args = ["study.ops=[dftopk,softsort]", "study.seeds=[1,2]", "study.select=true",
+            "study.grid_size=1", "study.grid_extend=0", "study.lrs=[0.003,0.01]",
+            "study.select_seeds=[1,2]", "study.budget_seconds=5", f"study.output_dir={out}",
+            f"study.results_dir={res}", "study.sample_nums=[2]"]
+    study, base = load_study(CONFIGS / "study_quick.yaml", args)
+    budgeted = _budgeted(study, base)
+    ops = ["dftopk", "softsort"]
+    grid = {op: param_grid(op, study.grid_size, study.grid_factor, study.grids.get(op))
+            for op in ops}
+    sel = selection_trials(ops, [0, 2], [1, 2], grid, budgeted, out, study.loss_forms,
+                           list(study.lrs))
+    key = "valid_joint_recall@10@20"
+    best_lr = {0: 0.003, 2: 0.01}  # N = 0 and N = 2 choose different learning rates
+    rows = [{**{k: t[k] for k in ("trial", "phase", "op", "sample_num", "seed", "param",
+                                  "value", "lr")},
+             "status": "ok", key: 0.5 + 0.1 * (t["lr"] == best_lr[t["sample_num"]]),
+             "config_digest": config_digest(t["train"])} for t in sel]
+    chosen = {op: {0: grid[op][0]} for op in ops}
+    finals = trial_configs(replace(study, sample_nums=[0]), base, chosen,
+                           {op: {0: 0.003} for op in ops})
+    stale = trial_configs(replace(study, sample_nums=[0]), base,
+                          {op: {0: grid[op][0] * 10} for op in ops},
+                          {op: {0: 0.003} for op in ops})
+    rows += [{"trial": t["trial"], "phase": "final", "op": t["op"], "sample_num": 0,
+              "seed": t["seed"], "status": "ok", "config_digest": config_digest(t["train"])}
+             for t in finals + stale]
+    res.mkdir()
+    (res / ROW_LOG).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # Every N = 2 selection trial is logged: nothing runs, the files are written.
+    joint = run_selection(study, budgeted, ops, [1, 2], out, None, 1, 2, False, results=res)
+    assert {(op, n): c["lr"] for (op, n), c in joint.items()} == {
+        (op, n): best_lr[n] for op in ops for n in (0, 2)}
+    doc = json.loads((res / "selection.json").read_text())
+    assert {op: sorted(c) for op, c in doc["chosen"].items()} == {op: ["0", "2"] for op in ops}
+    assert {t["sample_num"] for t in doc["trials"]} == {0, 2} and len(doc["trials"]) == 16
+    got = logged_finals(study, base, [0], chosen, {op: {0: 0.003} for op in ops})
+    assert sorted(r["trial"] for r in got) == sorted(t["trial"] for t in finals)
+    assert logged_finals(study, base, [], chosen) == []
