@@ -3,6 +3,7 @@
     python jobs/bench_step.py                       # all three parts, CPU, ~25 min on 2 cores
     python jobs/bench_step.py --parts table         # only the step-time table
     python jobs/bench_step.py --device cuda         # the same on a GPU (fused = plain off CPU)
+    python jobs/bench_step.py --compare A.json B.json   # tables side by side, as ratios
 
 1. attention: DIN's interest at (B, N) = (128, 1000) and (1024, 200), the fused kernel against
    the plain (B, N, L, H) path, forward+backward and forward alone; extra peak memory per call.
@@ -141,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         help="table: keep <out>/step_times.json's rows at other N (same machine and batch) and "
         "replace those at --ns; both commands are recorded",
     )
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="STEP_TIMES_JSON",
+        help="measure nothing: print these step tables side by side as ratios to dftopk's step",
+    )
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
     if not parts <= {"attention", "step", "table"}:
@@ -148,6 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     ns = [int(x) for x in args.ns.split(",")]
     if any(n < 40 for n in ns):
         p.error(f"--ns: every N must be >= 40 (the 40 own candidates), got {ns}")
+
+    if args.compare:
+        from raytopk.bench.step_times import compare_tables
+
+        try:
+            print(compare_tables(args.compare), end="")
+        except (ValueError, KeyError) as e:
+            p.error(f"--compare: {e}")
+        return 0
 
     from raytopk.bench.machine import machine_info
     from raytopk.bench.step_times import STAGES, attention_records, step_records

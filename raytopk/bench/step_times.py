@@ -23,7 +23,8 @@ import torch
 
 from raytopk.bench.harness import calibrated_interleaved, interleaved_times, peak_memory
 
-__all__ = ["attention_records", "make_train_step", "step_records", "spread", "STAGES"]
+__all__ = ["attention_records", "compare_tables", "make_train_step", "step_records", "spread",
+           "STAGES"]
 
 STAGES = 2  # retrieval + pre-rank: the operator runs once per stage
 
@@ -157,3 +158,32 @@ def step_records(
             rec["op_loss_share"] = round(ol / rec["median_s"], 4)
         out[name] = rec
     return out
+
+
+def compare_tables(paths: Sequence[str], reference: str = "dftopk") -> str:
+    """Several step tables side by side as ratios t(m, N) / t(reference, N), the quantity
+    equal compute depends on (a table's absolute times drift with the machine's load; its
+    ratios should not), with each (m, N)'s spread over the tables: a markdown table."""
+    from raytopk.tune.compute import load_step_table
+
+    tables = [load_step_table(p) for p in paths]
+    keys = sorted({k for t in tables for k in t.seconds}, key=lambda k: (k[1], k[0]))
+    lines = [
+        f"Ratios t(m, N) / t({reference}, N); '-': not in that table.",
+        "",
+        "| N | method | " + " | ".join(f"[{i + 1}]" for i in range(len(tables)))
+        + " | max / min |",
+        "|---:|---|" + "---:|" * (len(tables) + 1),
+    ]
+    for m, n in keys:
+        rs = []
+        for t in tables:
+            ok = (m, n) in t.seconds and (reference, n) in t.seconds
+            rs.append(t.seconds[(m, n)] / t.seconds[(reference, n)] if ok else None)
+        got = [r for r in rs if r is not None]
+        cells = " | ".join("-" if r is None else f"{r:.2f}" for r in rs)
+        span = f"{max(got) / min(got):.2f}" if len(got) > 1 else ""
+        lines.append(f"| {n} | {m} | {cells} | {span} |")
+    lines += [""] + [f"[{i + 1}] {t.path} ({t.machine}, batch {t.batch_size})"
+                     for i, t in enumerate(tables)]
+    return "\n".join(lines) + "\n"

@@ -226,3 +226,16 @@ def test_a_run_per_n_keeps_the_other_ns_selection_and_final_rows(tmp_path: Path)
     got = logged_finals(study, base, [0], chosen, {op: {0: 0.003} for op in ops})
     assert sorted(r["trial"] for r in got) == sorted(t["trial"] for t in finals)
     assert logged_finals(study, base, [], chosen) == []
+
+
+def test_step_tables_compared_as_ratios_to_dftopk(tmp_path: Path) -> None:
+    from raytopk.bench.step_times import compare_tables
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = _table(tmp_path / "a", {("dftopk", 200): 0.2, ("softsort", 200): 0.4, ("bce", 40): 0.1})
+    b = _table(tmp_path / "b", {("dftopk", 200): 0.4, ("softsort", 200): 0.6})
+    md = compare_tables([str(a), str(b)])
+    assert "| 200 | softsort | 2.00 | 1.50 | 1.33 |" in md  # twice, then 1.5x DFTopK's step
+    assert "| 40 | bce | - | - |  |" in md  # no DFTopK row at N = 40: no ratio
+    assert f"[2] {b}" in md
