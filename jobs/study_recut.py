@@ -34,10 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     from raytopk.tune.compute_results import recut
 
     res = Path(args.results)
-    for name in ("study.yaml", "trials.jsonl"):
+    for name in ("study.yaml", "trials.jsonl", "results.csv"):
         if not (res / name).is_file():
             print(f"error: --results {args.results!r} has no {name} (a study's results "
-                  "directory holds study.yaml and trials.jsonl)", file=sys.stderr)
+                  "directory holds study.yaml, trials.jsonl and, once final trials are "
+                  "reported, results.csv)", file=sys.stderr)
             return 2
     try:
         comp = recut(res, args.step_table, args.out)

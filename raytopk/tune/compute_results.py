@@ -251,10 +251,11 @@ def write_compute_reports(rows: list[dict[str, Any]], out: str | Path, study: An
 def reported_finals(rows: list[dict[str, Any]], results_csv: Path) -> list[dict[str, Any]]:
     """The final rows of a row log that the study reported: the trials results.csv lists (the
     log can also hold final trials of a setting the selection later moved away from), the last
-    logged row of each. Without results.csv: every final trial."""
+    logged row of each that ran to a result. Without results.csv: every final trial."""
     last: dict[str, dict[str, Any]] = {}
-    for r in rows:
-        if r.get("phase") == "final":
+    for r in rows:  # as the study's row log is read: a failed trial was run again
+        done = str(r.get("status", "")).startswith(("ok", "does not fit", "stopped early"))
+        if r.get("phase") == "final" and done:
             last[str(r["trial"])] = r
     if not results_csv.is_file():
         return list(last.values())

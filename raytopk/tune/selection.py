@@ -48,6 +48,7 @@ __all__ = [
     "param_grid",
     "selection_trials",
     "split_validation",
+    "earlier_selection",
 ]
 
 
@@ -275,8 +276,9 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
     says no (a step over the memory budget) is not searched (its final trials record why).
     Trial directories go under ``out``; selection.csv/json (written after each round) into
     ``results`` (default ``out``), with the selection trials the row log holds for the
-    study's other N. Returns :func:`choose_joint`'s choice per (op, N), those N included."""
-    from raytopk.tune.experiments import logged_rows, run_experiment
+    study's other N (:func:`earlier_selection`). Returns :func:`choose_joint`'s choice per
+    (op, N), those N included."""
+    from raytopk.tune.experiments import run_experiment
     from raytopk.tune.results import write_selection
 
     head = headline_key(stages)
@@ -318,7 +320,7 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
     # row log) stay in selection.csv/json and in the choice returned: the files describe the
     # whole study, whichever N this run covers.
     now = set(study.sample_nums)
-    earlier = [r for r in logged_rows(study, "select").values() if int(r["sample_num"]) not in now]
+    earlier = earlier_selection(study, budgeted, ops, seeds, out, plan)
     results = results or out
 
     def report() -> dict[tuple[str, int], dict[str, Any]]:
@@ -349,6 +351,29 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
                                None, stages, verbose, clock)
         joint = report()
     return joint
+
+
+def earlier_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list[int],
+                      out: Path,
+                      plan: Callable[[TrainConfig, str, int], None] | None = None,
+                      ) -> list[dict[str, Any]]:
+    """The row log's selection trials at N other than study.sample_nums that this study's
+    config would have run: the trials of every (value, lr) the log tried there, on ``seeds``,
+    regenerated from ``budgeted`` and matched by configuration digest, so a row from another
+    config (budget, data, model, grid of another study) is not chosen from."""
+    from raytopk.tune.experiments import config_digest, logged_rows
+
+    now = set(study.sample_nums)
+    logged = [r for r in logged_rows(study, "select").values() if int(r["sample_num"]) not in now]
+    if not logged:
+        return []
+    ns = sorted({int(r["sample_num"]) for r in logged})
+    values = {op: sorted({float(r["value"]) for r in logged
+                          if r["op"] == op and r.get("value") not in (None, "")}) for op in ops}
+    lrs = sorted({float(r["lr"]) for r in logged if r.get("lr") not in (None, "")})
+    want = {config_digest(t["train"]) for t in selection_trials(
+        ops, ns, seeds, values, budgeted, out, study.loss_forms, lrs or None, plan)}
+    return [r for r in logged if r.get("config_digest") in want]
 
 
 def _scheduler_base() -> type:

@@ -36,6 +36,7 @@ trial that an earlier final experiment already ran with the same training config
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -51,7 +52,7 @@ from raytopk.metrics import metric_keys
 from raytopk.train.config import ConfigError, TrainConfig, from_dict, load_schema, to_dict, validate
 from raytopk.train.resources import plan_resources
 from raytopk.tune.compute import check_streaming, compute_planner
-from raytopk.tune.experiments import config_digest, logged_rows, run_experiment
+from raytopk.tune.experiments import config_digest, logged_rows, row_log, run_experiment
 from raytopk.tune.results import RESULT_COLUMNS, result_columns, write_reports
 from raytopk.tune.selection import chosen_lrs, op_param, run_selection, split_validation
 
@@ -62,6 +63,8 @@ __all__ = [
     "resolve_base",
     "trial_configs",
     "logged_finals",
+    "earlier_ns",
+    "check_earlier",
     "step_bytes",
     "run_study",
     "write_reports",
@@ -279,6 +282,29 @@ def trial_configs(
     return trials
 
 
+def earlier_ns(study: StudyConfig) -> list[int]:
+    """The sample_nums the study's row log holds trials of, other than study.sample_nums."""
+    logged = {int(r["sample_num"]) for ph in ("select", "final")
+              for r in logged_rows(study, ph).values()}
+    return sorted(logged - set(study.sample_nums))
+
+
+def check_earlier(study: StudyConfig, base: TrainConfig, earlier: list[int],
+                  plan: Callable[[TrainConfig, str, int], None] | None) -> None:
+    """Before anything runs: the budgets of the ``earlier`` N's trials, which the reports
+    rebuild to find them in the row log, can be rebuilt (study.slowest_steps has them, the step
+    table has every method there); ConfigError naming the key otherwise."""
+    if not earlier or plan is None:
+        return
+    missing = [n for n in earlier if n not in study.slowest_steps]
+    if missing:
+        raise ConfigError(
+            f"study.slowest_steps has no entry for sample_num {missing}, which "
+            f"{row_log(study)} holds trials of: give the steps those trials ran with "
+            f"(e.g. study.slowest_steps={{{missing[0]}: 300, ...}}) or another results_dir")
+    trial_configs(replace(study, sample_nums=earlier), base, None, None, plan)
+
+
 def logged_finals(
     study: StudyConfig,
     base: TrainConfig,
@@ -421,8 +447,7 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
     trainable = ray.tune.with_resources(_trial_fn, {**own, **study.trial_resources})
     # N that an earlier run of this study logged (other study.sample_nums, same row log): the
     # reports cover them too, so a run per N leaves one set of files for the whole study.
-    earlier = sorted({int(r["sample_num"]) for ph in ("select", "final")
-                      for r in logged_rows(study, ph).values()} - set(study.sample_nums))
+    earlier = earlier_ns(study)
     covered = {**asdict(study), "sample_nums": sorted({*study.sample_nums, *earlier})}
     (results / "study.yaml").write_text(
         yaml.safe_dump({"study": covered, "train": to_dict(base)}, sort_keys=False)
@@ -444,6 +469,7 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
 
     planner = compute_planner(study, base)
     plan, max_t = planner if planner is not None else (None, None)
+    check_earlier(study, base, earlier, plan)
     clock = "samples_seen" if plan is not None else None
     chosen: dict[str, dict[int, float]] = {}
     chosen_lr: dict[str, dict[int, float]] = {}
@@ -474,7 +500,15 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
     # A trial the study's row log holds with the same training config is not run again.
     rows = run_experiment(study, f"{study.name}_final", trials, trainable, conc, None, stages,
                           verbose, clock)
-    rows += logged_finals(study, base, earlier, chosen, chosen_lr, plan)
+    past = logged_finals(study, base, earlier, chosen, chosen_lr, plan)
+    left = sorted({int(r["sample_num"]) for r in logged_rows(study, "final").values()}
+                  & set(earlier) - {int(r["sample_num"]) for r in past})
+    if left:
+        print(f"[raytopk] warning: {row_log(study)} holds final trials at sample_num {left}, "
+              "but none with the configuration this study gives them (another step table, "
+              "seeds, budget or choice?): the reports leave those N out", file=sys.stderr,
+              flush=True)
+    rows += past
     write_reports(rows, results, stages, reference=study.reference_op)
     if plan is not None:
         from raytopk.tune.compute_results import write_compute_reports

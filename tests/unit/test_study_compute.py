@@ -109,6 +109,7 @@ def test_recut_reads_validation_interpolated_for_another_device(tmp_path: Path) 
             _final_row("dftopk", 1, [(2, .9, None), (4, .9, None), (8, .9, None)])]
     for r, name in zip(rows, ("dftopk-tau5-s1", "softsort-tau1-s1", "dftopk-tau50-s1")):
         r["trial"] = name
+    rows.append({**rows[0], "status": "error: killed", "anytime_curve": []})  # a failed retry
     (res / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (res / "results.csv").write_text("trial,op\ndftopk-tau5-s1,dftopk\nsoftsort-tau1-s1,softsort\n")
     # Another device where dftopk costs 2/3 of softsort: T = 4 x 0.3 = 1.2 s -> dftopk 6 steps.
@@ -183,9 +184,10 @@ def test_a_run_per_n_keeps_the_other_ns_selection_and_final_rows(tmp_path: Path)
     """study.sample_nums=[0], then [2] as a second run on the same row log: selection.json
     keeps N = 0's trials and choice, and logged_finals gives back N = 0's reported final rows
     (not a final of a setting the selection moved away from)."""
+    from raytopk.train.config import from_dict, to_dict
     from raytopk.tune.experiments import ROW_LOG, config_digest
     from raytopk.tune.selection import param_grid, run_selection, selection_trials
-    from raytopk.tune.study import _budgeted, load_study, logged_finals, trial_configs
+    from raytopk.tune.study import _budgeted, earlier_ns, load_study, logged_finals, trial_configs
 
     res, out = tmp_path / "res", tmp_path / "out"
     args = ["study.ops=[dftopk,softsort]", "study.seeds=[1,2]", "study.select=true",
@@ -214,8 +216,21 @@ def test_a_run_per_n_keeps_the_other_ns_selection_and_final_rows(tmp_path: Path)
     rows += [{"trial": t["trial"], "phase": "final", "op": t["op"], "sample_num": 0,
               "seed": t["seed"], "status": "ok", "config_digest": config_digest(t["train"])}
              for t in finals + stale]
+    # A selection row at N = 0 from another config (another budget): not chosen from.
+    other = from_dict(to_dict(budgeted))
+    other.run.max_train_seconds = 99.0
+    foreign = selection_trials(["dftopk"], [0], [1, 2], {"dftopk": grid["dftopk"]}, other, out,
+                               study.loss_forms, [0.01])
+    rows += [{**{k: t[k] for k in ("trial", "phase", "op", "sample_num", "seed", "param",
+                                   "value", "lr")},
+              "trial": t["trial"] + "-other", "status": "ok", key: 0.99,
+              "config_digest": config_digest(t["train"])} for t in foreign]
+    rows += [{"trial": t["trial"], "phase": "final", "op": t["op"], "sample_num": 0,
+              "seed": t["seed"], "status": "error: killed", "config_digest": "x" + t["trial"]}
+             for t in finals]  # failed attempts: never a reported row
     res.mkdir()
     (res / ROW_LOG).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert earlier_ns(study) == [0]
     # Every N = 2 selection trial is logged: nothing runs, the files are written.
     joint = run_selection(study, budgeted, ops, [1, 2], out, None, 1, 2, False, results=res)
     assert {(op, n): c["lr"] for (op, n), c in joint.items()} == {
@@ -226,6 +241,35 @@ def test_a_run_per_n_keeps_the_other_ns_selection_and_final_rows(tmp_path: Path)
     got = logged_finals(study, base, [0], chosen, {op: {0: 0.003} for op in ops})
     assert sorted(r["trial"] for r in got) == sorted(t["trial"] for t in finals)
     assert logged_finals(study, base, [], chosen) == []
+
+
+def test_a_run_for_one_n_refuses_a_row_log_whose_other_n_it_cannot_rebuild(
+    tmp_path: Path,
+) -> None:
+    from raytopk.train.config import ConfigError
+    from raytopk.tune.compute import compute_planner
+    from raytopk.tune.experiments import ROW_LOG
+    from raytopk.tune.study import check_earlier, earlier_ns, load_study
+
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / ROW_LOG).write_text(json.dumps({"trial": "dftopk-n0-s1", "phase": "final",
+                                           "sample_num": 0, "status": "ok",
+                                           "config_digest": "d0"}) + "\n")
+    table = _table(tmp_path, {("dftopk", 200): 0.1, ("softsort", 200): 0.2}, batch=64)
+    args = ["study.ops=[dftopk,softsort]", "study.budget_seconds=0", f"study.step_table={table}",
+            "study.sample_nums=[160]", "train.data.batch_size=64", f"study.results_dir={res}"]
+    study, base = load_study(CONFIGS / "study_quick.yaml", [*args, "study.slowest_steps={160: 4}"])
+    plan, _ = compute_planner(study, base)
+    assert earlier_ns(study) == [0]
+    with pytest.raises(ConfigError, match=r"study.slowest_steps has no entry for sample_num \[0\]"):
+        check_earlier(study, base, [0], plan)
+    study, base = load_study(CONFIGS / "study_quick.yaml",
+                             [*args, "study.slowest_steps={0: 4, 160: 4}"])
+    plan, _ = compute_planner(study, base)
+    with pytest.raises(ConfigError, match="no step time for dftopk at N=40"):
+        check_earlier(study, base, [0], plan)  # the table has N = 200 only
+    check_earlier(study, base, [], plan)  # nothing earlier: nothing to check
 
 
 def test_step_tables_compared_as_ratios_to_dftopk(tmp_path: Path) -> None:
