@@ -26,11 +26,13 @@ A trial that cannot run is recorded with its reason and number, not dropped: a t
 needing more than ``study.mem_budget_gb`` (the registry's step_bytes), a single step longer
 than the budget, a failure; a selection trial stopped early is recorded as such.
 
-Outputs in ``study.output_dir`` (raytopk.tune.results): results.csv, results.md, anytime.csv,
-anytime.png, sample_scaling.png, selection.csv and selection.json. Re-running the same command
-continues the study: selection.json is reused (and its pending extension rounds run), and a final
-trial that an earlier final experiment already ran with the same training config
-(raytopk.tune.experiments.config_digest) is not run again.
+Outputs in ``study.results_dir`` (else ``study.output_dir``; raytopk.tune.results): results.csv,
+results.md, anytime.csv, anytime.png, sample_scaling.png, selection.csv and selection.json, and
+the row log trials.jsonl. Re-running the same command continues the study: a selection or final
+trial that the row log holds with the same training config
+(raytopk.tune.experiments.config_digest) is not run again, so the choice and any pending
+extension rounds come out of the logged rows as before. A run for other ``study.sample_nums`` on
+the same row log reports every N the log holds (``earlier_ns``, ``logged_finals``).
 """
 
 from __future__ import annotations
