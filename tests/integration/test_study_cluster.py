@@ -130,7 +130,7 @@ def _submit_once(address: str, out: Path, timeout: float) -> subprocess.Complete
             "study.ops=[dftopk,softsort]",
             "study.trial_backend=ray",  # a TorchTrainer inside each Tune trial (docs/ray.md §6)
             "study.sample_nums=[0]",
-            "study.budget_seconds=4",
+            "study.budget_seconds=8",  # one step must fit: 4 s was exceeded on a loaded 2-core VM
             "study.max_concurrent=2",
             "study.workers_per_trial=1",
             "study.cpus_per_worker=0.5",
