@@ -34,6 +34,7 @@ from typing import Any
 from raytopk.data import schema
 from raytopk.metrics import headline_key
 from raytopk.tune.compute import StepTable, load_step_table
+from raytopk.tune.experiments import ROW_LOG, ran_to_result, read_log
 from raytopk.tune.stats import paired_difference, t_interval
 
 __all__ = ["comparison_rows", "recut", "reported_finals", "write_compute_reports", "plateau"]
@@ -254,8 +255,7 @@ def reported_finals(rows: list[dict[str, Any]], results_csv: Path) -> list[dict[
     logged row of each that ran to a result. Without results.csv: every final trial."""
     last: dict[str, dict[str, Any]] = {}
     for r in rows:  # as the study's row log is read: a failed trial was run again
-        done = str(r.get("status", "")).startswith(("ok", "does not fit", "stopped early"))
-        if r.get("phase") == "final" and done:
+        if r.get("phase") == "final" and ran_to_result(r):
             last[str(r["trial"])] = r
     if not results_csv.is_file():
         return list(last.values())
@@ -270,16 +270,13 @@ def recut(results_dir: str | Path, step_table: str | Path, out: str | Path) -> l
     headline, interpolated between anytime points. ``out`` must not be ``results_dir``."""
     import yaml
 
-    from raytopk.tune.experiments import ROW_LOG
-
     results_dir, out = Path(results_dir), Path(out)
     if out.resolve() == results_dir.resolve():
         raise ValueError(f"recut: out {str(out)!r} is the study's results directory; its "
                          "equal_compute files are the study's own: write elsewhere")
     doc = yaml.safe_load((results_dir / "study.yaml").read_text())
     study, stages = doc["study"], len(doc["train"]["model"]["stages"])
-    rows = [json.loads(x) for x in (results_dir / ROW_LOG).read_text().splitlines() if x.strip()]
-    rows = reported_finals(rows, results_dir / "results.csv")
+    rows = reported_finals(read_log(results_dir / ROW_LOG), results_dir / "results.csv")
     table = load_step_table(step_table)
     head = headline_key(stages)
     slowest = {int(k): int(v) for k, v in study["slowest_steps"].items()}

@@ -29,6 +29,8 @@ __all__ = [
     "config_digest",
     "final_tag",
     "logged_rows",
+    "ran_to_result",
+    "read_log",
     "row_log",
     "run_experiment",
     "storage_dir",
@@ -79,7 +81,7 @@ def row_log(study: Any) -> Path:
     return Path(study.results_dir or study.output_dir).resolve() / ROW_LOG
 
 
-def _read_log(path: Path) -> list[dict[str, Any]]:
+def read_log(path: Path) -> list[dict[str, Any]]:
     """Every row of the row log at ``path`` ([] when there is none); a last row cut short by a
     killed process is skipped (that trial runs again), a corrupt earlier row is an error."""
     if not path.is_file():
@@ -99,15 +101,20 @@ def _read_log(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def ran_to_result(row: dict[str, Any]) -> bool:
+    """A logged trial that ran to a result: ok, stopped early by ASHA, or recorded as not
+    fitting (a failed one is run again)."""
+    return str(row.get("status", "")).startswith(("ok", "does not fit", "stopped early"))
+
+
 def logged_rows(study: Any, phase: str) -> dict[str, dict[str, Any]]:
     """{config digest: row} of the trials of ``phase`` ("select" or "final") in the study's row
     log that ran to a result (ok, stopped early by ASHA, or not fitting); failed trials are run
     again. This file, committed with the results, is what a re-run on a fresh clone resumes
     from: Tune's own directories are not needed. A later line wins."""
     out = {}
-    for row in _read_log(row_log(study)):
-        ok = str(row.get("status", "")).startswith(("ok", "does not fit", "stopped early"))
-        if row.get("phase") == phase and ok and row.get("config_digest"):
+    for row in read_log(row_log(study)):
+        if row.get("phase") == phase and ran_to_result(row) and row.get("config_digest"):
             out[row["config_digest"]] = row
     return out
 
@@ -227,13 +234,13 @@ def run_experiment(study: Any, name: str, trials: list[dict[str, Any]], trainabl
         )
         if hasattr(scheduler, "replay"):  # ASHA's rungs as the logged trials left them
             scheduler.replay(rows, clock)
-        logged_now, lines_before = len(rows), len(_read_log(row_log(study)))
+        logged_now, lines_before = len(rows), len(read_log(row_log(study)))
         results = list(tuner.fit())
         # The callback logged every trial that ended (finished, stopped by ASHA, failed). Tune
         # also returns from fit() when interrupted (Ctrl-C, SIGINT): a trial it did not log in
         # this experiment, with neither a final report nor an error, was still running and must
         # not be logged as ended, nor the study go on with a partial selection.
-        seen = {r.get("config_digest") for r in _read_log(row_log(study))[lines_before:]}
+        seen = {r.get("config_digest") for r in read_log(row_log(study))[lines_before:]}
         unfinished = []
         for result in results:
             t = (result.config or {}).get("trial") or {}

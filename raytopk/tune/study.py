@@ -317,13 +317,22 @@ def logged_finals(
 ) -> list[dict[str, Any]]:
     """The row log's final trials at ``sample_nums`` that this study, with these chosen values,
     would run (matched by configuration digest): an earlier N's results, without a trial
-    whose setting the selection has since moved away from or that another config trained."""
+    whose setting the selection has since moved away from or that another config trained.
+    Warns (stderr) about an N whose logged final trials all fail to match."""
     if not sample_nums:
         return []
     done = logged_rows(study, "final")
     want = trial_configs(replace(study, sample_nums=list(sample_nums)), base, chosen, chosen_lr,
                          plan)
-    return [done[d] for d in (config_digest(t["train"]) for t in want) if d in done]
+    found = [done[d] for d in (config_digest(t["train"]) for t in want) if d in done]
+    left = sorted({int(r["sample_num"]) for r in done.values()} & set(sample_nums)
+                  - {int(r["sample_num"]) for r in found})
+    if left:
+        print(f"[raytopk] warning: {row_log(study)} holds final trials at sample_num {left}, "
+              "but none with the configuration this study gives them (another step table, "
+              "seeds, budget or choice?): the reports leave those N out", file=sys.stderr,
+              flush=True)
+    return found
 
 
 def _trial_fn(config: dict[str, Any]) -> None:
@@ -502,15 +511,7 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
     # A trial the study's row log holds with the same training config is not run again.
     rows = run_experiment(study, f"{study.name}_final", trials, trainable, conc, None, stages,
                           verbose, clock)
-    past = logged_finals(study, base, earlier, chosen, chosen_lr, plan)
-    left = sorted({int(r["sample_num"]) for r in logged_rows(study, "final").values()}
-                  & set(earlier) - {int(r["sample_num"]) for r in past})
-    if left:
-        print(f"[raytopk] warning: {row_log(study)} holds final trials at sample_num {left}, "
-              "but none with the configuration this study gives them (another step table, "
-              "seeds, budget or choice?): the reports leave those N out", file=sys.stderr,
-              flush=True)
-    rows += past
+    rows += logged_finals(study, base, earlier, chosen, chosen_lr, plan)
     write_reports(rows, results, stages, reference=study.reference_op)
     if plan is not None:
         from raytopk.tune.compute_results import write_compute_reports
