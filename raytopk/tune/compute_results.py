@@ -37,7 +37,8 @@ from raytopk.tune.compute import StepTable, load_step_table
 from raytopk.tune.experiments import ROW_LOG, ran_to_result, read_log
 from raytopk.tune.stats import paired_difference, t_interval
 
-__all__ = ["comparison_rows", "recut", "reported_finals", "write_compute_reports", "plateau"]
+__all__ = ["comparison_rows", "cut_values", "plateau", "recut", "reported_finals",
+           "write_compute_reports"]
 
 COLUMNS = ["N", "comparison", "fraction", "method", "step", "compute_s", "seeds", "mean",
            "low", "high", "diff_to_ref", "diff_low", "diff_high"]  # fmt: skip
@@ -63,18 +64,19 @@ def _at_step(curve: list[dict[str, Any]], key: str, step: int, interpolate: bool
     return None
 
 
-def comparison_rows(
+def cut_values(
     rows: list[dict[str, Any]],
     table: StepTable,
     slowest_steps: dict[int, int],
     cuts: list[float],
     head: str,
-    reference: str,
     *,
     key_prefix: str = "test_",
     interpolate: bool = False,
 ) -> list[dict[str, Any]]:
-    """The equal-steps and equal-compute comparison of the final ``rows`` (module docstring)."""
+    """Per (N, comparison, fraction) of the final ``rows``: the step each method is read at
+    (``steps``: {method: step}) and its value per seed (``values``: {method: {seed: value}});
+    comparison "steps" at ⌊f·S_N⌋, "compute" at ⌊f·steps(m, N)⌋ (module docstring)."""
     key = key_prefix + head
     ok = [r for r in rows if r.get("status") == "ok"]
     out = []
@@ -101,22 +103,42 @@ def comparison_rows(
                         v = _at_step(_curve(r), key, step, interpolate)
                         if v is not None:
                             vals.setdefault(m, {})[int(r["seed"])] = v
-                ref = vals.get(reference, {})
-                for m in methods:
-                    if m not in vals:
-                        continue
-                    iv = t_interval(list(vals[m].values()))
-                    d = paired_difference(vals[m], ref) if m != reference and ref else None
-                    out.append({
-                        "N": n, "comparison": comparison, "fraction": f, "method": m,
-                        "step": steps_of[m],
-                        "compute_s": round(steps_of[m] * table.t(m, n), 2),
-                        "seeds": iv.n, "mean": round(iv.mean, 4), "low": round(iv.low, 4),
-                        "high": round(iv.high, 4),
-                        "diff_to_ref": "" if d is None else round(d.mean, 4),
-                        "diff_low": "" if d is None else round(d.low, 4),
-                        "diff_high": "" if d is None else round(d.high, 4),
-                    })
+                out.append({"N": n, "comparison": comparison, "fraction": f,
+                            "methods": methods, "steps": steps_of, "values": vals})
+    return out
+
+
+def comparison_rows(
+    rows: list[dict[str, Any]],
+    table: StepTable,
+    slowest_steps: dict[int, int],
+    cuts: list[float],
+    head: str,
+    reference: str,
+    *,
+    key_prefix: str = "test_",
+    interpolate: bool = False,
+) -> list[dict[str, Any]]:
+    """The equal-steps and equal-compute comparison of the final ``rows`` (module docstring)."""
+    out = []
+    for c in cut_values(rows, table, slowest_steps, cuts, head, key_prefix=key_prefix,
+                        interpolate=interpolate):
+        n, vals, ref = c["N"], c["values"], c["values"].get(reference, {})
+        for m in c["methods"]:
+            if m not in vals:
+                continue
+            iv = t_interval(list(vals[m].values()))
+            d = paired_difference(vals[m], ref) if m != reference and ref else None
+            out.append({
+                "N": n, "comparison": c["comparison"], "fraction": c["fraction"], "method": m,
+                "step": c["steps"][m],
+                "compute_s": round(c["steps"][m] * table.t(m, n), 2),
+                "seeds": iv.n, "mean": round(iv.mean, 4), "low": round(iv.low, 4),
+                "high": round(iv.high, 4),
+                "diff_to_ref": "" if d is None else round(d.mean, 4),
+                "diff_low": "" if d is None else round(d.low, 4),
+                "diff_high": "" if d is None else round(d.high, 4),
+            })
     return out
 
 
@@ -233,7 +255,8 @@ def _plots(rows: list[dict[str, Any]], table: StepTable, head: str, out: Path) -
 
 def write_compute_reports(rows: list[dict[str, Any]], out: str | Path, study: Any,
                           base: Any) -> None:
-    """equal_compute.csv/.md, plateau.json, the two anytime plots and the step table used."""
+    """equal_compute.csv/.md, plateau.json, the two anytime plots, the step table used, and
+    claims.md/.json (raytopk.tune.claims, this study's N only)."""
     out = Path(out)
     table = load_step_table(study.step_table)
     head = headline_key(len(base.model.stages))
@@ -247,6 +270,10 @@ def write_compute_reports(rows: list[dict[str, Any]], out: str | Path, study: An
     if Path(study.step_table).resolve() != (out / "step_table.json").resolve():
         shutil.copyfile(study.step_table, out / "step_table.json")
     _plots(rows, table, head, out)
+    from raytopk.tune.claims import Study, claims_rows, write_claims
+
+    write_claims(claims_rows([Study(str(out), rows, table, dict(study.slowest_steps), head,
+                                    study.reference_op)]), out)
 
 
 def reported_finals(rows: list[dict[str, Any]], results_csv: Path) -> list[dict[str, Any]]:

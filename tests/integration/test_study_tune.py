@@ -125,6 +125,9 @@ def test_compute_matched_study_resumes_from_its_row_log_alone(
     assert not (res / "trials").exists()  # trial directories stay in output_dir
     comp = (res / "equal_compute.csv").read_text()
     assert "compute" in comp and "steps" in comp and (res / "plateau.json").is_file()
+    claims = json.loads((res / "claims.json").read_text())["per_n"]
+    assert [e["N"] for e in claims] == [40] and claims[0]["steps"] == steps
+    assert claims[0]["methods"]["softsort"]["b"]["sample_ratio"] == 3.0
     logged = (res / "trials.jsonl").read_text().splitlines()
     assert len(logged) == 8 + 4  # every selection and final trial, once
     # A fresh clone: no Tune storage, no trial directories, only the committed results.

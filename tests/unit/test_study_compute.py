@@ -283,3 +283,75 @@ def test_step_tables_compared_as_ratios_to_dftopk(tmp_path: Path) -> None:
     assert "| 200 | softsort | 2.00 | 1.50 | 1.33 |" in md  # twice, then 1.5x DFTopK's step
     assert "| 40 | bce | - | - |  |" in md  # no DFTopK row at N = 40: no ratio
     assert f"[2] {b}" in md
+
+
+def _study_dir(tmp_path: Path, name: str, sample_num: int, rows: list[dict],
+               table: dict[tuple[str, int], float]) -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    (d / "study.yaml").write_text(
+        f"study: {{slowest_steps: {{{sample_num}: 4}}, compute_cuts: [1.0], "
+        "reference_op: dftopk}\ntrain: {model: {stages: [dssm, din]}}\n")
+    for i, r in enumerate(rows):
+        r["trial"], r["sample_num"] = f"t{i}", sample_num
+    (d / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "results.csv").write_text("trial\n" + "".join(f"t{i}\n" for i in range(len(rows))))
+    _table(d, table).rename(d / "step_table.json")
+    return d
+
+
+def test_claims_per_n_from_equal_steps_and_equal_compute(tmp_path: Path) -> None:
+    from raytopk.tune.claims import claims_rows, read_studies, verdict_a
+
+    # N = 200: softsort costs 2x dftopk's step, so dftopk trains 8 steps to softsort's 4 (S_N).
+    # Equal steps (4): softsort ahead by 0.10; equal compute: dftopk ahead by 0.10 -> the lead
+    # changes by +0.20 (its own gain 4 -> 8 steps: +0.20). lapsum: same cost, level throughout.
+    rows = []
+    for seed, bump in ((1, 0.0), (2, 0.02), (3, 0.01)):
+        rows.append(_final_row("dftopk", seed, [(2, .1, .20 + bump), (4, .2, .30 + bump),
+                                                (8, .3, .50 + bump)]))  # fmt: skip
+        rows.append(_final_row("softsort", seed, [(2, .1, .25 + bump), (4, .2, .40 + bump)]))
+        rows.append(_final_row("lapsum", seed, [(4, .2, .30 + bump + .01 * (seed - 2)),
+                                                (8, .3, .50 + bump - .01 * (seed - 2))]))
+    d200 = _study_dir(tmp_path, "n200", 160, rows, {("dftopk", 200): 0.1, ("softsort", 200): 0.2,
+                                                   ("lapsum", 200): 0.1})  # fmt: skip
+    studies = read_studies([d200])
+    repeat = load_step_table(_table(tmp_path, {("dftopk", 200): 0.1, ("softsort", 200): 0.15,
+                                               ("lapsum", 200): 0.09}))  # fmt: skip
+    c = claims_rows(studies, [repeat])
+    (e,) = c["per_n"]
+    assert e["N"] == 200 and e["steps"] == {"dftopk": 8, "softsort": 4, "lapsum": 8}
+    assert e["budget_s"] == pytest.approx(0.8)
+    assert e["a"]["steps"]["verdict"] == "not best (measurably behind softsort)"
+    assert e["a"]["compute"]["verdict"] == "tied for best (level with lapsum)"
+    assert e["a"]["compute"]["diffs"]["softsort"]["mean"] == pytest.approx(-0.10)
+    soft, lap = e["methods"]["softsort"], e["methods"]["lapsum"]
+    assert soft["b"] == {"sample_ratio": 2.0, "step_time_ratio": 2.0, "other_tables": [1.5],
+                         "more": True}
+    assert lap["b"]["more"] is False  # 1.0 here, 0.9 in the repeat
+    assert soft["c"]["lead_steps"]["mean"] == pytest.approx(-0.10)
+    assert soft["c"]["change"]["mean"] == pytest.approx(0.20)
+    assert e["reference_gain"]["mean"] == pytest.approx(0.20)
+    assert lap["c"]["change"]["low"] < 0 < lap["c"]["change"]["high"]
+
+    assert verdict_a({"a": {"mean": -.1, "low": -.2, "high": -.05, "seeds": 3}}) == "best alone"
+    assert verdict_a({"a": {"mean": -.1, "low": -.1, "high": -.1, "seeds": 1}}).startswith(
+        "undecided")
+
+    # Two studies side by side; the same N twice and a directory that is not a study are named.
+    d40 = _study_dir(tmp_path, "n40", 0, [_final_row("dftopk", 1, [(4, .2, .3)])],
+                     {("dftopk", 40): 0.1})
+    assert [e["N"] for e in claims_rows(read_studies([d200, d40]))["per_n"]] == [40, 200]
+    with pytest.raises(ValueError, match="N = 200 is reported by both"):
+        read_studies([d200, d200])
+    with pytest.raises(ValueError, match=r"has no study.yaml"):
+        read_studies([tmp_path])
+
+    spec = importlib.util.spec_from_file_location("study_claims", JOBS / "study_claims.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main(["--results", str(d200), str(d40), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "claims.md").read_text()
+    assert "| 200 | softsort | 2 | -0.1000" in md and "not best (measurably behind softsort)" in md
+    assert json.loads((tmp_path / "out" / "claims.json").read_text())["per_n"][1]["N"] == 200
+    assert job.main(["--results", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
