@@ -35,8 +35,8 @@ from raytopk.tune.compute_results import cut_values, reported_finals
 from raytopk.tune.experiments import ROW_LOG, read_log
 from raytopk.tune.stats import Interval, paired_difference, t_interval
 
-__all__ = ["Study", "claims_rows", "claims_markdown", "read_studies", "verdict_a",
-           "write_claims"]
+__all__ = ["Study", "claims_rows", "claims_markdown", "compute_spent", "read_studies",
+           "verdict_a", "write_claims"]
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,12 @@ class Study:
     """One results directory's reported final rows and what reading them needs."""
 
     source: str
-    rows: list[dict[str, Any]]
+    rows: list[dict[str, Any]]  # the reported final trials
     table: StepTable
     slowest_steps: dict[int, int]
     head: str
     reference: str
+    log: tuple[dict[str, Any], ...] = ()  # every row of the row log, for the compute spent
 
 
 def read_studies(dirs: list[str | Path]) -> list[Study]:
@@ -71,7 +72,8 @@ def read_studies(dirs: list[str | Path]) -> list[Study]:
             if key not in study:
                 raise ValueError(f"claims: {str(d / 'study.yaml')!r} has no study.{key} (not a "
                                  "compute-matched study)")
-        rows = reported_finals(read_log(d / ROW_LOG), d / "results.csv")
+        log = read_log(d / ROW_LOG)
+        rows = reported_finals(log, d / "results.csv")
         for n in sorted({schema.N_OWN + int(r["sample_num"]) for r in rows}):
             if n in seen:
                 raise ValueError(f"claims: N = {n} is reported by both {seen[n]!r} and "
@@ -80,7 +82,7 @@ def read_studies(dirs: list[str | Path]) -> list[Study]:
         out.append(Study(str(d), rows, load_step_table(d / "step_table.json"),
                          {int(k): int(v) for k, v in study["slowest_steps"].items()},
                          headline_key(len(doc["train"]["model"]["stages"])),
-                         str(study["reference_op"])))
+                         str(study["reference_op"]), tuple(log)))
     return out
 
 
@@ -165,7 +167,40 @@ def claims_rows(studies: list[Study], tables: list[StepTable] | None = None) -> 
                     }
                 entry["methods"][m] = row
             out["per_n"].append(entry)
+        out.setdefault("compute_spent", []).extend(compute_spent(st.log))
     out["per_n"].sort(key=lambda e: e["N"])
+    return out
+
+
+def compute_spent(log: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> list[dict]:
+    """Per (N, phase, method) of a row log, every logged trial (stale and failed ones too): the
+    trials, their full-trial equivalents (samples seen / the trial's own max_samples, which every
+    trial of one (method, N) shares), and trial-hours: recorded by the trials that ran to the
+    end (wall_seconds), estimated for those ASHA stopped (which record no time) at the same
+    (method, N, phase)'s wall seconds per sample."""
+    groups: dict[tuple[int, str, str], list[dict[str, Any]]] = {}
+    for r in log:
+        if r.get("op") and r.get("phase") and r.get("sample_num") not in (None, ""):
+            key = (schema.N_OWN + int(r["sample_num"]), str(r["phase"]), str(r["op"]))
+            groups.setdefault(key, []).append(r)
+    out = []
+    for (n, phase, op), rs in sorted(groups.items()):
+        full = [float(r["max_samples"]) for r in rs if r.get("max_samples")]
+        timed = [r for r in rs if r.get("wall_seconds") not in (None, "")
+                 and float(r.get("samples_seen") or 0) > 0]
+        per_sample = (sum(float(r["wall_seconds"]) for r in timed)
+                      / sum(float(r["samples_seen"]) for r in timed)) if timed else None
+        seen = sum(float(r.get("samples_seen") or 0) for r in rs)
+        untimed = [r for r in rs if r not in timed]
+        est = (sum(float(r.get("samples_seen") or 0) for r in untimed) * per_sample
+               if per_sample is not None else None)
+        out.append({
+            "N": n, "phase": phase, "method": op, "trials": len(rs),
+            "full_trials": round(seen / max(full), 1) if full else None,
+            "hours_recorded": round(sum(float(r["wall_seconds"]) for r in timed) / 3600, 2),
+            "hours_estimated": None if est is None else round(est / 3600, 2),
+            "untimed": len(untimed),
+        })
     return out
 
 
@@ -246,6 +281,31 @@ def claims_markdown(c: dict[str, Any], command: str = "") -> str:
         md.append(f"| {e['N']} | {e['slowest_steps']} → {r['steps']} | "
                   f"{_fmt(r['test']['steps'], False)} | {_fmt(r['test']['compute'], False)} | "
                   f"{_fmt(e.get('reference_gain'))} |")
+    spent = c.get("compute_spent") or []
+    if spent:
+        md += ["", "## Compute spent", "",
+               "Every trial in the row logs (selection, finals, stale and failed ones too). Full "
+               "trials: samples seen / one trial's samples. Trial-hours: recorded by the trials "
+               "that ran to the end; for those ASHA stopped (no time recorded) estimated at the "
+               "same (N, phase, method)'s wall seconds per sample. Wall time is each trial's own "
+               "clock; trials ran side by side, so the hours are not elapsed time.", "",
+               "| N | phase | method | trials | full trials | trial-hours (recorded + est.) |",
+               "|---:|---|---|---:|---:|---|"]
+        tot: dict[tuple[int, str], list[float]] = {}
+        for r in spent:
+            est = r["hours_estimated"]
+            h = f"{r['hours_recorded']:.2f}" + (
+                "" if not r["untimed"] else
+                f" + {est:.2f} ({r['untimed']} stopped)" if est is not None else
+                f" + ? ({r['untimed']} without a timed trial beside them)")
+            full = "–" if r["full_trials"] is None else f"{r['full_trials']:g}"
+            md.append(f"| {r['N']} | {r['phase']} | {r['method']} | {r['trials']} | {full} | "
+                      f"{h} |")
+            t = tot.setdefault((r["N"], r["phase"]), [0, 0.0])
+            t[0] += r["trials"]
+            t[1] += r["hours_recorded"] + (est or 0.0)
+        md += ["", "| N | phase | trials | trial-hours |", "|---:|---|---:|---:|"]
+        md += [f"| {n} | {ph} | {int(t[0])} | {t[1]:.1f} |" for (n, ph), t in sorted(tot.items())]
     md.append("")
     return "\n".join(md)
 

@@ -273,7 +273,7 @@ def write_compute_reports(rows: list[dict[str, Any]], out: str | Path, study: An
     from raytopk.tune.claims import Study, claims_rows, write_claims
 
     write_claims(claims_rows([Study(str(out), rows, table, dict(study.slowest_steps), head,
-                                    study.reference_op)]), out)
+                                    study.reference_op, tuple(read_log(out / ROW_LOG)))]), out)
 
 
 def reported_finals(rows: list[dict[str, Any]], results_csv: Path) -> list[dict[str, Any]]:

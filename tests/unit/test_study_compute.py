@@ -347,6 +347,20 @@ def test_claims_per_n_from_equal_steps_and_equal_compute(tmp_path: Path) -> None
     with pytest.raises(ValueError, match=r"has no study.yaml"):
         read_studies([tmp_path])
 
+    # Compute spent, from every row of a log: two full trials timed, one stopped at half.
+    from raytopk.tune.claims import compute_spent
+
+    log = [{"op": "dftopk", "phase": "select", "sample_num": 160, "max_samples": 800,
+            "samples_seen": 800, "wall_seconds": 360.0, "status": "ok"},
+           {"op": "dftopk", "phase": "select", "sample_num": 160, "max_samples": 800,
+            "samples_seen": 800, "wall_seconds": 360.0, "status": "ok"},
+           {"op": "dftopk", "phase": "select", "sample_num": 160, "samples_seen": 400,
+            "status": "stopped early (ASHA)"}]  # fmt: skip
+    (spent,) = compute_spent(log)
+    assert spent == {"N": 200, "phase": "select", "method": "dftopk", "trials": 3,
+                     "full_trials": 2.5, "hours_recorded": 0.2, "hours_estimated": 0.05,
+                     "untimed": 1}  # fmt: skip
+
     spec = importlib.util.spec_from_file_location("study_claims", JOBS / "study_claims.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
