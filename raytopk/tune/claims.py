@@ -133,6 +133,9 @@ def claims_rows(studies: list[Study], tables: list[StepTable] | None = None) -> 
                 "budget_s": round(st.table.budget(methods, n,
                                                   st.slowest_steps[n - schema.N_OWN]), 2),
                 "steps": dict(at["compute"]["steps"]), "methods": {}, "a": {},
+                "not_run": {str(r["op"]): str(r["status"]) for r in st.rows
+                            if schema.N_OWN + int(r["sample_num"]) == n
+                            and str(r.get("status", "")).startswith("does not fit")},
             }
             for k in ("steps", "compute"):
                 diffs = {m: _iv(paired_difference(vals[k].get(m, {}), vals[k].get(ref, {})))
@@ -231,6 +234,8 @@ def claims_markdown(c: dict[str, Any], command: str = "") -> str:
         seeds = max((v["test"]["compute"] or {}).get("seeds", 0) for v in e["methods"].values())
         md.append(f"| {e['N']} | {e['source']} | {e['table']} ({e['machine']}) | "
                   f"{e['slowest_steps']} | {e['budget_s']:g} | {seeds} |")
+    md += [""] + [f"Not run at N = {e['N']}: {m}, {why}." for e in per_n
+                  for m, why in sorted(e.get("not_run", {}).items())]
     ref = per_n[0]["reference"] if per_n else "dftopk"
     md += ["", f"## (a) {ref} reaches the best recall", "",
            f"Per method m: m − {ref}, paired by seed, at the full equal steps (S_N each) and the "

@@ -313,6 +313,8 @@ def test_claims_per_n_from_equal_steps_and_equal_compute(tmp_path: Path) -> None
         rows.append(_final_row("softsort", seed, [(2, .1, .25 + bump), (4, .2, .40 + bump)]))
         rows.append(_final_row("lapsum", seed, [(4, .2, .30 + bump + .01 * (seed - 2)),
                                                 (8, .3, .50 + bump - .01 * (seed - 2))]))
+    rows.append({"op": "diffsort", "seed": 1, "phase": "final",
+                 "status": "does not fit: a training step needs ~9.0 GiB"})
     d200 = _study_dir(tmp_path, "n200", 160, rows, {("dftopk", 200): 0.1, ("softsort", 200): 0.2,
                                                    ("lapsum", 200): 0.1})  # fmt: skip
     studies = read_studies([d200])
@@ -322,6 +324,7 @@ def test_claims_per_n_from_equal_steps_and_equal_compute(tmp_path: Path) -> None
     (e,) = c["per_n"]
     assert e["N"] == 200 and e["steps"] == {"dftopk": 8, "softsort": 4, "lapsum": 8}
     assert e["budget_s"] == pytest.approx(0.8)
+    assert e["not_run"] == {"diffsort": "does not fit: a training step needs ~9.0 GiB"}
     assert e["a"]["steps"]["verdict"] == "not best (measurably behind softsort)"
     assert e["a"]["compute"]["verdict"] == "tied for best (level with lapsum)"
     assert e["a"]["compute"]["diffs"]["softsort"]["mean"] == pytest.approx(-0.10)
@@ -367,5 +370,6 @@ def test_claims_per_n_from_equal_steps_and_equal_compute(tmp_path: Path) -> None
     assert job.main(["--results", str(d200), str(d40), "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "claims.md").read_text()
     assert "| 200 | softsort | 2 | -0.1000" in md and "not best (measurably behind softsort)" in md
+    assert "Not run at N = 200: diffsort, does not fit" in md
     assert json.loads((tmp_path / "out" / "claims.json").read_text())["per_n"][1]["N"] == 200
     assert job.main(["--results", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
