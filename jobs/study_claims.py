@@ -34,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         studies = read_studies(args.results)
         tables = [load_step_table(t) for t in args.tables]
-    except (ValueError, FileNotFoundError) as e:
+        c = claims_rows(studies, tables)
+    except (ValueError, KeyError) as e:  # a missing step-table row names the table
         print(f"error: {e}", file=sys.stderr)
         return 2
-    c = claims_rows(studies, tables)
     if not c["per_n"]:
         print(f"error: --results {args.results} hold no reported final trials", file=sys.stderr)
         return 1

@@ -23,6 +23,7 @@ directories; :func:`claims_markdown` writes it up. ``jobs/study_claims.py`` is t
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any
 from raytopk.data import schema
 from raytopk.metrics import headline_key
 from raytopk.tune.compute import StepTable, load_step_table
-from raytopk.tune.compute_results import cut_values, reported_finals
+from raytopk.tune.compute_results import curve_of, cut_values, reported_finals, value_at
 from raytopk.tune.experiments import ROW_LOG, read_log
 from raytopk.tune.stats import Interval, paired_difference, t_interval
 
@@ -66,22 +67,38 @@ def read_studies(dirs: list[str | Path]) -> list[Study]:
                 raise ValueError(f"claims: {str(d)!r} has no {name} (a compute-matched study's "
                                  "results directory holds study.yaml, step_table.json, "
                                  f"{ROW_LOG} and, once final trials are reported, results.csv)")
-        doc = yaml.safe_load((d / "study.yaml").read_text())
-        study = doc.get("study") or {}
+        where = str(d / "study.yaml")
+        try:
+            doc = yaml.safe_load((d / "study.yaml").read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"claims: {where!r} is not YAML: {e}") from e
+        study = (doc or {}).get("study") if isinstance(doc, dict) else None
+        stages = ((doc or {}).get("train") or {}).get("model", {}).get("stages") \
+            if isinstance(doc, dict) else None
+        if not isinstance(study, dict) or not stages:
+            raise ValueError(f"claims: {where!r} has no study section or no "
+                             "train.model.stages (not a study's resolved config)")
         for key in ("slowest_steps", "reference_op"):
             if key not in study:
-                raise ValueError(f"claims: {str(d / 'study.yaml')!r} has no study.{key} (not a "
+                raise ValueError(f"claims: {where!r} has no study.{key} (not a "
                                  "compute-matched study)")
+        with (d / "results.csv").open(newline="") as f:
+            if "trial" not in (csv.DictReader(f).fieldnames or []):
+                raise ValueError(f"claims: {str(d / 'results.csv')!r} has no 'trial' column")
         log = read_log(d / ROW_LOG)
         rows = reported_finals(log, d / "results.csv")
+        slowest = {int(k): int(v) for k, v in study["slowest_steps"].items()}
+        lacking = sorted({int(r["sample_num"]) for r in rows} - set(slowest))
+        if lacking:
+            raise ValueError(f"claims: {where!r} study.slowest_steps has no entry for "
+                             f"sample_num {lacking}, which {ROW_LOG}'s final trials use")
         for n in sorted({schema.N_OWN + int(r["sample_num"]) for r in rows}):
             if n in seen:
                 raise ValueError(f"claims: N = {n} is reported by both {seen[n]!r} and "
                                  f"{str(d)!r}; give each N once")
             seen[n] = str(d)
         out.append(Study(str(d), rows, load_step_table(d / "step_table.json"),
-                         {int(k): int(v) for k, v in study["slowest_steps"].items()},
-                         headline_key(len(doc["train"]["model"]["stages"])),
+                         slowest, headline_key(len(stages)),
                          str(study["reference_op"]), tuple(log)))
     return out
 
@@ -111,8 +128,52 @@ def verdict_a(diffs: dict[str, dict[str, Any] | None]) -> str:
     if open_:
         return "undecided (no interval for " + ", ".join(open_) + ")"
     if level:
-        return "tied for best (level with " + ", ".join(level) + ")"
+        return "tied for best: none measurably ahead (level with " + ", ".join(level) + ")"
     return "best alone" if signs else "no other method"
+
+
+def _claim_b(table: StepTable, others: list[StepTable], m: str, ref: str, n: int,
+             steps: dict[str, int]) -> dict[str, Any]:
+    """(b) for m: the sample ratio at T_N, and t(m) / t(ref) in the study's and other tables."""
+    t_ratio = table.t(m, n) / table.t(ref, n)
+    more = [tb.t(m, n) / tb.t(ref, n) for tb in others
+            if (m, n) in tb.seconds and (ref, n) in tb.seconds]
+    every = [t_ratio, *more]
+    return {"sample_ratio": round(steps[ref] / steps[m], 3), "step_time_ratio": round(t_ratio, 3),
+            "other_tables": [round(x, 3) for x in more],
+            "tables_without_row": len(others) - len(more),
+            "range": [round(min(every), 3), round(max(every), 3)], "more": min(every) > 1.0}
+
+
+def _valid_at(rows: list[dict[str, Any]], op: str, sample_num: int, key: str,
+              step: int) -> dict[int, float]:
+    """{seed: the validation headline at ``step``}, interpolated between anytime points."""
+    out = {}
+    for r in rows:
+        if r.get("status") == "ok" and r["op"] == op and int(r["sample_num"]) == sample_num:
+            v = value_at(curve_of(r), key, step, True)
+            if v is not None:
+                out[int(r["seed"])] = v
+    return out
+
+
+def _claim_c(st: Study, m: str, ref: str, n: int, steps: dict[str, int],
+             b_holds: bool) -> dict[str, Any]:
+    """(c) for m, on the validation day (the test day was evaluated only at the cut points):
+    ref's lead over m at equal samples (both at steps(m, N)) and at equal compute (ref at
+    steps(ref, N)), and ref's own gain from steps(m, N) to steps(ref, N), paired by seed."""
+    key, sn = "valid_" + st.head, n - schema.N_OWN
+    if steps[ref] <= steps[m]:
+        return {"applies": False, "why": f"{ref} trains no more steps than {m} at T_N"}
+    d_m = _valid_at(st.rows, ref, sn, key, steps[m])
+    d_d = _valid_at(st.rows, ref, sn, key, steps[ref])
+    m_m = _valid_at(st.rows, m, sn, key, steps[m])
+    gain = paired_difference(d_d, d_m)
+    out = {"applies": b_holds, "lead_equal_samples": _iv(paired_difference(d_m, m_m)),
+           "lead_equal_compute": _iv(paired_difference(d_d, m_m)), "gain": _iv(gain)}
+    if not b_holds:
+        out["why"] = "(b) does not hold under every table"
+    return out
 
 
 def claims_rows(studies: list[Study], tables: list[StepTable] | None = None) -> dict[str, Any]:
@@ -145,29 +206,16 @@ def claims_rows(studies: list[Study], tables: list[StepTable] | None = None) -> 
             if ref in vals["steps"] and ref in vals["compute"]:
                 own = paired_difference(vals["compute"][ref], vals["steps"][ref])
                 entry["reference_gain"] = _iv(own)  # d at steps(d, N) minus d at S_N
+            has_ref = ref in methods
             for m in methods:
                 q = {k: vals[k].get(m, {}) for k in ("steps", "compute")}
                 mean = {k: _iv(t_interval(list(q[k].values()))) if q[k] else None
                         for k in q}
                 row: dict[str, Any] = {"steps": at["compute"]["steps"][m], "test": mean}
-                if m != ref:
-                    t_ratio = st.table.t(m, n) / st.table.t(ref, n)
-                    others = [tb.t(m, n) / tb.t(ref, n) for tb in tables or []
-                              if (m, n) in tb.seconds and (ref, n) in tb.seconds]
-                    row["b"] = {"sample_ratio": round(at["compute"]["steps"][ref]
-                                                      / at["compute"]["steps"][m], 3),
-                                "step_time_ratio": round(t_ratio, 3),
-                                "other_tables": [round(x, 3) for x in others],
-                                "more": min([t_ratio, *others]) > 1.0}
-                    lead = {k: {s: vals[k][ref][s] - q[k][s] for s in q[k]
-                                if s in vals[k].get(ref, {})} for k in q}
-                    row["c"] = {
-                        "lead_steps": _iv(t_interval(list(lead["steps"].values())))
-                        if lead["steps"] else None,
-                        "lead_compute": _iv(t_interval(list(lead["compute"].values())))
-                        if lead["compute"] else None,
-                        "change": _iv(paired_difference(lead["compute"], lead["steps"])),
-                    }
+                if m != ref and has_ref:
+                    row["b"] = _claim_b(st.table, tables or [], m, ref, n,
+                                        at["compute"]["steps"])
+                    row["c"] = _claim_c(st, m, ref, n, at["compute"]["steps"], row["b"]["more"])
                 entry["methods"][m] = row
             out["per_n"].append(entry)
         out.setdefault("compute_spent", []).extend(compute_spent(st.log))
@@ -178,30 +226,37 @@ def claims_rows(studies: list[Study], tables: list[StepTable] | None = None) -> 
 def compute_spent(log: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> list[dict]:
     """Per (N, phase, method) of a row log, every logged trial (stale and failed ones too): the
     trials, their full-trial equivalents (samples seen / the trial's own max_samples, which every
-    trial of one (method, N) shares), and trial-hours: recorded by the trials that ran to the
-    end (wall_seconds), estimated for those ASHA stopped (which record no time) at the same
-    (method, N, phase)'s wall seconds per sample."""
+    trial of one (method, N) shares), and trial-hours: recorded (wall_seconds) where a trial has
+    it; estimated for the others (ASHA-stopped trials record no time) as the timed trials' mean
+    overhead_seconds plus their (wall − overhead) seconds per sample times the samples seen."""
     groups: dict[tuple[int, str, str], list[dict[str, Any]]] = {}
     for r in log:
         if r.get("op") and r.get("phase") and r.get("sample_num") not in (None, ""):
             key = (schema.N_OWN + int(r["sample_num"]), str(r["phase"]), str(r["op"]))
             groups.setdefault(key, []).append(r)
+
+    def num(r: dict[str, Any], k: str) -> float:
+        v = r.get(k)
+        return float(v) if v not in (None, "") else 0.0
+
     out = []
     for (n, phase, op), rs in sorted(groups.items()):
-        full = [float(r["max_samples"]) for r in rs if r.get("max_samples")]
-        timed = [r for r in rs if r.get("wall_seconds") not in (None, "")
-                 and float(r.get("samples_seen") or 0) > 0]
-        per_sample = (sum(float(r["wall_seconds"]) for r in timed)
-                      / sum(float(r["samples_seen"]) for r in timed)) if timed else None
-        seen = sum(float(r.get("samples_seen") or 0) for r in rs)
-        untimed = [r for r in rs if r not in timed]
-        est = (sum(float(r.get("samples_seen") or 0) for r in untimed) * per_sample
-               if per_sample is not None else None)
+        full = [num(r, "max_samples") for r in rs if num(r, "max_samples") > 0]
+        timed = [r for r in rs if r.get("wall_seconds") not in (None, "")]
+        untimed = [r for r in rs if r.get("wall_seconds") in (None, "")]
+        basis = [r for r in timed if num(r, "samples_seen") > 0]
+        est = None
+        if basis:
+            over = sum(num(r, "overhead_seconds") for r in basis) / len(basis)
+            per_sample = (sum(num(r, "wall_seconds") - num(r, "overhead_seconds") for r in basis)
+                          / sum(num(r, "samples_seen") for r in basis))
+            est = sum(over + per_sample * num(r, "samples_seen") for r in untimed)
         out.append({
             "N": n, "phase": phase, "method": op, "trials": len(rs),
-            "full_trials": round(seen / max(full), 1) if full else None,
-            "hours_recorded": round(sum(float(r["wall_seconds"]) for r in timed) / 3600, 2),
-            "hours_estimated": None if est is None else round(est / 3600, 2),
+            "full_trials": round(sum(num(r, "samples_seen") for r in rs) / max(full), 1)
+            if full else None,
+            "hours_recorded": round(sum(num(r, "wall_seconds") for r in timed) / 3600, 2),
+            "hours_estimated": None if est is None or not untimed else round(est / 3600, 2),
             "untimed": len(untimed),
         })
     return out
@@ -248,36 +303,46 @@ def claims_markdown(c: dict[str, Any], command: str = "") -> str:
         md.append(f"| {e['N']} | **{ref}** | {e['a']['steps']['verdict']} | "
                   f"{e['a']['compute']['verdict']} |")
     md += ["", f"## (b) {ref} processes more samples at equal compute", "",
-           f"steps({ref}) / steps(m) at T_N = t(m) / t({ref}) in the study's table; beside it "
-           "the same ratio in the other tables given (repeated measurements).", "",
-           f"| N | method | steps(m) | samples {ref} / m | other tables | "
-           "more under every table? |",
-           "|---:|---|---:|---:|---|---|"]
+           f"steps({ref}) / steps(m) at T_N = t(m) / t({ref}) in the study's table, the same "
+           "ratio in the other tables given (repeated measurements), and the range over all; "
+           "\"more\" only where the ratio exceeds 1 in every table.", "",
+           f"| N | method | steps(m) | samples {ref} / m | other tables | range | more? |",
+           "|---:|---|---:|---:|---|---|---|"]
     for e in per_n:
         for m, v in e["methods"].items():
             if "b" not in v:
                 continue
             b = v["b"]
             other = ", ".join(f"{x:g}" for x in b["other_tables"]) or "–"
+            if b.get("tables_without_row"):
+                other += f" ({b['tables_without_row']} without this row)"
             md.append(f"| {e['N']} | {m} | {v['steps']} | {b['sample_ratio']:g} | {other} | "
-                      f"{'yes' if b['more'] else 'no'} |")
+                      f"{b['range'][0]:g}–{b['range'][1]:g} | {'yes' if b['more'] else 'no'} |")
     md += ["", "## (c) the extra samples turn into better recall", "",
-           f"{ref}'s lead over m (ref − m, paired by seed) at equal steps (the same samples) and "
-           "at equal compute, and its change; (c) predicts the lead grows where the sample "
-           "ratio exceeds 1. The change holds both methods' further training: it isolates "
-           f"{ref}'s extra samples only against the slowest method (steps(m) = S_N), where it "
-           f"equals {ref}'s own gain below.", "",
-           "| N | method | samples ref / m | lead, equal steps | lead, equal compute | change |",
-           "|---:|---|---:|---|---|---|"]
+           f"Read on the validation day's headline: the test day was evaluated only at the cut "
+           f"points, not at every method's step count. Per method m: {ref}'s lead over m "
+           f"(ref − m, paired by seed) at equal samples (both at steps(m), {ref}'s curve "
+           f"interpolated linearly between its anytime points) and at equal compute ({ref} at "
+           f"its own steps), and {ref}'s gain from steps(m) to its own steps, i.e. what its extra "
+           "samples bought (the lead's change). (c) is tested only where (b) holds; the "
+           "validation day also chose each method's setting, on 2 of these seeds.", "",
+           "| N | method | samples ref / m | lead, equal samples | lead, equal compute | "
+           f"{ref}'s gain from the extra samples |", "|---:|---|---:|---|---|---|"]
     for e in per_n:
         for m, v in e["methods"].items():
-            if "c" not in v:
+            cc = v.get("c")
+            if cc is None:
                 continue
+            if "gain" not in cc:
+                md.append(f"| {e['N']} | {m} | {v['b']['sample_ratio']:g} | – | – | "
+                          f"not tested: {cc['why']} |")
+                continue
+            gain = _fmt(cc["gain"]) + ("" if cc["applies"] else f" (not a test: {cc['why']})")
             md.append(f"| {e['N']} | {m} | {v['b']['sample_ratio']:g} | "
-                      f"{_fmt(v['c']['lead_steps'])} | {_fmt(v['c']['lead_compute'])} | "
-                      f"{_fmt(v['c']['change'])} |")
-    md += ["", f"{ref}'s own gain from its extra steps: test headline at S_N steps and at its "
-           "steps at T_N, and the paired difference.", "",
+                      f"{_fmt(cc['lead_equal_samples'])} | {_fmt(cc['lead_equal_compute'])} | "
+                      f"{gain} |")
+    md += ["", f"On the test day, {ref}'s gain from S_N steps (the slowest method's) to its "
+           "steps at T_N, paired by seed:", "",
            f"| N | steps | {ref} at S_N | {ref} at T_N | gain |", "|---:|---|---|---|---|"]
     for e in per_n:
         r = e["methods"].get(ref)
@@ -290,27 +355,30 @@ def claims_markdown(c: dict[str, Any], command: str = "") -> str:
     if spent:
         md += ["", "## Compute spent", "",
                "Every trial in the row logs (selection, finals, stale and failed ones too). Full "
-               "trials: samples seen / one trial's samples. Trial-hours: recorded by the trials "
-               "that ran to the end; for those ASHA stopped (no time recorded) estimated at the "
-               "same (N, phase, method)'s wall seconds per sample. Wall time is each trial's own "
-               "clock; trials ran side by side, so the hours are not elapsed time.", "",
-               "| N | phase | method | trials | full trials | trial-hours (recorded + est.) |",
+               "trials: samples seen / one trial's samples. Trial-hours: the wall time recorded "
+               "by the trials that have one; for the others (ASHA stopped them, or they failed "
+               "before reporting it) estimated as the timed trials' mean start-up and overhead "
+               "plus their wall seconds per sample. Each trial's own clock: trials ran side by "
+               "side, so the hours are not elapsed time.", "",
+               "| N | phase | method | trials | full trials | trial-hours: recorded + estimated |",
                "|---:|---|---|---:|---:|---|"]
-        tot: dict[tuple[int, str], list[float]] = {}
+        tot: dict[tuple[int, str], list[Any]] = {}
         for r in spent:
             est = r["hours_estimated"]
             h = f"{r['hours_recorded']:.2f}" + (
                 "" if not r["untimed"] else
-                f" + {est:.2f} ({r['untimed']} stopped)" if est is not None else
-                f" + ? ({r['untimed']} without a timed trial beside them)")
+                f" + {est:.2f} ({r['untimed']} untimed)" if est is not None else
+                f" + ? ({r['untimed']} untimed, no timed trial to estimate from)")
             full = "–" if r["full_trials"] is None else f"{r['full_trials']:g}"
             md.append(f"| {r['N']} | {r['phase']} | {r['method']} | {r['trials']} | {full} | "
                       f"{h} |")
-            t = tot.setdefault((r["N"], r["phase"]), [0, 0.0])
+            t = tot.setdefault((r["N"], r["phase"]), [0, 0.0, False])
             t[0] += r["trials"]
             t[1] += r["hours_recorded"] + (est or 0.0)
+            t[2] = t[2] or (r["untimed"] > 0 and est is None)
         md += ["", "| N | phase | trials | trial-hours |", "|---:|---|---:|---:|"]
-        md += [f"| {n} | {ph} | {int(t[0])} | {t[1]:.1f} |" for (n, ph), t in sorted(tot.items())]
+        md += [f"| {n} | {ph} | {int(t[0])} | {t[1]:.1f}{' + ?' if t[2] else ''} |"
+               for (n, ph), t in sorted(tot.items())]
     md.append("")
     return "\n".join(md)
 

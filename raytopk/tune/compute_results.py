@@ -37,19 +37,20 @@ from raytopk.tune.compute import StepTable, load_step_table
 from raytopk.tune.experiments import ROW_LOG, ran_to_result, read_log
 from raytopk.tune.stats import paired_difference, t_interval
 
-__all__ = ["comparison_rows", "cut_values", "plateau", "recut", "reported_finals",
-           "write_compute_reports"]
+__all__ = ["comparison_rows", "curve_of", "cut_values", "plateau", "recut", "reported_finals",
+           "value_at", "write_compute_reports"]
 
 COLUMNS = ["N", "comparison", "fraction", "method", "step", "compute_s", "seeds", "mean",
            "low", "high", "diff_to_ref", "diff_low", "diff_high"]  # fmt: skip
 
 
-def _curve(r: dict[str, Any]) -> list[dict[str, Any]]:
+def curve_of(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """A logged trial's anytime points (stored as a list, or as JSON text by Tune)."""
     c = r.get("anytime_curve") or []
     return json.loads(c) if isinstance(c, str) else list(c)
 
 
-def _at_step(curve: list[dict[str, Any]], key: str, step: int, interpolate: bool) -> float | None:
+def value_at(curve: list[dict[str, Any]], key: str, step: int, interpolate: bool) -> float | None:
     """``key`` at ``step``: the point whose step is ``step`` (exact), or with ``interpolate``,
     linear between the points around it (None outside the curve)."""
     pts = sorted((int(p["steps"]), float(p[key])) for p in curve if key in p and "steps" in p)
@@ -100,7 +101,7 @@ def cut_values(
                     step = max(1, int(f * steps + 1e-9))
                     steps_of[m] = step
                     for r in by_m[m]:
-                        v = _at_step(_curve(r), key, step, interpolate)
+                        v = value_at(curve_of(r), key, step, interpolate)
                         if v is not None:
                             vals.setdefault(m, {})[int(r["seed"])] = v
                 out.append({"N": n, "comparison": comparison, "fraction": f,
@@ -152,7 +153,7 @@ def plateau(rows: list[dict[str, Any]], head: str) -> dict[int, dict[str, Any]]:
         curves: dict[str, list[list[float]]] = {}
         for r in ok:
             if int(r["sample_num"]) == sample_num:
-                c = [float(p[key]) for p in _curve(r) if key in p]
+                c = [float(p[key]) for p in curve_of(r) if key in p]
                 if c:
                     curves.setdefault(str(r["op"]), []).append(c)
         best, best_v, best_curve = None, -1.0, []
@@ -232,7 +233,8 @@ def _plots(rows: list[dict[str, Any]], table: StepTable, head: str, out: Path) -
         for ax, sample_num in zip(axes[0], ns):
             n = schema.N_OWN + sample_num
             for m in methods:
-                cs = [_curve(r) for r in ok if int(r["sample_num"]) == sample_num and r["op"] == m]
+                cs = [curve_of(r) for r in ok
+                      if int(r["sample_num"]) == sample_num and r["op"] == m]
                 cs = [[p for p in c if key in p and "steps" in p] for c in cs]
                 cs = [c for c in cs if c]
                 if not cs or (m, n) not in table.seconds:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -326,16 +327,20 @@ def test_claims_per_n_from_equal_steps_and_equal_compute(tmp_path: Path) -> None
     assert e["budget_s"] == pytest.approx(0.8)
     assert e["not_run"] == {"diffsort": "does not fit: a training step needs ~9.0 GiB"}
     assert e["a"]["steps"]["verdict"] == "not best (measurably behind softsort)"
-    assert e["a"]["compute"]["verdict"] == "tied for best (level with lapsum)"
+    assert e["a"]["compute"]["verdict"] == (
+        "tied for best: none measurably ahead (level with lapsum)")
     assert e["a"]["compute"]["diffs"]["softsort"]["mean"] == pytest.approx(-0.10)
     soft, lap = e["methods"]["softsort"], e["methods"]["lapsum"]
     assert soft["b"] == {"sample_ratio": 2.0, "step_time_ratio": 2.0, "other_tables": [1.5],
-                         "more": True}
+                         "tables_without_row": 0, "range": [1.5, 2.0], "more": True}
     assert lap["b"]["more"] is False  # 1.0 here, 0.9 in the repeat
-    assert soft["c"]["lead_steps"]["mean"] == pytest.approx(-0.10)
-    assert soft["c"]["change"]["mean"] == pytest.approx(0.20)
-    assert e["reference_gain"]["mean"] == pytest.approx(0.20)
-    assert lap["c"]["change"]["low"] < 0 < lap["c"]["change"]["high"]
+    # (c), on the validation curves: at softsort's 4 steps dftopk is level (0.2 each); its
+    # extra 4 steps add 0.1. lapsum trains as many steps as dftopk: nothing to test.
+    assert soft["c"]["applies"] and soft["c"]["lead_equal_samples"]["mean"] == pytest.approx(0)
+    assert soft["c"]["gain"]["mean"] == pytest.approx(0.10)
+    assert soft["c"]["lead_equal_compute"]["mean"] == pytest.approx(0.10)
+    assert e["reference_gain"]["mean"] == pytest.approx(0.20)  # test day, 4 -> 8 steps
+    assert lap["c"] == {"applies": False, "why": "dftopk trains no more steps than lapsum at T_N"}
 
     assert verdict_a({"a": {"mean": -.1, "low": -.2, "high": -.05, "seeds": 3}}) == "best alone"
     assert verdict_a({"a": {"mean": -.1, "low": -.1, "high": -.1, "seeds": 1}}).startswith(
@@ -349,6 +354,21 @@ def test_claims_per_n_from_equal_steps_and_equal_compute(tmp_path: Path) -> None
         read_studies([d200, d200])
     with pytest.raises(ValueError, match=r"has no study.yaml"):
         read_studies([tmp_path])
+    bad = tmp_path / "bad"
+    shutil.copytree(d200, bad)
+    (bad / "study.yaml").write_text("study: {slowest_steps: {0: 4}, reference_op: dftopk}\n")
+    with pytest.raises(ValueError, match=r"bad/study.yaml.*train.model.stages"):
+        read_studies([bad])
+    (bad / "study.yaml").write_text((d200 / "study.yaml").read_text().replace("160: 4", "0: 4"))
+    with pytest.raises(ValueError, match=r"slowest_steps has no entry for sample_num \[160\]"):
+        read_studies([bad])
+    (bad / "study.yaml").write_text("study: [\n")
+    with pytest.raises(ValueError, match=r"bad/study.yaml' is not YAML"):
+        read_studies([bad])
+    # No reference trials at an N: (a) says so, (b) and (c) are left out, nothing fails.
+    only = claims_rows([replace(studies[0], rows=[r for r in rows if r["op"] != "dftopk"])])
+    assert only["per_n"][0]["a"]["compute"]["verdict"] == "no dftopk trials"
+    assert "b" not in only["per_n"][0]["methods"]["softsort"]
 
     # Compute spent, from every row of a log: two full trials timed, one stopped at half.
     from raytopk.tune.claims import compute_spent
@@ -369,7 +389,9 @@ def test_claims_per_n_from_equal_steps_and_equal_compute(tmp_path: Path) -> None
     spec.loader.exec_module(job)
     assert job.main(["--results", str(d200), str(d40), "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "claims.md").read_text()
-    assert "| 200 | softsort | 2 | -0.1000" in md and "not best (measurably behind softsort)" in md
+    assert "| 200 | softsort | 4 | 2 | 1.5, 2 | 1.5–2 | yes |" not in md  # no repeat table here
+    assert "| 200 | softsort | 4 | 2 | – | 2–2 | yes |" in md
+    assert "not best (measurably behind softsort)" in md
     assert "Not run at N = 200: diffsort, does not fit" in md
     assert json.loads((tmp_path / "out" / "claims.json").read_text())["per_n"][1]["N"] == 200
     assert job.main(["--results", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
