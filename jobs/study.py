@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from raytopk.tune.experiments import StudyInterrupted
-    from raytopk.tune.study import load_study, run_study
+    from raytopk.tune.study import load_study, results_path, run_study
 
     try:
         study, base = load_study(args.config, args.overrides)
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    out = Path(study.output_dir)
+    out = results_path(study)  # study.results_dir when set (the compute study's docs folder)
     print(f"\n{(out / 'results.md').read_text()}")
     bad = [r for r in rows if r.get("status") != "ok"]
     print(

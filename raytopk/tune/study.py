@@ -68,6 +68,7 @@ __all__ = [
     "earlier_ns",
     "check_earlier",
     "step_bytes",
+    "results_path",
     "run_study",
     "write_reports",
     "result_columns",
@@ -424,6 +425,11 @@ def resolve_base(study: StudyConfig, base: TrainConfig, out: Path) -> TrainConfi
     return split_validation(base)
 
 
+def results_path(study: StudyConfig) -> Path:
+    """Where the study's reports go: study.results_dir, else study.output_dir."""
+    return Path(study.results_dir or study.output_dir).resolve()
+
+
 def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) -> list[dict]:
     """Run (or continue) the study on the connected Ray cluster: selection on the validation
     day, then the final trials; returns the final rows and writes the reports."""
@@ -432,7 +438,7 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
 
     out = Path(study.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    results = Path(study.results_dir).resolve() if study.results_dir else out
+    results = results_path(study)
     results.mkdir(parents=True, exist_ok=True)
     base = resolve_base(study, base, out)
     stages = len(base.model.stages)

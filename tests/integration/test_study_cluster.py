@@ -136,6 +136,7 @@ def _submit_once(address: str, out: Path, timeout: float) -> subprocess.Complete
             "study.cpus_per_worker=0.5",
             'study.trial_resources={"study_slot": 1}',
             f"study.output_dir={out}",
+            f"study.results_dir={out}/results",  # reports and row log apart, as in docs/studies
             "train.run.eval_max_batches=2",
             "train.run.corpus_ms=[100]",
             f"train.data.synthetic.root={out}/data",
@@ -151,7 +152,7 @@ def test_quick_study_on_two_nodes_and_resume(two_node_cluster: str, tmp_path: Pa
     first = _submit(two_node_cluster, out, timeout=600)
     log = first.stdout + first.stderr
     assert first.returncode == 0, log[-4000:]
-    with (out / "results.csv").open() as f:
+    with (out / "results" / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["op"] for r in rows) == ["dftopk", "softsort"], log[-3000:]
     assert all(r["status"] == "ok" for r in rows), rows
@@ -159,7 +160,10 @@ def test_quick_study_on_two_nodes_and_resume(two_node_cluster: str, tmp_path: Pa
         assert int(r["samples_seen"]) > 0 and float(r["train_seconds"]) > 0
         assert 0.0 <= float(r["joint_recall@10@20"]) <= 1.0
     assert len({r["node"] for r in rows}) == 2, rows  # one trial per node (study_slot)
-    assert (out / "results.md").is_file() and (out / "sample_scaling.png").is_file()
+    res = out / "results"
+    assert (res / "results.md").is_file() and (res / "sample_scaling.png").is_file()
+    assert (res / "trials.jsonl").is_file() and not (out / "results.md").exists()
+    assert "| dftopk |" in log  # the command prints the report it wrote (results_dir)
 
     # Same command again: the finished trials are found (same training config) and not run again.
     before = {r["trial"]: r["wall_seconds"] for r in rows}
@@ -167,6 +171,6 @@ def test_quick_study_on_two_nodes_and_resume(two_node_cluster: str, tmp_path: Pa
     log2 = again.stdout + again.stderr
     assert again.returncode == 0, log2[-4000:]
     assert "2 of 2 trial(s) already in" in log2, log2[-3000:]  # the row log's message
-    with (out / "results.csv").open() as f:
+    with (out / "results" / "results.csv").open() as f:
         rows2 = list(csv.DictReader(f))
     assert {r["trial"]: r["wall_seconds"] for r in rows2} == before
