@@ -4,6 +4,7 @@ operator × sample_num × seed at equal compute (raytopk.tune.study).
     python jobs/study.py --config jobs/configs/study_quick.yaml     # < 15 min, 2 cores
     python jobs/study.py --config jobs/configs/study_medium.yaml    # <= 2 h, 2 cores
     ray job submit --working-dir . -- python jobs/study.py --config jobs/configs/study.yaml
+    python jobs/study.py --config jobs/configs/study_compute_1000.yaml --plan  # cost, no run
 
 Overrides: ``study.<key>=value`` (e.g. study.budget_seconds=120 study.seeds=[1,2,3]
 study.select=false) and ``train.<key>=value`` for every trial's training config (e.g.
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", required=True, help="study YAML in jobs/configs/")
     p.add_argument("overrides", nargs="*", help="study.key=value or train.key=value")
+    p.add_argument("--plan", action="store_true",
+                   help="print what a compute-matched study will run (steps, trials, compute) "
+                   "and exit: no Ray, no training")
     args = p.parse_args(argv)
 
     from raytopk.tune.experiments import StudyInterrupted
@@ -41,6 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if args.plan:
+        from raytopk.tune.compute import plan_markdown, study_plan
+
+        try:
+            print(plan_markdown(study_plan(study, base)))
+        except (ConfigError, ValueError, KeyError) as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
+        return 0
     t0 = time.perf_counter()
     init_ray()
     try:

@@ -395,3 +395,33 @@ def test_claims_per_n_from_equal_steps_and_equal_compute(tmp_path: Path) -> None
     assert "Not run at N = 200: diffsort, does not fit" in md
     assert json.loads((tmp_path / "out" / "claims.json").read_text())["per_n"][1]["N"] == 200
     assert job.main(["--results", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_study_plan_counts_trials_and_compute_before_running(tmp_path: Path) -> None:
+    from raytopk.tune.compute import plan_markdown, study_plan
+    from raytopk.tune.study import load_study
+
+    table = _table(tmp_path, {("dftopk", 200): 0.1, ("softsort", 200): 0.25,
+                              ("diffsort", 200): 1.0})  # fmt: skip
+    args = ["study.ops=[dftopk,softsort,diffsort]", "study.sample_nums=[160]",
+            f"study.step_table={table}", "study.slowest_steps={160: 300}", "study.select=true",
+            "study.lrs=[0.003,0.01]", "study.select_seeds=[1,2]", "study.seeds=[1,2,3]",
+            "study.grids={dftopk: [0.5, 5], softsort: [1]}", "study.eval_points=8",
+            "study.asha_reduction=3", "study.mem_budget_gb=3", "study.budget_seconds=0"]
+    study, base = load_study(CONFIGS / "study_quick.yaml", args)
+    p = study_plan(study, base)
+    by = {r["method"]: r for r in p["methods"]}
+    # diffsort at N = 200 needs ~4 GiB > 3: not run, and it does not set T_N (softsort does).
+    assert not by["diffsort"]["fits"] and "mem_budget_gb" in by["diffsort"]["why"]
+    assert by["softsort"]["steps"] == 300 and by["dftopk"]["steps"] == 750
+    # dftopk: 0.5, 5 and the paper's 500; softsort: 1 and the paper's 50; x 2 lrs x 2 seeds
+    assert by["dftopk"]["selection_trials"] == 3 * 2 * 2
+    assert by["softsort"]["selection_trials"] == 2 * 2 * 2
+    (e,) = p["per_n"]
+    assert e["budget_s"] == pytest.approx(75.0) and e["final_trials"] == 6
+    # ASHA, grace 1/8, factor 3: rungs 1/8, 3/8, 1 -> 1/8 + (2/8)/3 + (5/8)/9 of a full trial
+    assert p["asha_share"] == pytest.approx(1 / 8 + 2 / 24 + 5 / 72, abs=1e-3)
+    assert e["selection_trials"] == 20
+    assert e["selection_full_trials_asha"] == pytest.approx(20 * (1 / 8 + 2 / 24 + 5 / 72), abs=.1)
+    assert e["compute_hours_finals"] == pytest.approx(6 * 75.0 / 3600, abs=0.01)
+    assert "| 200 | diffsort | not run: over study.mem_budget_gb 3" in plan_markdown(p)
