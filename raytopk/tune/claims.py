@@ -2,20 +2,23 @@
 and side by side across N.
 
 Notation as in raytopk.tune.compute (t(m, N), S_N, T_N, steps(m, N)); d = the reference method
-(DFTopK); q(m, s) the test-day headline of method m at seed s at a cut point; the lead of d over
-m is q(d, s) − q(m, s), paired by seed (same data order, negatives and initial weights).
+(DFTopK); q(m, s) the headline of method m at seed s at a given step; the lead of d over m is
+q(d, s) − q(m, s), paired by seed (same data order, negatives and initial weights).
 
 - (a) d is best at every N: at the full equal steps (S_N each) and the full equal compute (T_N
-  each), per method the paired difference m − d; d is "best alone" when every other method is
-  measurably behind, "tied for best" when none is measurably ahead but some are level, "not
-  best" when one is measurably ahead (an interval excluding 0 is a measured difference).
+  each), per method the paired difference m − d on the test day; d is "best alone" when every
+  other method is measurably behind, "tied for best" when none is measurably ahead but some are
+  level, "not best" when one is measurably ahead, "undecided" when a method has no interval
+  (an interval excluding 0 is a measured difference).
 - (b) d processes more samples at equal compute: steps(d, N) / steps(m, N) at T_N, i.e.
   t(m, N) / t(d, N), from the study's step table, and (``tables``) its range over other
   measurements of the table; "more" only when that ratio exceeds 1 under every table given.
-- (c) the extra samples turn into better recall: the change of d's lead over m from equal steps
-  (both at S_N, the same samples) to equal compute (d at steps(d, N), m at steps(m, N)), paired
-  by seed; (c) predicts the lead grows where steps(d, N) > steps(m, N). Beside it, d's own gain
-  from S_N to steps(d, N) steps.
+- (c) the extra samples turn into better recall: where steps(d, N) > steps(m, N), d's gain from
+  steps(m, N) to steps(d, N), paired by seed, which is also the change of d's lead over m from
+  equal samples (both at steps(m, N)) to equal compute; (c) predicts it positive, and it is a
+  test of (c) only where (b) holds. Read on the validation day, d's curve interpolated between
+  its anytime points: the test day was evaluated only at the cut points. Beside it, on the test
+  day, d's own gain from S_N to steps(d, N).
 
 :func:`claims_rows` computes it from final rows; :func:`read_studies` reads results
 directories; :func:`claims_markdown` writes it up. ``jobs/study_claims.py`` is the command.
