@@ -36,11 +36,11 @@ from raytopk.data import schema
 from raytopk.metrics import headline_key
 from raytopk.tune.compute import StepTable, load_step_table
 from raytopk.tune.compute_results import curve_of, cut_values, reported_finals, value_at
-from raytopk.tune.experiments import ROW_LOG, read_log
+from raytopk.tune.experiments import ROW_LOG, RUN_LOG, read_log
 from raytopk.tune.stats import Interval, paired_difference, t_interval
 
 __all__ = ["Study", "claims_rows", "claims_markdown", "compute_spent", "read_studies",
-           "verdict_a", "write_claims"]
+           "verdict_a", "wall_time", "write_claims"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class Study:
     head: str
     reference: str
     log: tuple[dict[str, Any], ...] = ()  # every row of the row log, for the compute spent
+    runs: tuple[dict[str, Any], ...] = ()  # the run log: each run's wall-clock window
 
 
 def read_studies(dirs: list[str | Path]) -> list[Study]:
@@ -102,7 +103,8 @@ def read_studies(dirs: list[str | Path]) -> list[Study]:
             seen[n] = str(d)
         out.append(Study(str(d), rows, load_step_table(d / "step_table.json"),
                          slowest, headline_key(len(stages)),
-                         str(study["reference_op"]), tuple(log)))
+                         str(study["reference_op"]), tuple(log),
+                         tuple(read_log(d / RUN_LOG))))
     return out
 
 
@@ -222,6 +224,7 @@ def claims_rows(studies: list[Study], tables: list[StepTable] | None = None) -> 
                 entry["methods"][m] = row
             out["per_n"].append(entry)
         out.setdefault("compute_spent", []).extend(compute_spent(st.log))
+        out.setdefault("wall", []).append(wall_time(st.source, st.runs))
     out["per_n"].sort(key=lambda e: e["N"])
     return out
 
@@ -263,6 +266,26 @@ def compute_spent(log: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> lis
             "untimed": len(untimed),
         })
     return out
+
+
+def wall_time(source: str, runs: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> dict:
+    """A study's elapsed wall time: the sum of its runs' windows (the run log), per
+    sample_nums the runs covered."""
+    import datetime
+
+    per: dict[str, float] = {}
+    for r in runs:
+        try:
+            a = datetime.datetime.fromisoformat(str(r["started"]))
+            b = datetime.datetime.fromisoformat(str(r["ended"]))
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"claims: {source!r} run log: a row without a valid started/ended "
+                             f"time ({e}): {r}") from e
+        key = ",".join(str(n) for n in r.get("sample_nums", [])) or "?"
+        per[key] = per.get(key, 0.0) + max(0.0, (b - a).total_seconds()) / 3600
+    return {"source": source, "runs": len(runs), "hours": round(sum(per.values()), 2),
+            "hours_by_sample_nums": {k: round(v, 2) for k, v in per.items()},
+            "backfilled": sum(1 for r in runs if r.get("source"))}
 
 
 def _fmt(i: dict[str, Any] | None, sign: bool = True) -> str:
@@ -382,6 +405,16 @@ def claims_markdown(c: dict[str, Any], command: str = "") -> str:
         md += ["", "| N | phase | trials | trial-hours |", "|---:|---|---:|---:|"]
         md += [f"| {n} | {ph} | {int(t[0])} | {t[1]:.1f}{' + ?' if t[2] else ''} |"
                for (n, ph), t in sorted(tot.items())]
+    walls = [w for w in c.get("wall") or [] if w["runs"]]
+    if walls:
+        md += ["", "Elapsed wall time, the sum of the study command's runs (their run log, "
+               "runs.jsonl beside trials.jsonl; a run killed outright leaves no row):", "",
+               "| study | runs | hours | by sample_nums of the run |", "|---|---:|---:|---|"]
+        for w in walls:
+            by = ", ".join(f"[{k}] {v:g} h" for k, v in w["hours_by_sample_nums"].items())
+            note = f" ({w['backfilled']} backfilled from the runs' console logs)" \
+                if w["backfilled"] else ""
+            md.append(f"| {w['source']} | {w['runs']}{note} | {w['hours']:g} | {by} |")
     md.append("")
     return "\n".join(md)
 

@@ -274,6 +274,8 @@ def write_compute_reports(rows: list[dict[str, Any]], out: str | Path, study: An
     _plots(rows, table, head, out)
     from raytopk.tune.claims import Study, claims_rows, write_claims
 
+    # Without the run log: this run's own window is logged only when it ends (study.run_study);
+    # jobs/study_claims.py, run afterwards, reports the wall time.
     write_claims(claims_rows([Study(str(out), rows, table, dict(study.slowest_steps), head,
                                     study.reference_op, tuple(read_log(out / ROW_LOG)))]), out)
 

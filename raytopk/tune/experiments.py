@@ -24,10 +24,12 @@ from raytopk.train.anytime import valid_metric
 
 __all__ = [
     "ROW_LOG",
+    "RUN_LOG",
     "RowLogger",
     "StudyInterrupted",
     "config_digest",
     "final_tag",
+    "log_run",
     "logged_rows",
     "ran_to_result",
     "read_log",
@@ -79,6 +81,15 @@ ROW_LOG = "trials.jsonl"  # one finished trial per line, in the study's results 
 def row_log(study: Any) -> Path:
     """Where the study's finished trials are logged: study.results_dir, else output_dir."""
     return Path(study.results_dir or study.output_dir).resolve() / ROW_LOG
+
+
+RUN_LOG = "runs.jsonl"  # one line per run of the study command: its wall-clock window
+
+
+def log_run(study: Any, row: dict[str, Any]) -> None:
+    """Append one run's row (started, ended, status, ...) to the study's run log, beside the
+    row log: the study's wall time is the sum of its runs' windows."""
+    _append_row(row_log(study).with_name(RUN_LOG), row)
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

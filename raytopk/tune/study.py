@@ -432,7 +432,36 @@ def results_path(study: StudyConfig) -> Path:
 
 def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) -> list[dict]:
     """Run (or continue) the study on the connected Ray cluster: selection on the validation
-    day, then the final trials; returns the final rows and writes the reports."""
+    day, then the final trials; returns the final rows and writes the reports. Each run's
+    wall-clock window (start, end, how it ended, trials it logged) is appended to the run log
+    (experiments.RUN_LOG beside the row log), so the study's total wall time is on record."""
+    import datetime
+    import socket
+
+    from raytopk.tune.experiments import StudyInterrupted, log_run, read_log, row_log
+
+    def now() -> str:
+        return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+    started, before = now(), len(read_log(row_log(study)))
+    status = "failed"
+    try:
+        rows = _run_study(study, base, verbose=verbose)
+        status = "finished"
+        return rows
+    except StudyInterrupted:
+        status = "interrupted"
+        raise
+    except BaseException as e:
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed: {e!r}"[:300]
+        raise
+    finally:
+        log_run(study, {"started": started, "ended": now(), "status": status,
+                        "sample_nums": list(study.sample_nums), "host": socket.gethostname(),
+                        "trials_logged": len(read_log(row_log(study))) - before})
+
+
+def _run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) -> list[dict]:
     import ray
     import ray.tune
 

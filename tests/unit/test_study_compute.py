@@ -384,10 +384,25 @@ def test_claims_per_n_from_equal_steps_and_equal_compute(tmp_path: Path) -> None
                      "full_trials": 2.5, "hours_recorded": 0.2, "hours_estimated": 0.05,
                      "untimed": 1}  # fmt: skip
 
+    # Wall time: the sum of the run log's windows, per sample_nums of the run.
+    runs = [{"started": "2026-12-06T01:00:00+00:00", "ended": "2026-12-06T02:30:00+00:00",
+             "status": "interrupted", "sample_nums": [160]},
+            {"started": "2026-12-06T03:00:00+00:00", "ended": "2026-12-06T03:30:00+00:00",
+             "status": "finished", "sample_nums": [160], "source": "backfilled"}]
+    (d200 / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    from raytopk.tune.claims import wall_time
+
+    assert wall_time("x", runs) == {"source": "x", "runs": 2, "hours": 2.0,
+                                    "hours_by_sample_nums": {"160": 2.0}, "backfilled": 1}
+    with pytest.raises(ValueError, match="run log: a row without a valid started/ended"):
+        wall_time("x", [{"started": "yesterday", "ended": "today"}])
+
     spec = importlib.util.spec_from_file_location("study_claims", JOBS / "study_claims.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     assert job.main(["--results", str(d200), str(d40), "--out", str(tmp_path / "out")]) == 0
+    assert f"| {d200} | 2 (1 backfilled from the runs' console logs) | 2 | [160] 2 h |" in (
+        tmp_path / "out" / "claims.md").read_text()
     md = (tmp_path / "out" / "claims.md").read_text()
     assert "| 200 | softsort | 4 | 2 | 1.5, 2 | 1.5–2 | yes |" not in md  # no repeat table here
     assert "| 200 | softsort | 4 | 2 | – | 2–2 | yes |" in md
