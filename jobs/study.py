@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.plan:
         from raytopk.tune.compute import plan_markdown, study_plan
+        from raytopk.tune.experiments import read_log, row_log
 
         try:
-            print(plan_markdown(study_plan(study, base)))
+            print(plan_markdown(study_plan(study, base, read_log(row_log(study)))))
         except (ConfigError, ValueError, KeyError) as e:
             print(f"config error: {e}", file=sys.stderr)
             return 2

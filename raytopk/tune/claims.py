@@ -224,7 +224,8 @@ def claims_rows(studies: list[Study], tables: list[StepTable] | None = None) -> 
                 entry["methods"][m] = row
             out["per_n"].append(entry)
         out.setdefault("compute_spent", []).extend(compute_spent(st.log))
-        out.setdefault("wall", []).append(wall_time(st.source, st.runs))
+        if st.runs:
+            out.setdefault("wall", []).append(wall_time(st.source, st.runs))
     out["per_n"].sort(key=lambda e: e["N"])
     return out
 
@@ -269,22 +270,39 @@ def compute_spent(log: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> lis
 
 
 def wall_time(source: str, runs: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> dict:
-    """A study's elapsed wall time: the sum of its runs' windows (the run log), per
-    sample_nums the runs covered."""
+    """A study's elapsed wall time: the sum of its runs' windows (the run log), per N the runs
+    covered. ValueError naming the row when a time is missing, unreadable, or mixes a time
+    zone with none, or when a run ends before it starts; windows that overlap are counted
+    once and reported."""
     import datetime
 
-    per: dict[str, float] = {}
+    spans = []
     for r in runs:
         try:
             a = datetime.datetime.fromisoformat(str(r["started"]))
             b = datetime.datetime.fromisoformat(str(r["ended"]))
-        except (KeyError, ValueError) as e:
+            if b < a:
+                raise ValueError("it ends before it starts")
+        except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"claims: {source!r} run log: a row without a valid started/ended "
                              f"time ({e}): {r}") from e
-        key = ",".join(str(n) for n in r.get("sample_nums", [])) or "?"
-        per[key] = per.get(key, 0.0) + max(0.0, (b - a).total_seconds()) / 3600
+        spans.append((a, b, ", ".join(str(schema.N_OWN + int(n))
+                                       for n in r.get("sample_nums", [])) or "?"))
+    try:
+        spans.sort(key=lambda x: x[0])
+    except TypeError as e:
+        raise ValueError(f"claims: {source!r} run log mixes times with and without a time "
+                         f"zone ({e})") from e
+    per: dict[str, float] = {}
+    overlaps, end = 0, None
+    for a, b, key in spans:
+        if end is not None and a < end:
+            overlaps += 1
+            a = min(end, b)
+        per[key] = per.get(key, 0.0) + (b - a).total_seconds() / 3600
+        end = b if end is None else max(end, b)
     return {"source": source, "runs": len(runs), "hours": round(sum(per.values()), 2),
-            "hours_by_sample_nums": {k: round(v, 2) for k, v in per.items()},
+            "hours_by_n": {k: round(v, 2) for k, v in per.items()}, "overlapping": overlaps,
             "backfilled": sum(1 for r in runs if r.get("source"))}
 
 
@@ -409,11 +427,13 @@ def claims_markdown(c: dict[str, Any], command: str = "") -> str:
     if walls:
         md += ["", "Elapsed wall time, the sum of the study command's runs (their run log, "
                "runs.jsonl beside trials.jsonl; a run killed outright leaves no row):", "",
-               "| study | runs | hours | by sample_nums of the run |", "|---|---:|---:|---|"]
+               "| study | runs | hours | by the N of the run |", "|---|---:|---:|---|"]
         for w in walls:
-            by = ", ".join(f"[{k}] {v:g} h" for k, v in w["hours_by_sample_nums"].items())
+            by = ", ".join(f"N = {k}: {v:g} h" for k, v in w["hours_by_n"].items())
             note = f" ({w['backfilled']} backfilled from the runs' console logs)" \
                 if w["backfilled"] else ""
+            if w["overlapping"]:
+                note += f" ({w['overlapping']} overlapping an earlier one, counted once)"
             md.append(f"| {w['source']} | {w['runs']}{note} | {w['hours']:g} | {by} |")
     md.append("")
     return "\n".join(md)

@@ -32,6 +32,7 @@ __all__ = [
     "check_streaming",
     "compute_planner",
     "load_step_table",
+    "asha_share",
     "plan_markdown",
     "study_plan",
     "trial_plan",
@@ -210,15 +211,34 @@ def check_streaming(trials: list[dict[str, Any]], base: TrainConfig) -> None:
         )
 
 
-def study_plan(study: Any, base: TrainConfig) -> dict[str, Any]:
+def asha_share(eval_steps: list[int], steps: int, grace: float, r: float) -> float:
+    """The expected share of a full trial that one selection trial trains under ASHA when each
+    decision keeps the best 1/r: ASHA's milestones sit at grace·r^i of the trial's steps
+    (below the end), and it decides at the first validation point at or after one (``eval_steps``,
+    the trial's anytime points), so decision points can fall later than the milestones."""
+    points = sorted({min([e for e in eval_steps if e >= grace * r**i * steps] or [steps])
+                     for i in range(64) if grace * r**i < 1.0})
+    points = [x for x in points if x < steps] + [steps]
+    share, before = 0.0, 0
+    for j, x in enumerate(points):
+        share += (x - before) / steps / r**j
+        before = x
+    return share
+
+
+def study_plan(study: Any, base: TrainConfig, logged: list[dict[str, Any]] | None = None
+               ) -> dict[str, Any]:
     """What a compute-matched study will run, before it runs (``jobs/study.py --plan``): per
     (method, N) whether a step fits study.mem_budget_gb, t(m, N), steps(m, N), the requests it
     trains and T_N; the number of first-round selection trials (parameter values x learning
-    rates x selection seeds) and final trials; and their compute on the table's device in
-    full-trial equivalents: the finals exactly, the selection's first round with every trial
-    run to the end (the upper bound) and as ASHA with grace 1/eval_points and reduction factor
-    r keeps a 1/r share at each rung (edge-extension rounds, each up to 4 full trials per
-    (method, N), come on top)."""
+    rates x selection seeds, as raytopk.tune.selection.selection_trials makes them) and final
+    trials, and of those the row log ``logged`` already holds (by phase, method and N); and
+    their compute on the table's device in full-trial equivalents: the finals exactly, the
+    selection's first round with every trial run to the end (the upper bound) and under ideal
+    ASHA (:func:`asha_share`, at the trial's own validation points). Not counted: the
+    edge-extension rounds (each up to 4 settings x the selection seeds per method and N, run to
+    the end) and asynchronous ASHA's extra promotions while its rungs fill. ConfigError where
+    the study itself would stop (a step table of another batch, a method without a row)."""
     from raytopk.losses import list_methods
     from raytopk.losses.forms import step_bytes
     from raytopk.tune.selection import param_grid
@@ -226,78 +246,107 @@ def study_plan(study: Any, base: TrainConfig) -> dict[str, Any]:
     if not study.step_table:
         raise ConfigError("study.step_table is empty: --plan is for compute-matched studies")
     table = load_step_table(study.step_table)
+    if table.batch_size != base.data.batch_size:
+        raise ConfigError(
+            f"study.step_table {study.step_table!r} was measured at batch {table.batch_size}, "
+            f"the study trains at data.batch_size {base.data.batch_size}: measure it at that batch"
+        )
     ops = list(study.ops) if study.ops else list_methods()
     stages = len(base.model.stages)
     batch = base.data.batch_size * study.workers_per_trial
     seeds = list(study.select_seeds) or [study.select_seed if study.select_seed >= 0
                                          else study.seeds[0]]
-    lrs = list(study.lrs) or [base.optim.lr]
-    r, g = float(study.asha_reduction), 1.0 / max(1, study.eval_points)
-    # ASHA's expected share of a full trial per trial: rungs at g, g*r, ... below 1.
-    rungs = [g * r**i for i in range(64) if g * r**i < 1.0] + [1.0]
-    asha = sum((rungs[i] - (rungs[i - 1] if i else 0.0)) / r**i for i in range(len(rungs)))
+    lrs = list(study.lrs)
+    r, grace = float(study.asha_reduction), 1.0 / max(1, study.eval_points)
+    done: dict[tuple[str, str, int], int] = {}
+    for row in logged or []:
+        if row.get("op") and row.get("phase") and row.get("sample_num") not in (None, ""):
+            key = (str(row["phase"]), str(row["op"]), int(row["sample_num"]))
+            done[key] = done.get(key, 0) + 1
     rows, per_n = [], []
     for sample_num in study.sample_nums:
         n = schema.N_OWN + sample_num
-        fit = {m: step_fits(m, base.data.batch_size, n, stages, study.mem_budget_gb) for m in ops}
-        timed = [m for m in ops if fit[m] and (m, n) in table.seconds]
         if sample_num not in study.slowest_steps:
             raise ConfigError(f"study.slowest_steps has no entry for sample_num {sample_num}")
-        budget = table.budget(timed, n, study.slowest_steps[sample_num]) if timed else 0.0
-        n_sel = n_final = 0
+        fit = {m: step_fits(m, base.data.batch_size, n, stages, study.mem_budget_gb) for m in ops}
+        lacking = [m for m in ops if fit[m] and (m, n) not in table.seconds]
+        if lacking:
+            raise ConfigError(
+                f"study.step_table {study.step_table!r} has no step time for {lacking} at "
+                f"N={n}: measure it (jobs/bench_step.py --parts table --append) or leave the "
+                "method out")
+        timed = [m for m in ops if fit[m]]
+        s_n = study.slowest_steps[sample_num]
+        budget = table.budget(timed, n, s_n) if timed else 0.0
+        tot = {"sel": 0, "final": 0, "asha": 0.0, "sel_logged": 0, "final_logged": 0}
         for m in ops:
             row: dict[str, Any] = {"N": n, "method": m, "fits": fit[m],
                                    "step_gib": round(step_bytes(m, base.data.batch_size, n,
                                                                 stages) / 2**30, 2)}
-            if m in timed:
-                steps = table.steps(m, n, budget)
-                values = max(1, len(param_grid(m, study.grid_size, study.grid_factor,
-                                               study.grids.get(m))))
-                sel = values * len(lrs) * len(seeds) if study.select else 0
-                row.update(t_s=table.t(m, n), steps=steps, requests=steps * batch,
-                           selection_trials=sel, final_trials=len(study.seeds))
-                n_sel, n_final = n_sel + sel, n_final + len(study.seeds)
-            elif fit[m]:
-                row["why"] = f"no row in {table.path}"
-            else:
+            if not fit[m]:
                 row["why"] = f"over study.mem_budget_gb {study.mem_budget_gb}"
+                rows.append(row)
+                continue
+            plan = trial_plan(table, timed, m, n, s_n, study.compute_cuts, study.eval_points)
+            values = len(param_grid(m, study.grid_size, study.grid_factor, study.grids.get(m)))
+            settings = (values or (1 if lrs else 0)) * max(1, len(lrs))
+            sel = settings * len(seeds) if study.select else 0
+            share = asha_share(plan.eval_steps, plan.steps, grace, r)
+            row.update(t_s=table.t(m, n), steps=plan.steps, requests=plan.steps * batch,
+                       selection_trials=sel, final_trials=len(study.seeds),
+                       asha_share=round(share, 3),
+                       selection_logged=done.get(("select", m, sample_num), 0),
+                       final_logged=done.get(("final", m, sample_num), 0))
+            tot["sel"] += sel
+            tot["final"] += len(study.seeds)
+            tot["asha"] += sel * share
+            tot["sel_logged"] += row["selection_logged"]
+            tot["final_logged"] += row["final_logged"]
             rows.append(row)
-        per_n.append({"N": n, "budget_s": round(budget, 1), "slowest_steps":
-                      study.slowest_steps[sample_num], "selection_trials": n_sel,
-                      "final_trials": n_final,
-                      "selection_full_trials_max": n_sel, "selection_full_trials_asha":
-                      round(n_sel * asha, 1), "final_full_trials": n_final,
-                      "compute_hours_finals": round(n_final * budget / 3600, 2),
-                      "compute_hours_selection_asha": round(n_sel * asha * budget / 3600, 2)})
+        per_n.append({"N": n, "budget_s": round(budget, 1), "slowest_steps": s_n,
+                      "selection_trials": tot["sel"], "final_trials": tot["final"],
+                      "selection_logged": tot["sel_logged"], "final_logged": tot["final_logged"],
+                      "selection_full_trials_max": tot["sel"],
+                      "selection_full_trials_asha": round(tot["asha"], 1),
+                      "final_full_trials": tot["final"],
+                      "compute_hours_finals": round(tot["final"] * budget / 3600, 2),
+                      "compute_hours_selection_asha": round(tot["asha"] * budget / 3600, 2)})
     return {"table": table.path, "machine": table.machine, "batch": batch,
-            "asha_share": round(asha, 3), "methods": rows, "per_n": per_n}
+            "reduction": r, "select_seeds": len(seeds), "methods": rows, "per_n": per_n}
 
 
 def plan_markdown(p: dict[str, Any]) -> str:
     """:func:`study_plan` as text: one line per (method, N), then the totals per N."""
     out = [f"Step times from {p['table']} ({p['machine']}); global batch {p['batch']}.", "",
-           "| N | method | step (s) | steps | requests | selection trials | final trials | "
-           "step memory (GiB) |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+           "| N | method | step (s) | steps | requests | selection trials (logged) | "
+           "ASHA share | final trials (logged) | step memory (GiB) |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in p["methods"]:
         if "steps" in r:
             out.append(f"| {r['N']} | {r['method']} | {r['t_s']:.3f} | {r['steps']:,} | "
-                       f"{r['requests']:,} | {r['selection_trials']} | {r['final_trials']} | "
+                       f"{r['requests']:,} | {r['selection_trials']} ({r['selection_logged']}) "
+                       f"| {r['asha_share']:g} | {r['final_trials']} ({r['final_logged']}) | "
                        f"{r['step_gib']:g} |")
         else:
-            out.append(f"| {r['N']} | {r['method']} | not run: {r['why']} | | | | | "
+            out.append(f"| {r['N']} | {r['method']} | not run: {r['why']} | | | | | | "
                        f"{r['step_gib']:g} |")
-    out += ["", "| N | T_N (s) | selection trials | final trials | full trials: selection "
-            "(ASHA / all to the end) | finals | compute hours: selection (ASHA) + finals |",
-            "|---:|---:|---:|---:|---|---:|---|"]
+    out += ["", "| N | T_N (s) | selection trials (logged) | final trials (logged) | full "
+            "trials: selection (ideal ASHA / all to the end) | finals | compute hours: "
+            "selection (ideal ASHA) + finals |", "|---:|---:|---:|---:|---|---:|---|"]
     for e in p["per_n"]:
-        out.append(f"| {e['N']} | {e['budget_s']:g} | {e['selection_trials']} | "
-                   f"{e['final_trials']} | {e['selection_full_trials_asha']:g} / "
-                   f"{e['selection_full_trials_max']} | {e['final_full_trials']} | "
-                   f"{e['compute_hours_selection_asha']:g} + {e['compute_hours_finals']:g} |")
-    out += ["", f"A full trial trains T_N of compute on the table's device. ASHA: a trial "
-            f"costs {p['asha_share']:g} of a full one on average when each rung keeps its best "
-            "third (asynchronous ASHA lets more through while its rungs fill); grid-extension "
-            "rounds (up to 4 full trials per method and N each) and evaluation time come on "
-            "top. Hours are compute on the table's device, not this machine's wall time: "
-            "trials that run side by side share its cores.", ""]
+        out.append(f"| {e['N']} | {e['budget_s']:g} | {e['selection_trials']} "
+                   f"({e['selection_logged']}) | {e['final_trials']} ({e['final_logged']}) | "
+                   f"{e['selection_full_trials_asha']:g} / {e['selection_full_trials_max']} | "
+                   f"{e['final_full_trials']} | {e['compute_hours_selection_asha']:g} + "
+                   f"{e['compute_hours_finals']:g} |")
+    out += ["", "Every trial of the study is counted, those already in the row log too "
+            "(in brackets). A full trial trains T_N of compute on the table's device. ASHA "
+            f"share: the part of a full trial one selection trial trains when every decision "
+            f"keeps the best 1/{p['reduction']:g}, decided at the trial's validation points. "
+            "Not counted: asynchronous ASHA's extra promotions while its rungs fill (what "
+            "trials really trained is in jobs/study_claims.py's \"Compute spent\"), the "
+            "grid-extension rounds (each up to 4 settings x "
+            f"{p['select_seeds']} selection seeds per method and N, run to the end) and "
+            "evaluation time. Hours are compute on the table's device, not this machine's wall "
+            "time: trials that run side by side share its cores.", ""]
     return "\n".join(out)

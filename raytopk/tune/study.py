@@ -443,7 +443,11 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
     def now() -> str:
         return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
-    started, before = now(), len(read_log(row_log(study)))
+    started = now()
+    try:
+        before = len(read_log(row_log(study)))
+    except ValueError:
+        before = 0  # a corrupt row log: _run_study names it
     status = "failed"
     try:
         rows = _run_study(study, base, verbose=verbose)
@@ -456,9 +460,14 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed: {e!r}"[:300]
         raise
     finally:
-        log_run(study, {"started": started, "ended": now(), "status": status,
-                        "sample_nums": list(study.sample_nums), "host": socket.gethostname(),
-                        "trials_logged": len(read_log(row_log(study))) - before})
+        try:  # never in place of the run's own outcome (an interruption, an error)
+            log_run(study, {"started": started, "ended": now(), "status": status,
+                            "sample_nums": list(study.sample_nums),
+                            "host": socket.gethostname(),
+                            "rows_logged": len(read_log(row_log(study))) - before})
+        except Exception as e:  # noqa: BLE001
+            print(f"[raytopk] warning: could not log this run's window in "
+                  f"{row_log(study).with_name('runs.jsonl')}: {e!r}", file=sys.stderr)
 
 
 def _run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) -> list[dict]:

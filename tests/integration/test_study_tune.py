@@ -138,7 +138,7 @@ def test_compute_matched_study_resumes_from_its_row_log_alone(
         (r["trial"], r["joint_recall@10@20"]) for r in rows)
     # Each run's wall-clock window is logged beside the row log: 12 trials, then none.
     runs = [json.loads(x) for x in (res / "runs.jsonl").read_text().splitlines()]
-    assert [(r["status"], r["trials_logged"], r["sample_nums"]) for r in runs] == [
+    assert [(r["status"], r["rows_logged"], r["sample_nums"]) for r in runs] == [
         ("finished", 12, [0]), ("finished", 0, [0])]
     assert all(r["started"] <= r["ended"] for r in runs)
     assert (res / "trials.jsonl").read_text().splitlines() == logged

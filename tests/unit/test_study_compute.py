@@ -393,15 +393,25 @@ def test_claims_per_n_from_equal_steps_and_equal_compute(tmp_path: Path) -> None
     from raytopk.tune.claims import wall_time
 
     assert wall_time("x", runs) == {"source": "x", "runs": 2, "hours": 2.0,
-                                    "hours_by_sample_nums": {"160": 2.0}, "backfilled": 1}
+                                    "hours_by_n": {"200": 2.0}, "overlapping": 0,
+                                    "backfilled": 1}  # fmt: skip
+    inside = {"started": "2026-12-06T02:00:00+00:00", "ended": "2026-12-06T03:15:00+00:00",
+              "sample_nums": [160]}  # overlaps both: only its 30 minutes between them count
+    assert wall_time("x", [*runs, inside])["hours"] == 2.5
+    assert wall_time("x", [*runs, inside])["overlapping"] == 2
     with pytest.raises(ValueError, match="run log: a row without a valid started/ended"):
         wall_time("x", [{"started": "yesterday", "ended": "today"}])
+    with pytest.raises(ValueError, match="ends before it starts"):
+        wall_time("x", [{"started": "2026-12-06T02:00:00", "ended": "2026-12-06T01:00:00"}])
+    with pytest.raises(ValueError, match="with and without a time zone"):
+        wall_time("x", [runs[0], {"started": "2026-12-06T02:00:00",
+                                  "ended": "2026-12-06T02:10:00"}])
 
     spec = importlib.util.spec_from_file_location("study_claims", JOBS / "study_claims.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     assert job.main(["--results", str(d200), str(d40), "--out", str(tmp_path / "out")]) == 0
-    assert f"| {d200} | 2 (1 backfilled from the runs' console logs) | 2 | [160] 2 h |" in (
+    assert f"| {d200} | 2 (1 backfilled from the runs' console logs) | 2 | N = 200: 2 h |" in (
         tmp_path / "out" / "claims.md").read_text()
     md = (tmp_path / "out" / "claims.md").read_text()
     assert "| 200 | softsort | 4 | 2 | 1.5, 2 | 1.5–2 | yes |" not in md  # no repeat table here
@@ -413,7 +423,8 @@ def test_claims_per_n_from_equal_steps_and_equal_compute(tmp_path: Path) -> None
 
 
 def test_study_plan_counts_trials_and_compute_before_running(tmp_path: Path) -> None:
-    from raytopk.tune.compute import plan_markdown, study_plan
+    from raytopk.train.config import ConfigError
+    from raytopk.tune.compute import asha_share, plan_markdown, study_plan
     from raytopk.tune.study import load_study
 
     table = _table(tmp_path, {("dftopk", 200): 0.1, ("softsort", 200): 0.25,
@@ -422,7 +433,8 @@ def test_study_plan_counts_trials_and_compute_before_running(tmp_path: Path) -> 
             f"study.step_table={table}", "study.slowest_steps={160: 300}", "study.select=true",
             "study.lrs=[0.003,0.01]", "study.select_seeds=[1,2]", "study.seeds=[1,2,3]",
             "study.grids={dftopk: [0.5, 5], softsort: [1]}", "study.eval_points=8",
-            "study.asha_reduction=3", "study.mem_budget_gb=3", "study.budget_seconds=0"]
+            "study.asha_reduction=3", "study.mem_budget_gb=3", "study.budget_seconds=0",
+            "train.data.batch_size=128"]
     study, base = load_study(CONFIGS / "study_quick.yaml", args)
     p = study_plan(study, base)
     by = {r["method"]: r for r in p["methods"]}
@@ -434,9 +446,26 @@ def test_study_plan_counts_trials_and_compute_before_running(tmp_path: Path) -> 
     assert by["softsort"]["selection_trials"] == 2 * 2 * 2
     (e,) = p["per_n"]
     assert e["budget_s"] == pytest.approx(75.0) and e["final_trials"] == 6
-    # ASHA, grace 1/8, factor 3: rungs 1/8, 3/8, 1 -> 1/8 + (2/8)/3 + (5/8)/9 of a full trial
-    assert p["asha_share"] == pytest.approx(1 / 8 + 2 / 24 + 5 / 72, abs=1e-3)
+    # ASHA, grace 1/8, factor 3: decisions at the first validation points at or after 1/8 and
+    # 3/8 of the steps. softsort (300 steps): points at 38 and 112, and 300 x 3/8 = 112.5 falls
+    # past 112, so the second decision is at the next point, 150 (a cut point).
+    assert by["softsort"]["asha_share"] == pytest.approx(
+        38 / 300 + (150 - 38) / 300 / 3 + (300 - 150) / 300 / 9, abs=1e-3)
+    assert asha_share([94, 282, 750], 750, 1 / 8, 3) == pytest.approx(
+        94 / 750 + 188 / 750 / 3 + 468 / 750 / 9)
+    # A point just short of a milestone (281 < 281.25) moves the decision to the next (375).
+    assert asha_share([94, 281, 375, 750], 750, 1 / 8, 3) == pytest.approx(
+        94 / 750 + 281 / 750 / 3 + 375 / 750 / 9)
+    assert asha_share([100, 200], 800, 1 / 8, 3) == pytest.approx(1 / 8 + (1 - 1 / 8) / 3)
     assert e["selection_trials"] == 20
-    assert e["selection_full_trials_asha"] == pytest.approx(20 * (1 / 8 + 2 / 24 + 5 / 72), abs=.1)
+    assert e["selection_full_trials_asha"] == pytest.approx(
+        12 * by["dftopk"]["asha_share"] + 8 * by["softsort"]["asha_share"], abs=0.1)
+    # The trials a row log already holds are counted apart.
+    logged = [{"phase": "select", "op": "dftopk", "sample_num": 160}] * 3
+    assert study_plan(study, base, logged)["per_n"][0]["selection_logged"] == 3
+    # Where the study would stop, the plan stops too: a method without a row in the table.
+    study.ops = ["dftopk", "softsort", "lapsum"]
+    with pytest.raises(ConfigError, match=r"no step time for \['lapsum'\] at N=200"):
+        study_plan(study, base)
     assert e["compute_hours_finals"] == pytest.approx(6 * 75.0 / 3600, abs=0.01)
     assert "| 200 | diffsort | not run: over study.mem_budget_gb 3" in plan_markdown(p)
