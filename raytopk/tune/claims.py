@@ -39,8 +39,8 @@ from raytopk.tune.compute_results import curve_of, cut_values, reported_finals, 
 from raytopk.tune.experiments import ROW_LOG, RUN_LOG, read_log
 from raytopk.tune.stats import Interval, paired_difference, t_interval
 
-__all__ = ["Study", "claims_rows", "claims_markdown", "compute_spent", "read_studies",
-           "verdict_a", "wall_time", "write_claims"]
+__all__ = ["Study", "claims_rows", "claims_markdown", "compute_spent", "diagnostics",
+           "read_studies", "verdict_a", "wall_time", "write_claims"]
 
 
 @dataclass(frozen=True)
@@ -224,6 +224,7 @@ def claims_rows(studies: list[Study], tables: list[StepTable] | None = None) -> 
                 entry["methods"][m] = row
             out["per_n"].append(entry)
         out.setdefault("compute_spent", []).extend(compute_spent(st.log))
+        out.setdefault("diagnostics", []).extend(diagnostics(st.rows))
         if st.runs:
             out.setdefault("wall", []).append(wall_time(st.source, st.runs))
     out["per_n"].sort(key=lambda e: e["N"])
@@ -266,6 +267,37 @@ def compute_spent(log: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> lis
             "hours_estimated": None if est is None or not untimed else round(est / 3600, 2),
             "untimed": len(untimed),
         })
+    return out
+
+
+DIAGNOSTICS = ("psum_over_k", "boundary_grad_share", "score_std_over_tau")
+
+
+def diagnostics(rows: list[dict[str, Any]], op: str = "dftopk") -> list[dict[str, Any]]:
+    """Per N, ``op``'s diagnostics in its reported final trials (raytopk/train/diagnostics.py:
+    Σp/k per stage, the share of the score gradient on the two boundary slots, score std / τ),
+    averaged over seeds and stages at its first, middle and last anytime points."""
+    out = []
+    for sample_num in sorted({int(r["sample_num"]) for r in rows
+                              if r.get("status") == "ok" and r["op"] == op}):
+        curves = [[p for p in curve_of(r) if any(k.startswith("diag_") for k in p)]
+                  for r in rows if r.get("status") == "ok" and r["op"] == op
+                  and int(r["sample_num"]) == sample_num]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        length = min(len(c) for c in curves)
+        params = sorted({str(r.get("op_params", "")) for r in rows if r["op"] == op
+                         and int(r["sample_num"]) == sample_num and r.get("status") == "ok"})
+        entry: dict[str, Any] = {"N": schema.N_OWN + sample_num, "method": op,
+                                 "params": params, "seeds": len(curves), "points": []}
+        for i in sorted({0, (length - 1) // 2, length - 1}):
+            point: dict[str, Any] = {"steps": int(curves[0][i]["steps"])}
+            for d in DIAGNOSTICS:
+                vals = [float(c[i][k]) for c in curves for k in c[i] if k.startswith(f"diag_{d}")]
+                point[d] = round(sum(vals) / len(vals), 3) if vals else None
+            entry["points"].append(point)
+        out.append(entry)
     return out
 
 
@@ -395,6 +427,20 @@ def claims_markdown(c: dict[str, Any], command: str = "") -> str:
         md.append(f"| {e['N']} | {e['slowest_steps']} → {r['steps']} | "
                   f"{_fmt(r['test']['steps'], False)} | {_fmt(r['test']['compute'], False)} | "
                   f"{_fmt(e.get('reference_gain'))} |")
+    diags = c.get("diagnostics") or []
+    if diags:
+        md += ["", f"## {ref}'s diagnostics", "",
+               "In its reported final trials, averaged over seeds and both stages, at the first, "
+               "middle and last anytime points: Σp/k (the soft membership's sum over k; 1 when it "
+               "selects exactly k), the share of the score gradient's squared norm on the two "
+               "boundary slots (k-th and (k+1)-th), and the score spread over τ.", "",
+               "| N | setting | seeds | step | Σp/k | boundary share | score std / τ |",
+               "|---:|---|---:|---:|---:|---:|---:|"]
+        for e in diags:
+            for pt in e["points"]:
+                md.append(f"| {e['N']} | {', '.join(e['params'])} | {e['seeds']} | "
+                          f"{pt['steps']} | {pt['psum_over_k']} | {pt['boundary_grad_share']} | "
+                          f"{pt['score_std_over_tau']} |")
     spent = c.get("compute_spent") or []
     if spent:
         md += ["", "## Compute spent", "",

@@ -384,6 +384,25 @@ def test_claims_per_n_from_equal_steps_and_equal_compute(tmp_path: Path) -> None
                      "full_trials": 2.5, "hours_recorded": 0.2, "hours_estimated": 0.05,
                      "untimed": 1}  # fmt: skip
 
+    # DFTopK's diagnostics: averaged over seeds and stages at the first, middle and last point.
+    from raytopk.tune.claims import diagnostics
+
+    diag = []
+    for seed in (1, 2):
+        r = _final_row("dftopk", seed, [(2, .1, None), (4, .2, None), (8, .3, None)])
+        for i, pt in enumerate(r["anytime_curve"]):
+            for st in (0, 1):
+                pt[f"diag_psum_over_k{st}"] = 3.0 - i + st * 0.2 * seed
+                pt[f"diag_boundary_grad_share{st}"] = 0.5
+                pt[f"diag_score_std_over_tau{st}"] = 1.0 + i
+        r["op_params"] = '{"tau": 0.5}'
+        diag.append(r)
+    (d,) = diagnostics(diag + [_final_row("softsort", 1, [(2, .1, None)])])
+    assert d["N"] == 200 and d["seeds"] == 2 and d["params"] == ['{"tau": 0.5}']
+    assert [pt["steps"] for pt in d["points"]] == [2, 4, 8]
+    assert d["points"][0] == {"steps": 2, "psum_over_k": 3.15, "boundary_grad_share": 0.5,
+                              "score_std_over_tau": 1.0}  # fmt: skip
+
     # Wall time: the sum of the run log's windows, per sample_nums of the run.
     runs = [{"started": "2026-12-06T01:00:00+00:00", "ended": "2026-12-06T02:30:00+00:00",
              "status": "interrupted", "sample_nums": [160]},
