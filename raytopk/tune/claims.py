@@ -370,13 +370,15 @@ def claims_markdown(c: dict[str, Any], command: str = "") -> str:
     ref = per_n[0]["reference"] if per_n else "dftopk"
     md += ["", f"## (a) {ref} reaches the best recall", "",
            f"Per method m: m − {ref}, paired by seed, at the full equal steps (S_N each) and the "
-           "full equal compute (T_N each).", "",
+           f"full equal compute (T_N each); last, {ref}'s own value and the verdict.", "",
            "| N | method | equal steps: m − ref | equal compute: m − ref |", "|---:|---|---|---|"]
     for e in per_n:
         for m, d in e["a"]["compute"]["diffs"].items():
             md.append(f"| {e['N']} | {m} | {_fmt(e['a']['steps']['diffs'].get(m))} | "
                       f"{_fmt(d)} |")
-        md.append(f"| {e['N']} | **{ref}** | {e['a']['steps']['verdict']} | "
+        own = (e["methods"].get(ref) or {}).get("test") or {}
+        md.append(f"| {e['N']} | **{ref}** | {_fmt(own.get('steps'), False)}: "
+                  f"{e['a']['steps']['verdict']} | {_fmt(own.get('compute'), False)}: "
                   f"{e['a']['compute']['verdict']} |")
     md += ["", f"## (b) {ref} processes more samples at equal compute", "",
            f"steps({ref}) / steps(m) at T_N = t(m) / t({ref}) in the study's table, the same "
