@@ -474,7 +474,8 @@ def claims_markdown(c: dict[str, Any], command: str = "") -> str:
     walls = [w for w in c.get("wall") or [] if w["runs"]]
     if walls:
         md += ["", "Elapsed wall time, the sum of the study command's runs (their run log, "
-               "runs.jsonl beside trials.jsonl; a run killed outright leaves no row):", "",
+               "runs.jsonl beside trials.jsonl; a run that dies without unwinding, e.g. "
+               "killed, leaves no row):", "",
                "| study | runs | hours | by the N of the run |", "|---|---:|---:|---|"]
         for w in walls:
             by = ", ".join(f"N = {k}: {v:g} h" for k, v in w["hours_by_n"].items())
