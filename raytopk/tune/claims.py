@@ -278,17 +278,16 @@ def diagnostics(rows: list[dict[str, Any]], op: str = "dftopk") -> list[dict[str
     Σp/k per stage, the share of the score gradient on the two boundary slots, score std / τ),
     averaged over seeds and stages at its first, middle and last anytime points."""
     out = []
-    for sample_num in sorted({int(r["sample_num"]) for r in rows
-                              if r.get("status") == "ok" and r["op"] == op}):
+    ok = [r for r in rows if r.get("status") == "ok" and r["op"] == op]
+    for sample_num in sorted({int(r["sample_num"]) for r in ok}):
+        at_n = [r for r in ok if int(r["sample_num"]) == sample_num]
         curves = [[p for p in curve_of(r) if any(k.startswith("diag_") for k in p)]
-                  for r in rows if r.get("status") == "ok" and r["op"] == op
-                  and int(r["sample_num"]) == sample_num]
+                  for r in at_n]
         curves = [c for c in curves if c]
         if not curves:
             continue
         length = min(len(c) for c in curves)
-        params = sorted({str(r.get("op_params", "")) for r in rows if r["op"] == op
-                         and int(r["sample_num"]) == sample_num and r.get("status") == "ok"})
+        params = sorted({str(r.get("op_params", "")) for r in at_n})
         entry: dict[str, Any] = {"N": schema.N_OWN + sample_num, "method": op,
                                  "params": params, "seeds": len(curves), "points": []}
         for i in sorted({0, (length - 1) // 2, length - 1}):

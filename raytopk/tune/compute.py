@@ -138,6 +138,25 @@ def trial_plan(
     return TrialPlan(steps, budget, slowest_steps, points, compute, by_steps)
 
 
+def _study_table(study: Any, base: TrainConfig) -> StepTable:
+    """study.step_table, refused (ConfigError) when measured at another batch size."""
+    table = load_step_table(study.step_table)
+    if table.batch_size != base.data.batch_size:
+        raise ConfigError(
+            f"study.step_table {study.step_table!r} was measured at batch {table.batch_size}, "
+            f"the study trains at data.batch_size {base.data.batch_size}: measure it at that batch"
+        )
+    return table
+
+
+def _no_row(study: Any, what: Any, n: int) -> ConfigError:
+    """The error for a method (or methods) the study runs without a step time at N = ``n``."""
+    return ConfigError(
+        f"study.step_table {study.step_table!r} has no step time for {what} at N={n}: "
+        "measure it (jobs/bench_step.py --parts table --append) or leave the method out"
+    )
+
+
 def compute_planner(study: Any, base: TrainConfig
                     ) -> tuple[Callable[[TrainConfig, str, int], None], dict[str, float]] | None:
     """With study.step_table: (plan, ASHA clock end per "op-nN" group). ``plan(cfg, op, n)``
@@ -146,12 +165,7 @@ def compute_planner(study: Any, base: TrainConfig
     trial evaluates the test day, the test points; DFTopK trials record their diagnostics."""
     if not study.step_table:
         return None
-    table = load_step_table(study.step_table)
-    if table.batch_size != base.data.batch_size:
-        raise ConfigError(
-            f"study.step_table {study.step_table!r} was measured at batch {table.batch_size}, "
-            f"the study trains at data.batch_size {base.data.batch_size}: measure it at that batch"
-        )
+    table = _study_table(study, base)
     from raytopk.losses import list_methods
 
     ops = list(study.ops) if study.ops else list_methods()  # the study's methods
@@ -174,10 +188,7 @@ def compute_planner(study: Any, base: TrainConfig
             cfg.run.eval_at_samples, cfg.run.test_at_samples = [], []  # trial records that it
             return  # does not fit (_trial_fn)
         if (op, n) not in table.seconds:
-            raise ConfigError(
-                f"study.step_table {study.step_table!r} has no step time for {op} at N={n}: "
-                "measure it (jobs/bench_step.py --parts table --append) or leave the method out"
-            )
+            raise _no_row(study, op, n)
         p = plan_of(op, sample_num).as_samples(batch)
         cfg.run.max_train_seconds = 0.0
         cfg.run.max_samples = p["max_samples"]
@@ -245,17 +256,11 @@ def study_plan(study: Any, base: TrainConfig, logged: list[dict[str, Any]] | Non
 
     if not study.step_table:
         raise ConfigError("study.step_table is empty: --plan is for compute-matched studies")
-    table = load_step_table(study.step_table)
-    if table.batch_size != base.data.batch_size:
-        raise ConfigError(
-            f"study.step_table {study.step_table!r} was measured at batch {table.batch_size}, "
-            f"the study trains at data.batch_size {base.data.batch_size}: measure it at that batch"
-        )
+    table = _study_table(study, base)
     ops = list(study.ops) if study.ops else list_methods()
     stages = len(base.model.stages)
     batch = base.data.batch_size * study.workers_per_trial
-    seeds = list(study.select_seeds) or [study.select_seed if study.select_seed >= 0
-                                         else study.seeds[0]]
+    seeds = study.selection_seeds
     lrs = list(study.lrs)
     r, grace = float(study.asha_reduction), 1.0 / max(1, study.eval_points)
     done: dict[tuple[str, str, int], int] = {}
@@ -271,10 +276,7 @@ def study_plan(study: Any, base: TrainConfig, logged: list[dict[str, Any]] | Non
         fit = {m: step_fits(m, base.data.batch_size, n, stages, study.mem_budget_gb) for m in ops}
         lacking = [m for m in ops if fit[m] and (m, n) not in table.seconds]
         if lacking:
-            raise ConfigError(
-                f"study.step_table {study.step_table!r} has no step time for {lacking} at "
-                f"N={n}: measure it (jobs/bench_step.py --parts table --append) or leave the "
-                "method out")
+            raise _no_row(study, lacking, n)
         timed = [m for m in ops if fit[m]]
         s_n = study.slowest_steps[sample_num]
         budget = table.budget(timed, n, s_n) if timed else 0.0

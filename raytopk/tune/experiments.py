@@ -33,6 +33,7 @@ __all__ = [
     "logged_rows",
     "ran_to_result",
     "read_log",
+    "results_path",
     "row_log",
     "run_experiment",
     "storage_dir",
@@ -78,9 +79,14 @@ def storage_dir(study: Any) -> Path:
 ROW_LOG = "trials.jsonl"  # one finished trial per line, in the study's results directory
 
 
+def results_path(study: Any) -> Path:
+    """Where the study's reports and logs go: study.results_dir, else study.output_dir."""
+    return Path(study.results_dir or study.output_dir).resolve()
+
+
 def row_log(study: Any) -> Path:
-    """Where the study's finished trials are logged: study.results_dir, else output_dir."""
-    return Path(study.results_dir or study.output_dir).resolve() / ROW_LOG
+    """Where the study's finished trials are logged (:func:`results_path`)."""
+    return results_path(study) / ROW_LOG
 
 
 RUN_LOG = "runs.jsonl"  # one line per run of the study command: its wall-clock window

@@ -54,7 +54,13 @@ from raytopk.metrics import metric_keys
 from raytopk.train.config import ConfigError, TrainConfig, from_dict, load_schema, to_dict, validate
 from raytopk.train.resources import plan_resources
 from raytopk.tune.compute import check_streaming, compute_planner
-from raytopk.tune.experiments import config_digest, logged_rows, row_log, run_experiment
+from raytopk.tune.experiments import (
+    config_digest,
+    logged_rows,
+    results_path,
+    row_log,
+    run_experiment,
+)
 from raytopk.tune.results import RESULT_COLUMNS, result_columns, write_reports
 from raytopk.tune.selection import chosen_lrs, op_param, run_selection, split_validation
 
@@ -125,6 +131,14 @@ class StudyConfig:
     output_dir: str = "runs/sample_scaling"
     storage_path: str = ""  # Tune's storage (shared storage on a cluster); empty: output_dir/tune
     name: str = "sample_scaling"
+
+    @property
+    def selection_seeds(self) -> list[int]:
+        """The seeds selection trials run on: select_seeds, else [select_seed], else the first
+        of seeds."""
+        return list(self.select_seeds) or [
+            self.select_seed if self.select_seed >= 0 else self.seeds[0]
+        ]
 
 
 @dataclass
@@ -425,11 +439,6 @@ def resolve_base(study: StudyConfig, base: TrainConfig, out: Path) -> TrainConfi
     return split_validation(base)
 
 
-def results_path(study: StudyConfig) -> Path:
-    """Where the study's reports go: study.results_dir, else study.output_dir."""
-    return Path(study.results_dir or study.output_dir).resolve()
-
-
 def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) -> list[dict]:
     """Run (or continue) the study on the connected Ray cluster: selection on the validation
     day, then the final trials; returns the final rows and writes the reports. Each run's
@@ -438,7 +447,7 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
     import datetime
     import socket
 
-    from raytopk.tune.experiments import StudyInterrupted, log_run, read_log, row_log
+    from raytopk.tune.experiments import RUN_LOG, StudyInterrupted, log_run, read_log, row_log
 
     def now() -> str:
         return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -467,7 +476,7 @@ def run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) ->
                             "rows_logged": len(read_log(row_log(study))) - before})
         except Exception as e:  # noqa: BLE001
             print(f"[raytopk] warning: could not log this run's window in "
-                  f"{row_log(study).with_name('runs.jsonl')}: {e!r}", file=sys.stderr)
+                  f"{row_log(study).with_name(RUN_LOG)}: {e!r}", file=sys.stderr)
 
 
 def _run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) -> list[dict]:
@@ -529,9 +538,7 @@ def _run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) -
     chosen: dict[str, dict[int, float]] = {}
     chosen_lr: dict[str, dict[int, float]] = {}
     if study.select:
-        seeds = list(study.select_seeds) or [
-            study.select_seed if study.select_seed >= 0 else study.seeds[0]
-        ]
+        seeds = study.selection_seeds
         def fits(op: str, sample_num: int) -> bool:
             n = schema.N_OWN + sample_num
             return step_fits(op, base.data.batch_size, n, stages, study.mem_budget_gb)
