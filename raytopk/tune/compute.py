@@ -248,7 +248,8 @@ def study_plan(study: Any, base: TrainConfig, logged: list[dict[str, Any]] | Non
     selection's first round with every trial run to the end (the upper bound) and under ideal
     ASHA (:func:`asha_share`, at the trial's own validation points). Not counted: the
     edge-extension rounds (each up to 4 settings x the selection seeds per method and N, run to
-    the end) and asynchronous ASHA's extra promotions while its rungs fill. ConfigError where
+    the end), the completion rounds (selection seeds ASHA stopped, run again to the end) and
+    asynchronous ASHA's extra promotions while its rungs fill. ConfigError where
     the study itself would stop (a step table of another batch, a method without a row)."""
     from raytopk.losses import list_methods
     from raytopk.losses.forms import step_bytes
@@ -348,7 +349,8 @@ def plan_markdown(p: dict[str, Any]) -> str:
             "Not counted: asynchronous ASHA's extra promotions while its rungs fill (what "
             "trials really trained is in jobs/study_claims.py's \"Compute spent\"), the "
             "grid-extension rounds (each up to 4 settings x "
-            f"{p['select_seeds']} selection seeds per method and N, run to the end) and "
-            "evaluation time. Hours are compute on the table's device, not this machine's wall "
-            "time: trials that run side by side share its cores.", ""]
+            f"{p['select_seeds']} selection seeds per method and N, run to the end), the "
+            "completion rounds (seeds ASHA stopped of a setting best on its other seeds, run "
+            "again to the end) and evaluation time. Hours are compute on the table's device, "
+            "not this machine's wall time: trials that run side by side share its cores.", ""]
     return "\n".join(out)

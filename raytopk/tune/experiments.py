@@ -35,6 +35,7 @@ __all__ = [
     "read_log",
     "results_path",
     "row_log",
+    "split_logged",
     "run_experiment",
     "storage_dir",
 ]
@@ -136,6 +137,21 @@ def logged_rows(study: Any, phase: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def split_logged(trials: list[dict[str, Any]], done: dict[str, dict[str, Any]]
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows of the ``trials`` already logged in ``done``, the trials still to run). A trial
+    marked ``completes`` (a selection seed ASHA stopped, to be run to the end) is still to run
+    while its logged row is not ok."""
+    rows, todo = [], []
+    for t in trials:
+        r = done.get(config_digest(t["train"]))
+        if r is None or ("completes" in t and r.get("status") != "ok"):
+            todo.append(t)
+        else:
+            rows.append(r)
+    return rows, todo
+
+
 def _append_row(path: Path, row: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_file():  # a last row cut short by a killed process is dropped, not extended
@@ -225,17 +241,15 @@ def run_experiment(study: Any, name: str, trials: list[dict[str, Any]], trainabl
                    clock: str | None = None) -> list[dict[str, Any]]:
     """Run ``trials`` as one Tune experiment (``name`` + a hash of the trials, so a re-run with
     other trials left is a new experiment), skipping every trial the row log already holds with
-    the same config digest; one row per trial (logged ones included), a trial without a final
-    report recorded with why. ``clock``: the budget's clock (default by study.budget_seconds)."""
+    the same config digest (:func:`split_logged`); one row per trial (logged ones included), a
+    trial without a final report recorded with why. ``clock``: the budget's clock (default by
+    study.budget_seconds)."""
     import ray.tune
     from ray.tune import RunConfig, TuneConfig, Tuner
 
     clock = clock or ("samples_seen" if study.budget_seconds <= 0 else "train_seconds")
     phase = str(trials[0].get("phase", "final")) if trials else "final"
-    done = logged_rows(study, phase)
-    digests = [config_digest(t["train"]) for t in trials]
-    rows = [done[d] for d in digests if d in done]
-    todo = [t for t, d in zip(trials, digests) if d not in done]
+    rows, todo = split_logged(trials, logged_rows(study, phase))
     if verbose and rows:
         print(f"[raytopk] {name}: {len(rows)} of {len(trials)} trial(s) already in "
               f"{row_log(study)}; running {len(todo)}", flush=True)

@@ -41,6 +41,7 @@ __all__ = [
     "choose",
     "choose_joint",
     "chosen_lrs",
+    "completions",
     "edge_extensions",
     "lr_extensions",
     "run_selection",
@@ -260,6 +261,61 @@ def edge_extensions(
     return out
 
 
+def completions(
+    rows: list[dict[str, Any]], headline: str, clock: str
+) -> list[tuple[str, int, float | None, float | None, Any, float]]:
+    """(op, sample_num, value, lr, seed, stopped_at) to run to the end: the selection seeds
+    ASHA stopped of a setting whose seeds that ran to the end score better (mean validation
+    headline) than every setting all seeds completed; with no such setting, of the best
+    partial one. ASHA judges each seed's settings apart, so it can stop a setting on one seed
+    that another seed takes to the best score of all; :func:`choose_joint` prefers a setting
+    every seed completed, and would otherwise pass it over on the strength of one early
+    judgement. ``stopped_at``: the ``clock`` value ASHA stopped that seed at. Settings that do
+    not fit and failed trials (run again anyway) are not completed."""
+    key = valid_metric(headline)
+    seeds: dict[tuple[str, int], set] = {}
+    by: dict[tuple[str, int, Any, Any], dict[Any, dict[str, Any]]] = {}
+    for r in rows:
+        op, n = str(r["op"]), int(r["sample_num"])
+        seeds.setdefault((op, n), set()).add(r.get("seed"))
+        v = None if r.get("value") in (None, "") else float(r["value"])
+        lr = None if r.get("lr") in (None, "") else float(r["lr"])
+        runs = by.setdefault((op, n, v, lr), {})
+        if str(runs.get(r.get("seed"), {}).get("status", "")) != "ok":  # an ok row wins
+            runs[r.get("seed")] = r
+    out = []
+    for (op, n), want in sorted(seeds.items()):
+        full, partial = [], []
+        for (o, m, v, lr), runs in by.items():
+            if (o, m) != (op, n):
+                continue
+            ok = [float(r[key]) for r in runs.values() if r.get("status") == "ok" and key in r]
+            stopped = [r for r in runs.values()
+                       if str(r.get("status", "")).startswith("stopped early")]
+            if ok and len(ok) >= len(want):
+                full.append(sum(ok) / len(ok))
+            elif ok and stopped:
+                partial.append((sum(ok) / len(ok), v, lr, stopped))
+        if not partial:
+            continue
+        if full:
+            picked = [p for p in partial if p[0] > max(full)]
+        else:
+            picked = [max(partial, key=lambda p: p[0])]
+        for _, v, lr, stopped in sorted(picked, key=lambda p: -p[0]):
+            for r in sorted(stopped, key=lambda r: str(r.get("seed"))):
+                out.append((op, n, v, lr, r.get("seed"), float(r.get(clock) or 0.0)))
+    return out
+
+
+def latest_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with one row per configuration digest, the later one (a completed trial's row
+    replaces the row of ASHA's stop); rows without a digest are kept."""
+    last = {r["config_digest"]: i for i, r in enumerate(rows) if r.get("config_digest")}
+    return [r for i, r in enumerate(rows)
+            if not r.get("config_digest") or last[r["config_digest"]] == i]
+
+
 def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list[int],
                   out: Path, trainable: Any, conc: int, stages: int, verbose: bool,
                   plan: Callable[[TrainConfig, str, int], None] | None = None,
@@ -270,7 +326,11 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
     """The study's phase 1 on the connected Ray cluster: every (parameter value, lr) of each
     (op, N) on ``seeds`` under ASHA per (op, N), then up to ``study.grid_extend`` rounds
     extending, at the chosen setting, a parameter grid or lr grid whose best value is on its
-    edge. ``budgeted``: the study's trial config (budget, eval points, valid_day); ``plan``
+    edge. Before each extension round (rounds of their own, not counted in grid_extend),
+    settings ASHA stopped on some seed but best on the seeds
+    that completed them are completed (:func:`completions`; their trials run again to the end,
+    in their own directories); the choice is made again before any grid is extended.
+    ``budgeted``: the study's trial config (budget, eval points, valid_day); ``plan``
     sets a trial's compute-matched budget, ``max_t`` its ASHA clock's end per group ("op-nN").
     Trials already in the study's row log are not run again; an (op, N) for which ``fits``
     says no (a step over the memory budget) is not searched (its final trials record why).
@@ -324,7 +384,7 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
     results = results or out
 
     def report() -> dict[tuple[str, int], dict[str, Any]]:
-        every = rows + earlier
+        every = latest_rows(rows + earlier)
         joint = choose_joint(every, head, base_lr)
         tried = {op: sorted({*vals, *(float(r["value"]) for r in every if r["op"] == op
                                       and r.get("value") not in (None, ""))})
@@ -333,9 +393,27 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
         return joint
 
     joint = report()
-    for rnd in range(1, study.grid_extend + 1):
+    rnd, extended = 0, 0
+    while extended < study.grid_extend:
+        rnd += 1
         ext: list[dict[str, Any]] = []
+        for op, n, v, lr, seed, at in completions(latest_rows(rows), head, clock):
+            for t in trials_of(op, n, [v] if v is not None else [], [lr] if lr else None, rnd):
+                if t["seed"] == seed:
+                    t["completes"] = at  # where ASHA stopped it (GroupedASHA.replay)
+                    t["train"]["run"]["output_dir"] += "-complete"  # not the stopped one's
+                    ext.append(t)
+        if ext:
+            if verbose:
+                print(f"[raytopk] selection round {rnd}: completing settings ASHA stopped on "
+                      f"some seed but best on the others: {sorted(t['trial'] for t in ext)}",
+                      flush=True)
+            rows += run_experiment(study, f"{study.name}_select_complete{rnd}", ext,
+                                   trainable, conc, None, stages, verbose, clock)
+            joint = report()
+            continue
         joint_now = {k: c for k, c in joint.items() if k[1] in now}  # this run's N only
+        rows = latest_rows(rows)
         for op, n, v in edge_extensions(rows, choose(rows, head), study.grid_factor):
             lr = joint_now[(op, n)]["lr"] if lrs else None  # without an lr search: the base lr
             ext += trials_of(op, n, [v], [lr] if lr is not None else None, rnd)
@@ -343,6 +421,7 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
             ext += trials_of(op, n, [v] if v is not None else [], [lr], rnd)
         if not ext:
             break
+        extended += 1
         if verbose:
             print(f"[raytopk] selection round {rnd}: best setting on its grid's edge, trying "
                   f"{sorted({t['trial'].rsplit('-s', 1)[0] for t in ext})}", flush=True)
@@ -438,6 +517,9 @@ class GroupedASHA(_scheduler_base()):  # type: ignore[misc]
             points = [
                 [p.get(clock), p.get(metric)] for p in r.get("anytime_curve") or []
             ] or r.get("asha_points") or [[r.get(clock), r.get(metric)]]
+            if r.get("completes") not in (None, ""):  # ASHA saw it up to where it stopped it
+                points = [p for p in points if p[0] is not None
+                          and float(p[0]) <= float(r["completes"]) * (1 + 1e-9)]
             # Ray 2.60's AsyncHyperBandScheduler keeps its rungs in one _Bracket; its on_result
             # records a value at the highest milestone the clock has reached (tests/unit/
             # test_study_compute.py checks the replay decides as an uninterrupted run does).

@@ -359,7 +359,8 @@ def _trial_fn(config: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     config = config["trial"]  # the grid_search value: one trial config
     cfg = from_dict(config["train"])
-    base = {k: config[k] for k in ("trial", "phase", "op", "sample_num", "seed", "round")
+    base = {k: config[k] for k in ("trial", "phase", "op", "sample_num", "seed", "round",
+                                   "completes")
             if k in config}  # fmt: skip
     base["loss_form"] = config.get("loss_form", cfg.loss.form)
     base.update({k: config[k] for k in ("param", "value") if k in config})

@@ -13,7 +13,7 @@ import pytest
 from scipy import stats
 
 from raytopk.ops import get_spec, list_ops
-from raytopk.train.config import from_dict, to_dict
+from raytopk.train.config import TrainConfig, from_dict, to_dict
 from raytopk.train.driver import dataset_specs
 from raytopk.train.prepare import prepare
 from raytopk.tune.experiments import ADDED_KEYS, config_digest, final_tag
@@ -21,7 +21,10 @@ from raytopk.tune.results import write_reports
 from raytopk.tune.selection import (
     GroupedASHA,
     choose,
+    choose_joint,
+    completions,
     edge_extensions,
+    latest_rows,
     param_grid,
     selection_trials,
 )
@@ -333,3 +336,59 @@ def test_grouped_asha_replay_decides_as_an_uninterrupted_run() -> None:
     assert {n: play(resumed, n)[0] for n in left} == {n: expected[n] for n in left}
     fresh = sched()
     assert play(fresh, "t6")[0] == "DONE"
+
+
+def test_completions_finish_a_setting_asha_cut_short_on_one_seed() -> None:
+    # ASHA judges each seed's settings apart: it stopped tau 0.5 on seed 1 at 34,048 samples
+    # while seed 2 took it to the best score of all. The choice prefers settings every seed
+    # completed, so without a completion one early judgement would decide.
+    key = "valid_joint_recall@10@20"
+
+    def row(v: float, lr: float, seed: int, status: str, score: float, seen: int = 90752
+            ) -> dict:  # fmt: skip
+        return {"op": "dftopk", "sample_num": 160, "value": v, "lr": lr, "seed": seed,
+                "status": status, key: score, "samples_seen": seen,
+                "config_digest": f"{v}-{lr}-{seed}"}
+
+    stop = "stopped early (ASHA) at samples_seen=34048"
+    rows = [
+        row(0.0167, 0.003, 1, "ok", 0.585), row(0.0167, 0.003, 2, "ok", 0.590),
+        row(0.5, 0.01, 1, stop, 0.556, 34048), row(0.5, 0.01, 2, "ok", 0.597),
+        row(0.15, 0.003, 1, stop, 0.557, 34048), row(0.15, 0.003, 2, "ok", 0.584),  # below
+        row(5.0, 0.01, 1, stop, 0.30, 11392), row(5.0, 0.01, 2, stop, 0.32, 11392),
+        row(500.0, 0.01, 1, "does not fit: ~9 GiB", 0.0), row(500.0, 0.01, 2, "ok", 0.9),
+    ]
+    head = "joint_recall@10@20"
+    assert completions(rows, head, "samples_seen") == [("dftopk", 160, 0.5, 0.01, 1, 34048.0)]
+    assert choose_joint(rows, head)[("dftopk", 160)]["value"] == 0.0167  # before: the full one
+    done = rows + [row(0.5, 0.01, 1, "ok", 0.594)]  # the completion's row, logged after
+    assert completions(done, head, "samples_seen") == []  # an ok row wins over ASHA's stop
+    latest = latest_rows(done)
+    assert len(latest) == len(rows) and latest[-1]["status"] == "ok"
+    assert stop not in [r["status"] for r in latest if r["config_digest"] == "0.5-0.01-1"]
+    assert choose_joint(latest, head)[("dftopk", 160)] == {
+        "value": 0.5, "lr": 0.01, "score": 0.5955, "seeds": 2}
+    # With no setting every seed completed, the best partial one is completed.
+    partial = [r for r in rows if r["value"] not in (0.0167, 500.0)]
+    assert completions(partial, head, "samples_seen") == [("dftopk", 160, 0.5, 0.01, 1, 34048.0)]
+
+
+def test_a_completion_runs_again_and_replays_only_what_asha_saw() -> None:
+    from raytopk.tune.experiments import split_logged
+
+    base = to_dict(TrainConfig())
+    stopped = {"status": "stopped early (ASHA) at samples_seen=36", "config_digest":
+               config_digest(base)}
+    again = {"trial": "a", "train": base, "completes": 36.0}
+    assert split_logged([again], {stopped["config_digest"]: stopped}) == ([], [again])
+    plain = {"trial": "a", "train": base}  # an ordinary re-run keeps ASHA's stop
+    assert split_logged([plain], {stopped["config_digest"]: stopped}) == ([stopped], [])
+    ok = {**stopped, "status": "ok"}
+    assert split_logged([again], {ok["config_digest"]: ok}) == ([ok], [])
+
+    sched = GroupedASHA("valid_m", "samples_seen", max_t={"dftopk-n0": 96.0},
+                        grace_period={"dftopk-n0": 12.0}, reduction_factor=3.0)  # fmt: skip
+    curve = [{"samples_seen": x, "valid_m": 0.5} for x in (12.0, 36.0, 60.0, 96.0)]
+    done = {"phase": "select", "op": "dftopk", "sample_num": 0, "seed": 1,
+            "anytime_curve": curve, "completes": 36.0}
+    assert sched.replay([done], "samples_seen") == 2  # the rungs it had passed when stopped
