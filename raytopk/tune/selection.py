@@ -49,7 +49,7 @@ __all__ = [
     "param_grid",
     "selection_trials",
     "split_validation",
-    "earlier_selection",
+    "logged_selection",
 ]
 
 
@@ -336,7 +336,10 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
     says no (a step over the memory budget) is not searched (its final trials record why).
     Trial directories go under ``out``; selection.csv/json (written after each round) into
     ``results`` (default ``out``), with the selection trials the row log holds for the
-    study's other N (:func:`earlier_selection`). Returns :func:`choose_joint`'s choice per
+    study's other N (:func:`logged_selection`). Every choice and every round's proposals are
+    made from all the selection trials of the N the row log holds for this config, those of
+    an interrupted run's later rounds included, so a restarted run decides as the first one
+    would have with what it knows. Returns :func:`choose_joint`'s choice per
     (op, N), those N included."""
     from raytopk.tune.experiments import run_experiment
     from raytopk.tune.results import write_selection
@@ -380,16 +383,19 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
     # row log) stay in selection.csv/json and in the choice returned: the files describe the
     # whole study, whichever N this run covers.
     now = set(study.sample_nums)
-    earlier = earlier_selection(study, budgeted, ops, seeds, out, plan)
+    earlier = logged_selection(study, budgeted, ops, seeds, out, plan)
     results = results or out
 
+    def tried() -> list[dict[str, Any]]:  # this run's N: logged (earlier runs too) and run now
+        return latest_rows(logged_selection(study, budgeted, ops, seeds, out, plan, now) + rows)
+
     def report() -> dict[tuple[str, int], dict[str, Any]]:
-        every = latest_rows(rows + earlier)
+        every = latest_rows(tried() + earlier)
         joint = choose_joint(every, head, base_lr)
-        tried = {op: sorted({*vals, *(float(r["value"]) for r in every if r["op"] == op
-                                      and r.get("value") not in (None, ""))})
-                 for op, vals in grid.items()}
-        write_selection(every, joint, tried, results, head)
+        values = {op: sorted({*vals, *(float(r["value"]) for r in every if r["op"] == op
+                                       and r.get("value") not in (None, ""))})
+                  for op, vals in grid.items()}
+        write_selection(every, joint, values, results, head)
         return joint
 
     joint = report()
@@ -397,7 +403,7 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
     while extended < study.grid_extend:
         rnd += 1
         ext: list[dict[str, Any]] = []
-        for op, n, v, lr, seed, at in completions(latest_rows(rows), head, clock):
+        for op, n, v, lr, seed, at in completions(tried(), head, clock):
             for t in trials_of(op, n, [v] if v is not None else [], [lr] if lr else None, rnd):
                 if t["seed"] == seed:
                     t["completes"] = at  # where ASHA stopped it (GroupedASHA.replay)
@@ -413,11 +419,12 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
             joint = report()
             continue
         joint_now = {k: c for k, c in joint.items() if k[1] in now}  # this run's N only
-        rows = latest_rows(rows)
-        for op, n, v in edge_extensions(rows, choose(rows, head), study.grid_factor):
+        every_now = tried()
+        for op, n, v in edge_extensions(every_now, choose(every_now, head), study.grid_factor):
             lr = joint_now[(op, n)]["lr"] if lrs else None  # without an lr search: the base lr
             ext += trials_of(op, n, [v], [lr] if lr is not None else None, rnd)
-        for op, n, v, lr in (lr_extensions(rows, joint_now, study.lr_factor) if lrs else []):
+        for op, n, v, lr in (lr_extensions(every_now, joint_now, study.lr_factor)
+                             if lrs else []):
             ext += trials_of(op, n, [v] if v is not None else [], [lr], rnd)
         if not ext:
             break
@@ -432,18 +439,22 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
     return joint
 
 
-def earlier_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list[int],
-                      out: Path,
-                      plan: Callable[[TrainConfig, str, int], None] | None = None,
-                      ) -> list[dict[str, Any]]:
-    """The row log's selection trials at N other than study.sample_nums that this study's
-    config would have run: the trials of every (value, lr) the log tried there, on ``seeds``,
-    regenerated from ``budgeted`` and matched by configuration digest, so a row from another
-    config (budget, data, model, grid of another study) is not chosen from."""
+def logged_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list[int],
+                     out: Path,
+                     plan: Callable[[TrainConfig, str, int], None] | None = None,
+                     at: set[int] | None = None,
+                     ) -> list[dict[str, Any]]:
+    """The row log's selection trials at the N of ``at`` (default: those other than
+    study.sample_nums) that this study's config would have run: the trials of every (value,
+    lr) the log tried there, on ``seeds``, regenerated from ``budgeted`` and matched by
+    configuration digest, so a row from another config (budget, data, model, grid of another
+    study) is not chosen from. A later row of a digest wins (a completion over ASHA's stop)."""
     from raytopk.tune.experiments import config_digest, logged_rows
 
-    now = set(study.sample_nums)
-    logged = [r for r in logged_rows(study, "select").values() if int(r["sample_num"]) not in now]
+    def wanted(n: int) -> bool:
+        return n in at if at is not None else n not in set(study.sample_nums)
+
+    logged = [r for r in logged_rows(study, "select").values() if wanted(int(r["sample_num"]))]
     if not logged:
         return []
     ns = sorted({int(r["sample_num"]) for r in logged})

@@ -392,3 +392,34 @@ def test_a_completion_runs_again_and_replays_only_what_asha_saw() -> None:
     done = {"phase": "select", "op": "dftopk", "sample_num": 0, "seed": 1,
             "anytime_curve": curve, "completes": 36.0}
     assert sched.replay([done], "samples_seen") == 2  # the rungs it had passed when stopped
+
+
+def test_logged_selection_gives_every_logged_trial_this_config_would_run(
+    tiny: Path, tmp_path: Path
+) -> None:
+    # A restarted selection chooses from everything the row log holds for its N (an earlier
+    # run's extension rounds too), not only from the rounds it proposes again.
+    from raytopk.tune.experiments import _append_row, row_log
+    from raytopk.tune.selection import logged_selection
+
+    study, base = load_study(
+        CONFIGS / "study_quick.yaml",
+        [f"train.data.path={tiny}", "train.data.synthetic.enabled=false",
+         f"study.output_dir={tmp_path}", "study.select=true", "study.budget_seconds=5",
+         "study.sample_nums=[0]"],
+    )
+    budgeted = _budgeted(study, resolve_base(study, base, tmp_path))
+    key = "valid_joint_recall@10@20"
+    sel = selection_trials(["dftopk"], [0, 40], [1], {"dftopk": [5.0, 15.0]}, budgeted, tmp_path)
+    for i, t in enumerate(sel):
+        _append_row(row_log(study), {**{k: t[k] for k in ("trial", "phase", "op", "sample_num",
+                                                          "seed", "value", "lr")},
+                                     "status": "ok", key: 0.1 * i,
+                                     "config_digest": config_digest(t["train"])})
+    other = {**sel[0], "status": "ok", key: 0.9, "config_digest": "another-config"}
+    _append_row(row_log(study), {k: v for k, v in other.items() if k != "train"})
+    now = logged_selection(study, budgeted, ["dftopk"], [1], tmp_path, None, {0})
+    assert sorted((r["sample_num"], r["value"]) for r in now) == [(0, 5.0), (0, 15.0)]
+    earlier = logged_selection(study, budgeted, ["dftopk"], [1], tmp_path)  # the other N
+    assert sorted((r["sample_num"], r["value"]) for r in earlier) == [(40, 5.0), (40, 15.0)]
+    assert max(r[key] for r in now + earlier) < 0.9  # another config's row is not chosen from
