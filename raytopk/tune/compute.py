@@ -265,8 +265,12 @@ def study_plan(study: Any, base: TrainConfig, logged: list[dict[str, Any]] | Non
     lrs = list(study.lrs)
     r, grace = float(study.asha_reduction), 1.0 / max(1, study.eval_points)
     done: dict[tuple[str, str, int], int] = {}
+    digests: set[str] = set()  # a completed trial's row and ASHA's stop of it: one trial
     for row in logged or []:
         if row.get("op") and row.get("phase") and row.get("sample_num") not in (None, ""):
+            if row.get("config_digest") in digests:
+                continue
+            digests.add(row.get("config_digest") or f"row-{len(digests)}")
             key = (str(row["phase"]), str(row["op"]), int(row["sample_num"]))
             done[key] = done.get(key, 0) + 1
     rows, per_n = [], []

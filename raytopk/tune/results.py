@@ -83,8 +83,10 @@ def write_selection(
     ``joint``: raytopk.tune.selection.choose_joint's choice."""
     out = Path(out)
     key = valid_metric(head)
-    cols = ["trial", "op", "sample_num", "seed", "param", "value", "lr", "round", "status", key,
-            "train_seconds", "samples_seen", "wall_seconds"]  # round: 0 the grid, r >= 1 extensions
+    # round: 0 the grid, r >= 1 later rounds: extensions, or completions (completes: the clock
+    # value at which ASHA had stopped the trial this row runs to the end)
+    cols = ["trial", "op", "sample_num", "seed", "param", "value", "lr", "round", "completes",
+            "status", key, "train_seconds", "samples_seen", "wall_seconds"]
     _write_csv(out / "selection.csv", cols, rows)
     chosen: dict[str, dict[str, Any]] = {}
     for (op, n), c in joint.items():

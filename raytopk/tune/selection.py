@@ -5,9 +5,12 @@ training in every trial of the study), P = study.eval_points, g = an operator's 
 
 Each operator's own parameter (the registry's ``param``: dftopk tau, lapsum alpha, sparse_topk
 l, neuralsort/softsort tau, diffsort steepness) is searched over a log-spaced grid around its
-paper value (the registry default, always in the grid), per sample_num, on one seed: train on
-T[:-1] under the study's budget, evaluate day v at P points. The chosen value maximises the
-validation headline at the budget (ties: the one closest to the paper's value, in log scale).
+paper value (the registry default, always in the grid), per sample_num, jointly with the
+learning rate when ``study.lrs`` is given, on each selection seed: train on T[:-1] under the
+study's budget, evaluate day v at P points. The chosen setting maximises the validation headline
+at the budget, averaged over the seeds (ties: the one closest to the paper's value, in log
+scale); a setting every seed completed is preferred, and one ASHA stopped on some seed but best
+on the others is first completed (:func:`completions`).
 Selection trials have ``run.test_eval=false`` and their ``data.test_day`` set to v, so the test
 day is in none of their datasets. An operator without a parameter (a baseline such as ``bce``)
 has no grid and is not searched.
@@ -42,6 +45,8 @@ __all__ = [
     "choose_joint",
     "chosen_lrs",
     "completions",
+    "latest_rows",
+    "logged_rounds",
     "edge_extensions",
     "lr_extensions",
     "run_selection",
@@ -267,11 +272,12 @@ def completions(
     """(op, sample_num, value, lr, seed, stopped_at) to run to the end: the selection seeds
     ASHA stopped of a setting whose seeds that ran to the end score better (mean validation
     headline) than every setting all seeds completed; with no such setting, of the best
-    partial one. ASHA judges each seed's settings apart, so it can stop a setting on one seed
-    that another seed takes to the best score of all; :func:`choose_joint` prefers a setting
-    every seed completed, and would otherwise pass it over on the strength of one early
-    judgement. ``stopped_at``: the ``clock`` value ASHA stopped that seed at. Settings that do
-    not fit and failed trials (run again anyway) are not completed."""
+    setting, if ASHA stopped some of its seeds. ASHA judges each seed's settings apart, so it
+    can stop a setting on one seed that another seed takes to the best score of all;
+    :func:`choose_joint` prefers a setting every seed completed, and would otherwise pass it
+    over on the strength of one early judgement. ``stopped_at``: the ``clock`` value ASHA
+    stopped that seed at. Only ASHA's stops are completed (not a step over the memory budget,
+    not a failed trial: the study runs a failed trial again when it is re-run)."""
     key = valid_metric(headline)
     seeds: dict[tuple[str, int], set] = {}
     by: dict[tuple[str, int, Any, Any], dict[Any, dict[str, Any]]] = {}
@@ -285,7 +291,7 @@ def completions(
             runs[r.get("seed")] = r
     out = []
     for (op, n), want in sorted(seeds.items()):
-        full, partial = [], []
+        full, scored = [], []
         for (o, m, v, lr), runs in by.items():
             if (o, m) != (op, n):
                 continue
@@ -294,18 +300,26 @@ def completions(
                        if str(r.get("status", "")).startswith("stopped early")]
             if ok and len(ok) >= len(want):
                 full.append(sum(ok) / len(ok))
-            elif ok and stopped:
-                partial.append((sum(ok) / len(ok), v, lr, stopped))
-        if not partial:
-            continue
+            elif ok:
+                scored.append((sum(ok) / len(ok), v, lr, stopped))
         if full:
-            picked = [p for p in partial if p[0] > max(full)]
+            picked = [p for p in scored if p[0] > max(full)]
         else:
-            picked = [max(partial, key=lambda p: p[0])]
+            picked = [max(scored, key=lambda p: p[0])] if scored else []
         for _, v, lr, stopped in sorted(picked, key=lambda p: -p[0]):
             for r in sorted(stopped, key=lambda r: str(r.get("seed"))):
                 out.append((op, n, v, lr, r.get("seed"), float(r.get(clock) or 0.0)))
     return out
+
+
+def logged_rounds(rows: list[dict[str, Any]], ns: set[int]) -> tuple[int, dict[int, int]]:
+    """(the last round number in ``rows``, {N: extension rounds N had}) for the N of ``ns``:
+    a restarted selection numbers its rounds after those logged, and each N's extension rounds
+    (rounds >= 1 other than completions) count against study.grid_extend across runs."""
+    later = [r for r in rows if r.get("round") not in (None, "") and int(r["round"]) >= 1]
+    extended = {n: len({int(r["round"]) for r in later if int(r["sample_num"]) == n
+                        and r.get("completes") in (None, "")}) for n in ns}
+    return max((int(r["round"]) for r in later), default=0), extended
 
 
 def latest_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -399,12 +413,13 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
         return joint
 
     joint = report()
-    rnd, extended = 0, 0
-    while extended < study.grid_extend:
+    rnd, extended = logged_rounds(tried(), now)
+    while True:
         rnd += 1
         ext: list[dict[str, Any]] = []
+        # Completion rounds first, whatever grid_extend: the choice settles before a grid moves.
         for op, n, v, lr, seed, at in completions(tried(), head, clock):
-            for t in trials_of(op, n, [v] if v is not None else [], [lr] if lr else None, rnd):
+            for t in trials_of(op, n, [v] if v is not None else [], [lr] if lrs else None, rnd):
                 if t["seed"] == seed:
                     t["completes"] = at  # where ASHA stopped it (GroupedASHA.replay)
                     t["train"]["run"]["output_dir"] += "-complete"  # not the stopped one's
@@ -418,17 +433,20 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
                                    trainable, conc, None, stages, verbose, clock)
             joint = report()
             continue
-        joint_now = {k: c for k, c in joint.items() if k[1] in now}  # this run's N only
+        joint_now = {k: c for k, c in joint.items()
+                     if k[1] in now and extended[k[1]] < study.grid_extend}
         every_now = tried()
         for op, n, v in edge_extensions(every_now, choose(every_now, head), study.grid_factor):
-            lr = joint_now[(op, n)]["lr"] if lrs else None  # without an lr search: the base lr
-            ext += trials_of(op, n, [v], [lr] if lr is not None else None, rnd)
+            if (op, n) in joint_now:
+                lr = joint_now[(op, n)]["lr"] if lrs else None  # no lr search: the base lr
+                ext += trials_of(op, n, [v], [lr] if lr is not None else None, rnd)
         for op, n, v, lr in (lr_extensions(every_now, joint_now, study.lr_factor)
                              if lrs else []):
             ext += trials_of(op, n, [v] if v is not None else [], [lr], rnd)
         if not ext:
             break
-        extended += 1
+        for n in {int(t["sample_num"]) for t in ext}:
+            extended[n] += 1
         if verbose:
             print(f"[raytopk] selection round {rnd}: best setting on its grid's edge, trying "
                   f"{sorted({t['trial'].rsplit('-s', 1)[0] for t in ext})}", flush=True)
@@ -529,6 +547,8 @@ class GroupedASHA(_scheduler_base()):  # type: ignore[misc]
                 [p.get(clock), p.get(metric)] for p in r.get("anytime_curve") or []
             ] or r.get("asha_points") or [[r.get(clock), r.get(metric)]]
             if r.get("completes") not in (None, ""):  # ASHA saw it up to where it stopped it
+                # (exact on a samples clock, as compute-matched studies use; on the training-
+                # seconds clock a rerun's times differ a little from the stopped run's)
                 points = [p for p in points if p[0] is not None
                           and float(p[0]) <= float(r["completes"]) * (1 + 1e-9)]
             # Ray 2.60's AsyncHyperBandScheduler keeps its rungs in one _Bracket; its on_result

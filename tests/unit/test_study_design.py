@@ -25,6 +25,7 @@ from raytopk.tune.selection import (
     completions,
     edge_extensions,
     latest_rows,
+    logged_rounds,
     param_grid,
     selection_trials,
 )
@@ -368,9 +369,25 @@ def test_completions_finish_a_setting_asha_cut_short_on_one_seed() -> None:
     assert stop not in [r["status"] for r in latest if r["config_digest"] == "0.5-0.01-1"]
     assert choose_joint(latest, head)[("dftopk", 160)] == {
         "value": 0.5, "lr": 0.01, "score": 0.5955, "seeds": 2}
-    # With no setting every seed completed, the best partial one is completed.
+    # With no setting every seed completed, the best one is completed ...
     partial = [r for r in rows if r["value"] not in (0.0167, 500.0)]
     assert completions(partial, head, "samples_seen") == [("dftopk", 160, 0.5, 0.01, 1, 34048.0)]
+    # ... and nothing when the best one's other seed failed (a re-run runs it again) rather
+    # than ASHA stopping it: no cascade down to weaker settings.
+    failed = [r if r["config_digest"] != "0.5-0.01-1" else {**r, "status": "failed: oom"}
+              for r in partial]
+    assert completions(failed, head, "samples_seen") == []
+
+
+def test_logged_rounds_carry_over_a_restart() -> None:
+    rows = [
+        {"sample_num": 0, "round": 0}, {"sample_num": 0, "round": None},
+        {"sample_num": 0, "round": 1}, {"sample_num": 0, "round": 2},
+        {"sample_num": 0, "round": 3, "completes": 4096.0},  # a completion: not an extension
+        {"sample_num": 160, "round": 1}, {"sample_num": 160, "round": 1},
+    ]
+    assert logged_rounds(rows, {0, 160, 960}) == (3, {0: 2, 160: 1, 960: 0})
+    assert logged_rounds([], {0}) == (0, {0: 0})
 
 
 def test_a_completion_runs_again_and_replays_only_what_asha_saw() -> None:
