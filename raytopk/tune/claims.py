@@ -48,8 +48,8 @@ class Study:
     """One results directory's reported final rows and what reading them needs."""
 
     source: str
-    rows: list[dict[str, Any]]  # the reported final trials
-    table: StepTable
+    rows: list[dict[str, Any]]  # the reported final trials ([] while the study runs)
+    table: StepTable | None  # None before the study wrote its step_table.json
     slowest_steps: dict[int, int]
     head: str
     reference: str
@@ -59,14 +59,17 @@ class Study:
 
 def read_studies(dirs: list[str | Path]) -> list[Study]:
     """Each directory's study.yaml, step_table.json, and final trials that results.csv reports
-    (raytopk.tune.compute_results.reported_finals). ValueError naming the directory and file
-    when one is missing, or when two directories report the same N."""
+    (raytopk.tune.compute_results.reported_finals). A study still in its first phase (no
+    results.csv yet) is read with no final trials: its compute spent and wall time so far are
+    reported. ValueError naming the directory and file when one is missing (study.yaml; the
+    step table beside a results.csv), or when two directories report the same N."""
     import yaml
 
     out: list[Study] = []
     seen: dict[int, str] = {}
     for d in map(Path, dirs):
-        for name in ("study.yaml", "step_table.json", ROW_LOG, "results.csv"):
+        running = not (d / "results.csv").is_file()  # no final trials reported yet
+        for name in ("study.yaml",) if running else ("study.yaml", "step_table.json"):
             if not (d / name).is_file():
                 raise ValueError(f"claims: {str(d)!r} has no {name} (a compute-matched study's "
                                  "results directory holds study.yaml, step_table.json, "
@@ -86,11 +89,12 @@ def read_studies(dirs: list[str | Path]) -> list[Study]:
             if key not in study:
                 raise ValueError(f"claims: {where!r} has no study.{key} (not a "
                                  "compute-matched study)")
-        with (d / "results.csv").open(newline="") as f:
-            if "trial" not in (csv.DictReader(f).fieldnames or []):
-                raise ValueError(f"claims: {str(d / 'results.csv')!r} has no 'trial' column")
+        if not running:
+            with (d / "results.csv").open(newline="") as f:
+                if "trial" not in (csv.DictReader(f).fieldnames or []):
+                    raise ValueError(f"claims: {str(d / 'results.csv')!r} has no 'trial' column")
         log = read_log(d / ROW_LOG)
-        rows = reported_finals(log, d / "results.csv")
+        rows = [] if running else reported_finals(log, d / "results.csv")
         slowest = {int(k): int(v) for k, v in study["slowest_steps"].items()}
         lacking = sorted({int(r["sample_num"]) for r in rows} - set(slowest))
         if lacking:
@@ -101,7 +105,8 @@ def read_studies(dirs: list[str | Path]) -> list[Study]:
                 raise ValueError(f"claims: N = {n} is reported by both {seen[n]!r} and "
                                  f"{str(d)!r}; give each N once")
             seen[n] = str(d)
-        out.append(Study(str(d), rows, load_step_table(d / "step_table.json"),
+        table = load_step_table(d / "step_table.json") if not running else None
+        out.append(Study(str(d), rows, table,
                          slowest, headline_key(len(stages)),
                          str(study["reference_op"]), tuple(log),
                          tuple(read_log(d / RUN_LOG))))
@@ -187,7 +192,15 @@ def claims_rows(studies: list[Study], tables: list[StepTable] | None = None) -> 
     out: dict[str, Any] = {"per_n": []}
     for st in studies:
         ref = st.reference
-        cuts = cut_values(st.rows, st.table, st.slowest_steps, [1.0], st.head)
+        if st.table is None or not st.rows:  # still running: what it has spent so far
+            logged: dict[str, int] = {}
+            for r in st.log:
+                if r.get("phase") and r.get("sample_num") not in (None, ""):
+                    k = f"N = {schema.N_OWN + int(r['sample_num'])}, {r['phase']}"
+                    logged[k] = logged.get(k, 0) + 1
+            out.setdefault("in_progress", []).append({"source": st.source, "logged": logged})
+        cuts = (cut_values(st.rows, st.table, st.slowest_steps, [1.0], st.head)
+                if st.table is not None and st.rows else [])
         for n in sorted({c["N"] for c in cuts}):
             at = {c["comparison"]: c for c in cuts if c["N"] == n}
             methods = at["compute"]["methods"]
@@ -366,6 +379,10 @@ def claims_markdown(c: dict[str, Any], command: str = "") -> str:
                   f"{e['slowest_steps']} | {e['budget_s']:g} | {seeds} |")
     md += [""] + [f"Not run at N = {e['N']}: {m}, {why}." for e in per_n
                   for m, why in sorted(e.get("not_run", {}).items())]
+    for p in c.get("in_progress") or []:
+        rows = ", ".join(f"{k}: {v}" for k, v in sorted(p["logged"].items())) or "none"
+        md += [f"In progress, no final trials reported yet: {p['source']} (trials logged: "
+               f"{rows}); its compute and wall time so far are below.", ""]
     ref = per_n[0]["reference"] if per_n else "dftopk"
     md += ["", f"## (a) {ref} reaches the best recall", "",
            f"Per method m: m − {ref}, paired by seed, at the full equal steps (S_N each) and the "

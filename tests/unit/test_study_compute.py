@@ -354,6 +354,23 @@ def test_claims_per_n_from_equal_steps_and_equal_compute(tmp_path: Path) -> None
         read_studies([d200, d200])
     with pytest.raises(ValueError, match=r"has no study.yaml"):
         read_studies([tmp_path])
+    # A study still selecting (no results.csv, no step table yet) is reported as in progress,
+    # with what it has logged; its N takes no place in the claims.
+    running = tmp_path / "n1000"
+    running.mkdir()
+    (running / "study.yaml").write_text((d200 / "study.yaml").read_text())
+    (running / "trials.jsonl").write_text(json.dumps(
+        {"op": "dftopk", "sample_num": 960, "phase": "select", "seed": 1,
+         "status": "stopped early (ASHA)", "samples_seen": 4}) + "\n")
+    both = claims_rows(read_studies([d200, running]))
+    assert [e["N"] for e in both["per_n"]] == [200]
+    assert both["in_progress"] == [{"source": str(running), "logged": {"N = 1000, select": 1}}]
+    from raytopk.tune.claims import claims_markdown
+
+    assert f"In progress, no final trials reported yet: {running}" in claims_markdown(both)
+    (running / "results.csv").write_text("trial\n")  # reports written: the table must be there
+    with pytest.raises(ValueError, match=r"n1000' has no step_table.json"):
+        read_studies([running])
     bad = tmp_path / "bad"
     shutil.copytree(d200, bad)
     (bad / "study.yaml").write_text("study: {slowest_steps: {0: 4}, reference_op: dftopk}\n")
