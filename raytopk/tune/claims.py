@@ -199,8 +199,9 @@ def claims_rows(studies: list[Study], tables: list[StepTable] | None = None) -> 
                     k = f"N = {schema.N_OWN + int(r['sample_num'])}, {r['phase']}"
                     logged[k] = logged.get(k, 0) + 1
             out.setdefault("in_progress", []).append({"source": st.source, "logged": logged})
-        cuts = (cut_values(st.rows, st.table, st.slowest_steps, [1.0], st.head)
-                if st.table is not None and st.rows else [])
+            cuts = []
+        else:
+            cuts = cut_values(st.rows, st.table, st.slowest_steps, [1.0], st.head)
         for n in sorted({c["N"] for c in cuts}):
             at = {c["comparison"]: c for c in cuts if c["N"] == n}
             methods = at["compute"]["methods"]

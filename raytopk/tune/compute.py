@@ -253,7 +253,7 @@ def study_plan(study: Any, base: TrainConfig, logged: list[dict[str, Any]] | Non
     the study itself would stop (a step table of another batch, a method without a row)."""
     from raytopk.losses import list_methods
     from raytopk.losses.forms import step_bytes
-    from raytopk.tune.selection import param_grid
+    from raytopk.tune.selection import latest_rows, param_grid
 
     if not study.step_table:
         raise ConfigError("study.step_table is empty: --plan is for compute-matched studies")
@@ -265,12 +265,8 @@ def study_plan(study: Any, base: TrainConfig, logged: list[dict[str, Any]] | Non
     lrs = list(study.lrs)
     r, grace = float(study.asha_reduction), 1.0 / max(1, study.eval_points)
     done: dict[tuple[str, str, int], int] = {}
-    digests: set[str] = set()  # a completed trial's row and ASHA's stop of it: one trial
-    for row in logged or []:
+    for row in latest_rows(logged or []):  # a completed trial and ASHA's stop of it: one trial
         if row.get("op") and row.get("phase") and row.get("sample_num") not in (None, ""):
-            if row.get("config_digest") in digests:
-                continue
-            digests.add(row.get("config_digest") or f"row-{len(digests)}")
             key = (str(row["phase"]), str(row["op"]), int(row["sample_num"]))
             done[key] = done.get(key, 0) + 1
     rows, per_n = [], []

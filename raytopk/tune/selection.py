@@ -400,25 +400,25 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
     earlier = logged_selection(study, budgeted, ops, seeds, out, plan)
     results = results or out
 
-    def tried() -> list[dict[str, Any]]:  # this run's N: logged (earlier runs too) and run now
-        return latest_rows(logged_selection(study, budgeted, ops, seeds, out, plan, now) + rows)
-
-    def report() -> dict[tuple[str, int], dict[str, Any]]:
-        every = latest_rows(tried() + earlier)
+    def report() -> tuple[dict[tuple[str, int], dict[str, Any]], list[dict[str, Any]]]:
+        """The choice over every N, written to selection.csv/json, and the rows of this run's N
+        it was made from: logged (earlier runs' too) and run now."""
+        mine = latest_rows(logged_selection(study, budgeted, ops, seeds, out, plan, now) + rows)
+        every = latest_rows(mine + earlier)
         joint = choose_joint(every, head, base_lr)
         values = {op: sorted({*vals, *(float(r["value"]) for r in every if r["op"] == op
                                        and r.get("value") not in (None, ""))})
                   for op, vals in grid.items()}
         write_selection(every, joint, values, results, head)
-        return joint
+        return joint, mine
 
-    joint = report()
-    rnd, extended = logged_rounds(tried(), now)
+    joint, mine = report()
+    rnd, extended = logged_rounds(mine, now)
     while True:
         rnd += 1
         ext: list[dict[str, Any]] = []
         # Completion rounds first, whatever grid_extend: the choice settles before a grid moves.
-        for op, n, v, lr, seed, at in completions(tried(), head, clock):
+        for op, n, v, lr, seed, at in completions(mine, head, clock):
             for t in trials_of(op, n, [v] if v is not None else [], [lr] if lrs else None, rnd):
                 if t["seed"] == seed:
                     t["completes"] = at  # where ASHA stopped it (GroupedASHA.replay)
@@ -431,17 +431,15 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
                       flush=True)
             rows += run_experiment(study, f"{study.name}_select_complete{rnd}", ext,
                                    trainable, conc, None, stages, verbose, clock)
-            joint = report()
+            joint, mine = report()
             continue
         joint_now = {k: c for k, c in joint.items()
                      if k[1] in now and extended[k[1]] < study.grid_extend}
-        every_now = tried()
-        for op, n, v in edge_extensions(every_now, choose(every_now, head), study.grid_factor):
+        for op, n, v in edge_extensions(mine, choose(mine, head), study.grid_factor):
             if (op, n) in joint_now:
                 lr = joint_now[(op, n)]["lr"] if lrs else None  # no lr search: the base lr
                 ext += trials_of(op, n, [v], [lr] if lr is not None else None, rnd)
-        for op, n, v, lr in (lr_extensions(every_now, joint_now, study.lr_factor)
-                             if lrs else []):
+        for op, n, v, lr in (lr_extensions(mine, joint_now, study.lr_factor) if lrs else []):
             ext += trials_of(op, n, [v] if v is not None else [], [lr], rnd)
         if not ext:
             break
@@ -453,7 +451,7 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
         # No scheduler: few settings per (op, N), nothing in this round to compare them with.
         rows += run_experiment(study, f"{study.name}_select_ext{rnd}", ext, trainable, conc,
                                None, stages, verbose, clock)
-        joint = report()
+        joint, mine = report()
     return joint
 
 
