@@ -163,6 +163,32 @@ def _log_dist(v: float | None, ref: float | None) -> float:
     return abs(math.log(v / ref))
 
 
+def _num(r: dict[str, Any], field: str) -> float | None:
+    """A row's ``value`` or ``lr`` as a float, None where it has none (``bce`` has no value)."""
+    return None if r.get(field) in (None, "") else float(r[field])
+
+
+def _settings(
+    rows: list[dict[str, Any]],
+) -> dict[tuple[str, int], tuple[set, dict[tuple[Any, Any], dict[Any, dict[str, Any]]]]]:
+    """{(op, N): (the seeds that have a row, {(value, lr): {seed: row}})}: the selection rows of
+    each setting, one per seed; of two rows for a seed an ok row wins, else the later one (a
+    completion's row over ASHA's stop, whatever order the rows come in)."""
+    out: dict[tuple[str, int], tuple[set, dict]] = {}
+    for r in rows:
+        seeds, by = out.setdefault((str(r["op"]), int(r["sample_num"])), (set(), {}))
+        seeds.add(r.get("seed"))
+        runs = by.setdefault((_num(r, "value"), _num(r, "lr")), {})
+        if runs.get(r.get("seed"), {}).get("status") != "ok":
+            runs[r.get("seed")] = r
+    return out
+
+
+def _scores(runs: dict[Any, dict[str, Any]], key: str) -> list[float]:
+    """The validation headline of a setting's seeds that ran to the end (status ok)."""
+    return [float(r[key]) for r in runs.values() if r.get("status") == "ok" and key in r]
+
+
 def choose_joint(
     rows: list[dict[str, Any]], headline: str, base_lr: float | None = None
 ) -> dict[tuple[str, int], dict[str, Any]]:
@@ -171,26 +197,23 @@ def choose_joint(
     ok). A setting every selection seed completed beats one that some seed did not (ASHA
     stopped it); ties -> closest to the paper's value, then to ``base_lr`` (log scale)."""
     key = valid_metric(headline)
-    seeds_of: dict[tuple[str, int], set] = {}
-    runs: dict[tuple[str, int, Any, Any], list[float]] = {}
-    for r in rows:
-        op, n = str(r["op"]), int(r["sample_num"])
-        seeds_of.setdefault((op, n), set()).add(r.get("seed"))
-        if r.get("status") != "ok" or key not in r:
-            continue
-        v = None if r.get("value") in (None, "") else float(r["value"])
-        lr = None if r.get("lr") in (None, "") else float(r["lr"])
-        runs.setdefault((op, n, v, lr), []).append(float(r[key]))
-    best: dict[tuple[str, int], tuple] = {}
-    for (op, n, v, lr), scores in runs.items():
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    for (op, n), (seeds, by) in sorted(_settings(rows).items()):
         p = op_param(op)
-        mean = sum(scores) / len(scores)
-        full = len(scores) >= len(seeds_of[(op, n)])
-        cand = (full, mean, -_log_dist(v, p[1] if p else None), -_log_dist(lr, base_lr))
-        if (op, n) not in best or cand > best[(op, n)][0]:
-            best[(op, n)] = (cand, {"value": v, "lr": lr, "score": round(mean, 6),
-                                    "seeds": len(scores)})
-    return {k: c for k, (_, c) in sorted(best.items())}
+        best = None
+        for (v, lr), runs in by.items():
+            scores = _scores(runs, key)
+            if not scores:
+                continue
+            mean = sum(scores) / len(scores)
+            cand = (len(scores) >= len(seeds), mean, -_log_dist(v, p[1] if p else None),
+                    -_log_dist(lr, base_lr))
+            if best is None or cand > best[0]:
+                best = (cand, {"value": v, "lr": lr, "score": round(mean, 6),
+                               "seeds": len(scores)})
+        if best is not None:
+            out[(op, n)] = best[1]
+    return out
 
 
 def choose(rows: list[dict[str, Any]], headline: str) -> dict[str, dict[int, float]]:
@@ -221,10 +244,9 @@ def lr_extensions(
     :func:`edge_extensions`, on the learning-rate axis)."""
     tried: dict[tuple[str, int, Any], set[float]] = {}
     for r in rows:
-        if r.get("lr") in (None, ""):
-            continue
-        v = None if r.get("value") in (None, "") else float(r["value"])
-        tried.setdefault((str(r["op"]), int(r["sample_num"]), v), set()).add(float(r["lr"]))
+        if r.get("lr") not in (None, ""):
+            tried.setdefault((str(r["op"]), int(r["sample_num"]), _num(r, "value")),
+                             set()).add(float(r["lr"]))
     out = []
     for (op, n), c in joint.items():
         if c["lr"] is None:
@@ -279,26 +301,14 @@ def completions(
     stopped that seed at. Only ASHA's stops are completed (not a step over the memory budget,
     not a failed trial: the study runs a failed trial again when it is re-run)."""
     key = valid_metric(headline)
-    seeds: dict[tuple[str, int], set] = {}
-    by: dict[tuple[str, int, Any, Any], dict[Any, dict[str, Any]]] = {}
-    for r in rows:
-        op, n = str(r["op"]), int(r["sample_num"])
-        seeds.setdefault((op, n), set()).add(r.get("seed"))
-        v = None if r.get("value") in (None, "") else float(r["value"])
-        lr = None if r.get("lr") in (None, "") else float(r["lr"])
-        runs = by.setdefault((op, n, v, lr), {})
-        if str(runs.get(r.get("seed"), {}).get("status", "")) != "ok":  # an ok row wins
-            runs[r.get("seed")] = r
     out = []
-    for (op, n), want in sorted(seeds.items()):
+    for (op, n), (seeds, by) in sorted(_settings(rows).items()):
         full, scored = [], []
-        for (o, m, v, lr), runs in by.items():
-            if (o, m) != (op, n):
-                continue
-            ok = [float(r[key]) for r in runs.values() if r.get("status") == "ok" and key in r]
+        for (v, lr), runs in by.items():
+            ok = _scores(runs, key)
             stopped = [r for r in runs.values()
                        if str(r.get("status", "")).startswith("stopped early")]
-            if ok and len(ok) >= len(want):
+            if ok and len(ok) >= len(seeds):
                 full.append(sum(ok) / len(ok))
             elif ok:
                 scored.append((sum(ok) / len(ok), v, lr, stopped))

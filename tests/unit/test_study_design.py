@@ -369,6 +369,9 @@ def test_completions_finish_a_setting_asha_cut_short_on_one_seed() -> None:
     assert stop not in [r["status"] for r in latest if r["config_digest"] == "0.5-0.01-1"]
     assert choose_joint(latest, head)[("dftopk", 160)] == {
         "value": 0.5, "lr": 0.01, "score": 0.5955, "seeds": 2}
+    # Both functions see one row per seed of a setting, whatever the order: the ok row.
+    assert choose_joint(done[::-1], head) == choose_joint(latest, head)
+    assert completions(done[::-1], head, "samples_seen") == []
     # With no setting every seed completed, the best one is completed ...
     partial = [r for r in rows if r["value"] not in (0.0167, 500.0)]
     assert completions(partial, head, "samples_seen") == [("dftopk", 160, 0.5, 0.01, 1, 34048.0)]
