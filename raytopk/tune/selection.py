@@ -44,6 +44,7 @@ __all__ = [
     "choose",
     "choose_joint",
     "chosen_lrs",
+    "chosen_values",
     "completions",
     "latest_rows",
     "logged_rounds",
@@ -220,8 +221,14 @@ def choose(rows: list[dict[str, Any]], headline: str) -> dict[str, dict[int, flo
     """{op: {sample_num: chosen parameter value}} of :func:`choose_joint` (ops with a parameter
     only): the best validation headline at the budget among trials that reached it (status ok);
     ties -> closest to the paper's value."""
+    return chosen_values(choose_joint(rows, headline))
+
+
+def chosen_values(joint: dict[tuple[str, int], dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """{op: {sample_num: chosen parameter value}} of :func:`choose_joint` (settings that had
+    one)."""
     out: dict[str, dict[int, float]] = {}
-    for (op, n), c in choose_joint(rows, headline).items():
+    for (op, n), c in joint.items():
         if c["value"] is not None:
             out.setdefault(op, {})[n] = c["value"]
     return out
@@ -445,10 +452,9 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
             continue
         joint_now = {k: c for k, c in joint.items()
                      if k[1] in now and extended[k[1]] < study.grid_extend}
-        for op, n, v in edge_extensions(mine, choose(mine, head), study.grid_factor):
-            if (op, n) in joint_now:
-                lr = joint_now[(op, n)]["lr"] if lrs else None  # no lr search: the base lr
-                ext += trials_of(op, n, [v], [lr] if lr is not None else None, rnd)
+        for op, n, v in edge_extensions(mine, chosen_values(joint_now), study.grid_factor):
+            lr = joint_now[(op, n)]["lr"] if lrs else None  # no lr search: the base lr
+            ext += trials_of(op, n, [v], [lr] if lr is not None else None, rnd)
         for op, n, v, lr in (lr_extensions(mine, joint_now, study.lr_factor) if lrs else []):
             ext += trials_of(op, n, [v] if v is not None else [], [lr], rnd)
         if not ext:

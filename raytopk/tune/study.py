@@ -62,7 +62,13 @@ from raytopk.tune.experiments import (
     run_experiment,
 )
 from raytopk.tune.results import RESULT_COLUMNS, result_columns, write_reports
-from raytopk.tune.selection import chosen_lrs, op_param, run_selection, split_validation
+from raytopk.tune.selection import (
+    chosen_lrs,
+    chosen_values,
+    op_param,
+    run_selection,
+    split_validation,
+)
 
 __all__ = [
     "StudyConfig",
@@ -546,9 +552,7 @@ def _run_study(study: StudyConfig, base: TrainConfig, *, verbose: bool = True) -
 
         joint = run_selection(study, _budgeted(study, base), ops, seeds, out, trainable,
                               conc, stages, verbose, plan, max_t, fits, results)
-        chosen = {op: {n: c["value"] for (o, n), c in joint.items()
-                       if o == op and c["value"] is not None} for op in ops}
-        chosen = {op: d for op, d in chosen.items() if d}
+        chosen = chosen_values(joint)
         chosen_lr = chosen_lrs(joint) if study.lrs else {}
 
     trials = trial_configs(study, base, chosen, chosen_lr, plan)
