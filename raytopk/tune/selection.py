@@ -169,6 +169,13 @@ def _num(r: dict[str, Any], field: str) -> float | None:
     return None if r.get(field) in (None, "") else float(r[field])
 
 
+def _tried(rows: list[dict[str, Any]], field: str, op: str | None = None) -> set[float]:
+    """The ``value``s or ``lr``s the rows (of ``op``, default every op) have, whatever their
+    status."""
+    return {x for r in rows if op is None or r["op"] == op
+            for x in [_num(r, field)] if x is not None}
+
+
 def _settings(
     rows: list[dict[str, Any]],
 ) -> dict[tuple[str, int], tuple[set, dict[tuple[Any, Any], dict[Any, dict[str, Any]]]]]:
@@ -251,9 +258,10 @@ def lr_extensions(
     :func:`edge_extensions`, on the learning-rate axis)."""
     tried: dict[tuple[str, int, Any], set[float]] = {}
     for r in rows:
-        if r.get("lr") not in (None, ""):
+        lr = _num(r, "lr")
+        if lr is not None:
             tried.setdefault((str(r["op"]), int(r["sample_num"]), _num(r, "value")),
-                             set()).add(float(r["lr"]))
+                             set()).add(lr)
     out = []
     for (op, n), c in joint.items():
         if c["lr"] is None:
@@ -277,8 +285,9 @@ def edge_extensions(
     value extends both ways."""
     tried: dict[tuple[str, int], set[float]] = {}
     for r in rows:
-        if r.get("value") not in (None, ""):
-            tried.setdefault((str(r["op"]), int(r["sample_num"])), set()).add(float(r["value"]))
+        v = _num(r, "value")
+        if v is not None:
+            tried.setdefault((str(r["op"]), int(r["sample_num"])), set()).add(v)
     out = []
     gap = factor * factor * (1 + 1e-9)
     for op, by_n in sorted(chosen.items()):
@@ -423,9 +432,7 @@ def run_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: list
         mine = latest_rows(logged_selection(study, budgeted, ops, seeds, out, plan, now) + rows)
         every = latest_rows(mine + earlier)
         joint = choose_joint(every, head, base_lr)
-        values = {op: sorted({*vals, *(float(r["value"]) for r in every if r["op"] == op
-                                       and r.get("value") not in (None, ""))})
-                  for op, vals in grid.items()}
+        values = {op: sorted({*vals, *_tried(every, "value", op)}) for op, vals in grid.items()}
         write_selection(every, joint, values, results, head)
         return joint, mine
 
@@ -490,9 +497,8 @@ def logged_selection(study: Any, budgeted: TrainConfig, ops: list[str], seeds: l
     if not logged:
         return []
     ns = sorted({int(r["sample_num"]) for r in logged})
-    values = {op: sorted({float(r["value"]) for r in logged
-                          if r["op"] == op and r.get("value") not in (None, "")}) for op in ops}
-    lrs = sorted({float(r["lr"]) for r in logged if r.get("lr") not in (None, "")})
+    values = {op: sorted(_tried(logged, "value", op)) for op in ops}
+    lrs = sorted(_tried(logged, "lr"))
     want = {config_digest(t["train"]) for t in selection_trials(
         ops, ns, seeds, values, budgeted, out, study.loss_forms, lrs or None, plan)}
     return [r for r in logged if r.get("config_digest") in want]
