@@ -231,23 +231,27 @@ def choose(rows: list[dict[str, Any]], headline: str) -> dict[str, dict[int, flo
     return chosen_values(choose_joint(rows, headline))
 
 
+def _chosen(
+    joint: dict[tuple[str, int], dict[str, Any]], field: str
+) -> dict[str, dict[int, float]]:
+    """{op: {sample_num: the choice's ``value`` or ``lr``}} of :func:`choose_joint`, for the
+    settings that have one."""
+    out: dict[str, dict[int, float]] = {}
+    for (op, n), c in joint.items():
+        if c[field] is not None:
+            out.setdefault(op, {})[n] = c[field]
+    return out
+
+
 def chosen_values(joint: dict[tuple[str, int], dict[str, Any]]) -> dict[str, dict[int, float]]:
     """{op: {sample_num: chosen parameter value}} of :func:`choose_joint` (settings that had
     one)."""
-    out: dict[str, dict[int, float]] = {}
-    for (op, n), c in joint.items():
-        if c["value"] is not None:
-            out.setdefault(op, {})[n] = c["value"]
-    return out
+    return _chosen(joint, "value")
 
 
 def chosen_lrs(joint: dict[tuple[str, int], dict[str, Any]]) -> dict[str, dict[int, float]]:
     """{op: {sample_num: chosen lr}} of :func:`choose_joint` (settings that had an lr)."""
-    out: dict[str, dict[int, float]] = {}
-    for (op, n), c in joint.items():
-        if c["lr"] is not None:
-            out.setdefault(op, {})[n] = c["lr"]
-    return out
+    return _chosen(joint, "lr")
 
 
 def lr_extensions(
