@@ -20,6 +20,9 @@ q(d, s) − q(m, s), paired by seed (same data order, negatives and initial weig
   its anytime points: the test day was evaluated only at the cut points. Beside it, on the test
   day, d's own gain from S_N to steps(d, N).
 
+:func:`selection_horizon` reads a finished selection's trials at fractions of their steps: the
+setting it would have chosen had each trial stopped there, and what that gives up at the end.
+
 :func:`claims_rows` computes it from final rows; :func:`read_studies` reads results
 directories; :func:`claims_markdown` writes it up. ``jobs/study_claims.py`` is the command.
 """
@@ -37,10 +40,11 @@ from raytopk.metrics import headline_key
 from raytopk.tune.compute import StepTable, load_step_table
 from raytopk.tune.compute_results import curve_of, cut_values, reported_finals, value_at
 from raytopk.tune.experiments import ROW_LOG, RUN_LOG, read_log
+from raytopk.tune.selection import latest_rows
 from raytopk.tune.stats import Interval, paired_difference, t_interval
 
 __all__ = ["Study", "claims_rows", "claims_markdown", "compute_spent", "diagnostics",
-           "read_studies", "verdict_a", "wall_time", "write_claims"]
+           "read_studies", "selection_horizon", "verdict_a", "wall_time", "write_claims"]
 
 
 @dataclass(frozen=True)
@@ -239,6 +243,9 @@ def claims_rows(studies: list[Study], tables: list[StepTable] | None = None) -> 
             out["per_n"].append(entry)
         out.setdefault("compute_spent", []).extend(compute_spent(st.log))
         out.setdefault("diagnostics", []).extend(diagnostics(st.rows))
+        if st.rows:  # selection over: would a shorter one have chosen the same?
+            out.setdefault("selection_horizon", []).extend(
+                selection_horizon(st.log, "valid_" + st.head))
         if st.runs:
             out.setdefault("wall", []).append(wall_time(st.source, st.runs))
     out["per_n"].sort(key=lambda e: e["N"])
@@ -281,6 +288,61 @@ def compute_spent(log: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> lis
             "hours_estimated": None if est is None or not untimed else round(est / 3600, 2),
             "untimed": len(untimed),
         })
+    return out
+
+
+HORIZONS = (0.125, 0.25, 0.375, 0.5)
+
+
+def selection_horizon(log: list[dict[str, Any]] | tuple[dict[str, Any], ...], key: str,
+                      fractions: tuple[float, ...] = HORIZONS) -> list[dict[str, Any]]:
+    """Per (N, method) of a row log's selection trials: would a selection that stopped each trial
+    at a fraction f of its steps have chosen the setting the end chooses? Among the settings
+    (operator parameter, lr) that every selection seed of the method ran to the end, ranked by
+    ``key`` (the validation headline) averaged over seeds: at the end, and at the first anytime
+    point at or past f of the last point's steps. Per f: the setting ranked first there, and how
+    far behind the end's choice it is at the end (the end's best minus its mean; 0 when the same).
+    Settings ASHA stopped on some seed take no part (they have no end), so this reads only the
+    settings the selection kept; it is what a cheaper selection would give up among them."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for r in latest_rows([dict(r) for r in log if r.get("phase") == "select"]):
+        if r.get("op") and r.get("sample_num") not in (None, ""):
+            groups.setdefault((schema.N_OWN + int(r["sample_num"]), str(r["op"])), []).append(r)
+    out = []
+    for (n, op), rs in sorted(groups.items()):
+        seeds = {int(r["seed"]) for r in rs}
+        by: dict[tuple[str, float], dict[int, list[dict[str, Any]]]] = {}
+        label: dict[tuple[str, float], str] = {}
+        for r in rs:
+            curve = [p for p in curve_of(r) if key in p and "steps" in p]
+            if r.get("status") == "ok" and curve:
+                s = (str(r.get("op_params", "")), float(r["lr"]))
+                by.setdefault(s, {})[int(r["seed"])] = sorted(curve, key=lambda p: p["steps"])
+                value = f"{r.get('param')} {float(r['value']):g}, " if r.get("param") else ""
+                label[s] = f"{value}lr {float(r['lr']):g}"
+        full = {s: c for s, c in by.items() if set(c) == seeds}
+        if len(full) < 2:
+            continue
+
+        def at(curves: dict[int, list[dict[str, Any]]], f: float | None) -> float:
+            vals = []
+            for c in curves.values():
+                last = c[-1]["steps"]
+                p = c[-1] if f is None else next(p for p in c if p["steps"] >= f * last)
+                vals.append(float(p[key]))
+            return sum(vals) / len(vals)
+
+        end = {s: at(c, None) for s, c in full.items()}
+        best = max(end, key=lambda s: end[s])
+        entry: dict[str, Any] = {"N": n, "method": op, "seeds": len(seeds),
+                                 "settings": len(full), "chosen": label[best],
+                                 "chosen_value": round(end[best], 4), "at": []}
+        for f in fractions:
+            early = {s: at(c, f) for s, c in full.items()}
+            pick = max(early, key=lambda s: early[s])
+            entry["at"].append({"fraction": f, "setting": label[pick],
+                                "behind": round(end[best] - end[pick], 4)})
+        out.append(entry)
     return out
 
 
@@ -460,6 +522,24 @@ def claims_markdown(c: dict[str, Any], command: str = "") -> str:
                 md.append(f"| {e['N']} | {', '.join(e['params'])} | {e['seeds']} | "
                           f"{pt['steps']} | {pt['psum_over_k']} | {pt['boundary_grad_share']} | "
                           f"{pt['score_std_over_tau']} |")
+    horizon = c.get("selection_horizon") or []
+    if horizon:
+        fr = [p["fraction"] for p in horizon[0]["at"]]
+        md += ["", "## Would a shorter selection choose the same setting?", "",
+               "Per (N, method), among the settings (parameter, lr) that every selection seed ran "
+               "to the end, on the validation day averaged over the selection seeds: the setting "
+               "ranked first at the end, and the one ranked first had each trial stopped at a "
+               "fraction of its steps, with how far behind the end's choice it ends (\"same\" when "
+               "it is the end's choice). Such a selection costs at most that fraction of these "
+               "trials; settings ASHA stopped take no part.", "",
+               "| N | method | settings | chosen at the end | " + " | ".join(
+                   f"at {f:g} of the steps" for f in fr) + " |",
+               "|---:|---|---:|---|" + "---|" * len(fr)]
+        for e in horizon:
+            cells = ["same" if p["behind"] == 0 and p["setting"] == e["chosen"] else
+                     f"{p['setting']} (−{p['behind']:.4f})" for p in e["at"]]
+            md.append(f"| {e['N']} | {e['method']} | {e['settings']} | {e['chosen']} "
+                      f"({e['chosen_value']:.4f}) | " + " | ".join(cells) + " |")
     spent = c.get("compute_spent") or []
     if spent:
         md += ["", "## Compute spent", "",

@@ -458,6 +458,45 @@ def test_claims_per_n_from_equal_steps_and_equal_compute(tmp_path: Path) -> None
     assert job.main(["--results", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
 
 
+def test_selection_horizon_names_what_a_shorter_selection_would_choose() -> None:
+    from raytopk.tune.claims import claims_markdown, selection_horizon
+
+    key = "valid_joint_recall@10@20"
+
+    def sel(tau: float, lr: float, seed: int, curve: list[float], status: str = "ok") -> dict:
+        r = _final_row("dftopk", seed, [(2 * (i + 1), v, None) for i, v in enumerate(curve)])
+        r.update(phase="select", status=status, lr=lr, param="tau", value=tau,
+                 op_params=json.dumps({"tau": tau}), config_digest=f"{tau}-{lr}-{seed}")
+        return r
+
+    log = []
+    for seed, bump in ((1, 0.0), (2, 0.01)):
+        # tau 0.5 leads from the 3rd of 4 points on; tau 5 leads early and ends 0.05 behind.
+        log.append(sel(0.5, 0.01, seed, [.1 + bump, .2, .5, .6 + bump]))
+        log.append(sel(5.0, 0.01, seed, [.3 + bump, .4, .45, .55 + bump]))
+    # ASHA stopped tau 50 on seed 2 (no end there): it takes no part, though it leads early.
+    log.append(sel(50.0, 0.01, 1, [.9, .9, .9, .9]))
+    log.append(sel(50.0, 0.01, 2, [.9], status="stopped early (ASHA)"))
+    # tau 0.05 on seed 2: ASHA's stop, then its completion (the later row counts).
+    log.append(sel(0.05, 0.01, 1, [.1, .1, .1, .1]))
+    log.append(sel(0.05, 0.01, 2, [.1], status="stopped early (ASHA)"))
+    log.append(sel(0.05, 0.01, 2, [.1, .1, .1, .1]))
+    log.append({**sel(0.5, 0.01, 1, [.7, .7, .7, .7]), "phase": "final"})  # not selection
+    log.append({**sel(0.5, 0.01, 1, [.7, .7]), "op": "lapsum",  # one setting: nothing to read
+                "config_digest": "lapsum"})
+    (h,) = selection_horizon(log, key, fractions=(0.25, 0.5, 0.75))
+    assert h["N"] == 200 and h["method"] == "dftopk" and h["seeds"] == 2
+    assert h["settings"] == 3 and h["chosen"] == "tau 0.5, lr 0.01"
+    assert h["chosen_value"] == pytest.approx(0.605)
+    # 0.25 and 0.5 of 8 steps: the points at steps 2 and 4, where tau 5 leads; 0.75: step 6.
+    assert [(p["fraction"], p["setting"]) for p in h["at"]] == [
+        (0.25, "tau 5, lr 0.01"), (0.5, "tau 5, lr 0.01"), (0.75, "tau 0.5, lr 0.01")]
+    assert [p["behind"] for p in h["at"]] == pytest.approx([0.05, 0.05, 0.0])
+    md = claims_markdown({"per_n": [], "selection_horizon": [h]})
+    assert ("| 200 | dftopk | 3 | tau 0.5, lr 0.01 (0.6050) | tau 5, lr 0.01 (−0.0500) | "
+            "tau 5, lr 0.01 (−0.0500) | same |") in md
+
+
 def test_study_plan_counts_trials_and_compute_before_running(tmp_path: Path) -> None:
     from raytopk.train.config import ConfigError
     from raytopk.tune.compute import asha_share, plan_markdown, study_plan
