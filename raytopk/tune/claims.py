@@ -37,10 +37,11 @@ from typing import Any
 
 from raytopk.data import schema
 from raytopk.metrics import headline_key
+from raytopk.train.anytime import valid_metric
 from raytopk.tune.compute import StepTable, load_step_table
 from raytopk.tune.compute_results import curve_of, cut_values, reported_finals, value_at
 from raytopk.tune.experiments import ROW_LOG, RUN_LOG, read_log
-from raytopk.tune.selection import latest_rows
+from raytopk.tune.selection import choose_joint, latest_rows
 from raytopk.tune.stats import Interval, paired_difference, t_interval
 
 __all__ = ["Study", "claims_rows", "claims_markdown", "compute_spent", "diagnostics",
@@ -59,6 +60,7 @@ class Study:
     reference: str
     log: tuple[dict[str, Any], ...] = ()  # every row of the row log, for the compute spent
     runs: tuple[dict[str, Any], ...] = ()  # the run log: each run's wall-clock window
+    base_lr: float | None = None  # train.optim.lr: the selection's tie-break toward it
 
 
 def read_studies(dirs: list[str | Path]) -> list[Study]:
@@ -113,7 +115,8 @@ def read_studies(dirs: list[str | Path]) -> list[Study]:
         out.append(Study(str(d), rows, table,
                          slowest, headline_key(len(stages)),
                          str(study["reference_op"]), tuple(log),
-                         tuple(read_log(d / RUN_LOG))))
+                         tuple(read_log(d / RUN_LOG)),
+                         _field((doc.get("train") or {}).get("optim") or {}, "lr")))
     return out
 
 
@@ -243,9 +246,10 @@ def claims_rows(studies: list[Study], tables: list[StepTable] | None = None) -> 
             out["per_n"].append(entry)
         out.setdefault("compute_spent", []).extend(compute_spent(st.log))
         out.setdefault("diagnostics", []).extend(diagnostics(st.rows))
-        if st.rows:  # selection over: would a shorter one have chosen the same?
-            out.setdefault("selection_horizon", []).extend(
-                selection_horizon(st.log, "valid_" + st.head))
+        if st.rows:  # the Ns whose selection is over: would a shorter one choose the same?
+            out.setdefault("selection_horizon", []).extend(selection_horizon(
+                st.log, st.head, base_lr=st.base_lr,
+                sample_nums={int(r["sample_num"]) for r in st.rows}))
         if st.runs:
             out.setdefault("wall", []).append(wall_time(st.source, st.runs))
     out["per_n"].sort(key=lambda e: e["N"])
@@ -294,56 +298,78 @@ def compute_spent(log: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> lis
 HORIZONS = (0.125, 0.25, 0.375, 0.5)
 
 
-def selection_horizon(log: list[dict[str, Any]] | tuple[dict[str, Any], ...], key: str,
-                      fractions: tuple[float, ...] = HORIZONS) -> list[dict[str, Any]]:
-    """Per (N, method) of a row log's selection trials: would a selection that stopped each trial
-    at a fraction f of its steps have chosen the setting the end chooses? Among the settings
-    (operator parameter, lr) that every selection seed of the method ran to the end, ranked by
-    ``key`` (the validation headline) averaged over seeds: at the end, and at the first anytime
-    point at or past f of the last point's steps. Per f: the setting ranked first there, and how
-    far behind the end's choice it is at the end (the end's best minus its mean; 0 when the same).
-    Settings ASHA stopped on some seed take no part (they have no end), so this reads only the
-    settings the selection kept; it is what a cheaper selection would give up among them."""
-    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
-    for r in latest_rows([dict(r) for r in log if r.get("phase") == "select"]):
-        if r.get("op") and r.get("sample_num") not in (None, ""):
-            groups.setdefault((schema.N_OWN + int(r["sample_num"]), str(r["op"])), []).append(r)
+def _field(r: dict[str, Any], name: str) -> float | None:
+    """A selection row's ``value`` or ``lr`` as choose_joint keys it (None where there is none)."""
+    return None if r.get(name) in (None, "") else float(r[name])
+
+
+def selection_horizon(log: list[dict[str, Any]] | tuple[dict[str, Any], ...], headline: str,
+                      fractions: tuple[float, ...] = HORIZONS, base_lr: float | None = None,
+                      sample_nums: set[int] | None = None) -> list[dict[str, Any]]:
+    """Per (N, method) of a row log's selection trials (those of ``sample_nums``, default all):
+    would a selection that stopped every trial at a fraction f of its steps have chosen the
+    setting the end chooses? The study's own rule (:func:`raytopk.tune.selection.choose_joint`:
+    the best validation headline averaged over seeds, a setting every seed has preferred) is
+    applied to the trials that ran to the end, read at the end and at f of their steps (their
+    validation curve interpolated between its points; a seed whose curve does not reach back to
+    f has no value there). Per f: the setting chosen there, the settings every seed has a value
+    for, and how far behind the end's choice that setting is at the end (the end's mean minus
+    its mean; 0 when it is the same). Settings ASHA stopped on every seed have no end and take no
+    part: this reads only among the settings the selection kept."""
+    key = valid_metric(headline)
+    sel = [r for r in latest_rows([dict(r) for r in log if r.get("phase") == "select"])
+           if r.get("op") and r.get("sample_num") not in (None, "")
+           and (sample_nums is None or int(r["sample_num"]) in sample_nums)]
+    ended = [r for r in sel if r.get("status") == "ok" and key in r]
+    seeds: dict[tuple[str, int], set[Any]] = {}
+    means: dict[tuple[str, int], dict[tuple[Any, Any], list[float]]] = {}
+    names: dict[str, str] = {}
+    for r in sel:
+        seeds.setdefault((str(r["op"]), int(r["sample_num"])), set()).add(r.get("seed"))
+    for r in ended:
+        g = means.setdefault((str(r["op"]), int(r["sample_num"])), {})
+        g.setdefault((_field(r, "value"), _field(r, "lr")), []).append(float(r[key]))
+        if r.get("param"):
+            names[str(r["op"])] = str(r["param"])
+
+    def label(op: str, c: dict[str, Any]) -> str:
+        v = "" if c["value"] is None else f"{names.get(op, 'value')} {c['value']:g}, "
+        return f"{v}lr {c['lr']:g}"
+
+    def at(f: float) -> list[dict[str, Any]]:
+        rows = []
+        for r in ended:
+            curve = curve_of(r)
+            last = max((float(p["steps"]) for p in curve if key in p and "steps" in p),
+                       default=0.0)
+            v = value_at(curve, key, f * last, True) if last else None
+            if v is not None:
+                rows.append({**r, key: v})
+        return rows
+
+    end = choose_joint(ended, headline, base_lr)
+    early = {f: choose_joint(at(f), headline, base_lr) for f in fractions}
     out = []
-    for (n, op), rs in sorted(groups.items()):
-        seeds = {int(r["seed"]) for r in rs}
-        by: dict[tuple[str, float], dict[int, list[dict[str, Any]]]] = {}
-        label: dict[tuple[str, float], str] = {}
-        for r in rs:
-            curve = [p for p in curve_of(r) if key in p and "steps" in p]
-            if r.get("status") == "ok" and curve:
-                s = (str(r.get("op_params", "")), float(r["lr"]))
-                by.setdefault(s, {})[int(r["seed"])] = sorted(curve, key=lambda p: p["steps"])
-                value = f"{r.get('param')} {float(r['value']):g}, " if r.get("param") else ""
-                label[s] = f"{value}lr {float(r['lr']):g}"
-        full = {s: c for s, c in by.items() if set(c) == seeds}
-        if len(full) < 2:
+    for (op, n), c in sorted(end.items()):
+        g = means[(op, n)]
+        full = [s for s, v in g.items() if len(v) >= len(seeds[(op, n)])]
+        if len(g) < 2:  # one setting ran to the end: nothing to choose between
             continue
-
-        def at(curves: dict[int, list[dict[str, Any]]], f: float | None) -> float:
-            vals = []
-            for c in curves.values():
-                last = c[-1]["steps"]
-                p = c[-1] if f is None else next(p for p in c if p["steps"] >= f * last)
-                vals.append(float(p[key]))
-            return sum(vals) / len(vals)
-
-        end = {s: at(c, None) for s, c in full.items()}
-        best = max(end, key=lambda s: end[s])
-        entry: dict[str, Any] = {"N": n, "method": op, "seeds": len(seeds),
-                                 "settings": len(full), "chosen": label[best],
-                                 "chosen_value": round(end[best], 4), "at": []}
+        entry: dict[str, Any] = {"N": schema.N_OWN + n, "method": op,
+                                 "seeds": len(seeds[(op, n)]), "settings": len(full),
+                                 "chosen": label(op, c), "chosen_value": round(c["score"], 4),
+                                 "at": []}
         for f in fractions:
-            early = {s: at(c, f) for s, c in full.items()}
-            pick = max(early, key=lambda s: early[s])
-            entry["at"].append({"fraction": f, "setting": label[pick],
-                                "behind": round(end[best] - end[pick], 4)})
+            pick = early[f].get((op, n))
+            if pick is None:
+                entry["at"].append({"fraction": f, "setting": None, "behind": None})
+                continue
+            mine = g[(pick["value"], pick["lr"])]
+            entry["at"].append({"fraction": f, "setting": label(op, pick),
+                                "same": (pick["value"], pick["lr"]) == (c["value"], c["lr"]),
+                                "behind": round(c["score"] - sum(mine) / len(mine), 4)})
         out.append(entry)
-    return out
+    return sorted(out, key=lambda e: (e["N"], e["method"]))
 
 
 DIAGNOSTICS = ("psum_over_k", "boundary_grad_share", "score_std_over_tau")
@@ -526,17 +552,22 @@ def claims_markdown(c: dict[str, Any], command: str = "") -> str:
     if horizon:
         fr = [p["fraction"] for p in horizon[0]["at"]]
         md += ["", "## Would a shorter selection choose the same setting?", "",
-               "Per (N, method), among the settings (parameter, lr) that every selection seed ran "
-               "to the end, on the validation day averaged over the selection seeds: the setting "
-               "ranked first at the end, and the one ranked first had each trial stopped at a "
-               "fraction of its steps, with how far behind the end's choice it ends (\"same\" when "
-               "it is the end's choice). Such a selection costs at most that fraction of these "
-               "trials; settings ASHA stopped take no part.", "",
+               "Per (N, method) whose selection is over: the study's choice rule (best "
+               "validation-day headline averaged over the selection seeds, a setting every seed "
+               "has preferred) applied to the selection trials that ran to the end, read at the "
+               "end and at a fraction of their steps (each validation curve interpolated between "
+               "its points). Per fraction: the setting it would choose and, in brackets, how far "
+               "behind the end's choice that setting ends (\"same\": the end's choice). Settings: "
+               "those every selection seed ran to the end. Settings ASHA stopped take no part, "
+               "so this compares only among the settings the selection kept; a selection "
+               "stopped at that fraction would train that share of these trials' steps. The gaps "
+               "are means over the selection seeds, without an interval; –: no trial's curve "
+               "reaches back that far.", "",
                "| N | method | settings | chosen at the end | " + " | ".join(
                    f"at {f:g} of the steps" for f in fr) + " |",
                "|---:|---|---:|---|" + "---|" * len(fr)]
         for e in horizon:
-            cells = ["same" if p["behind"] == 0 and p["setting"] == e["chosen"] else
+            cells = ["–" if p["setting"] is None else "same" if p["same"] else
                      f"{p['setting']} (−{p['behind']:.4f})" for p in e["at"]]
             md.append(f"| {e['N']} | {e['method']} | {e['settings']} | {e['chosen']} "
                       f"({e['chosen_value']:.4f}) | " + " | ".join(cells) + " |")

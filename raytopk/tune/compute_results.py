@@ -50,7 +50,7 @@ def curve_of(r: dict[str, Any]) -> list[dict[str, Any]]:
     return json.loads(c) if isinstance(c, str) else list(c)
 
 
-def value_at(curve: list[dict[str, Any]], key: str, step: int, interpolate: bool) -> float | None:
+def value_at(curve: list[dict[str, Any]], key: str, step: float, interpolate: bool) -> float | None:
     """``key`` at ``step``: the point whose step is ``step`` (exact), or with ``interpolate``,
     linear between the points around it (None outside the curve)."""
     pts = sorted((int(p["steps"]), float(p[key])) for p in curve if key in p and "steps" in p)

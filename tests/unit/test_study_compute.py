@@ -463,38 +463,52 @@ def test_selection_horizon_names_what_a_shorter_selection_would_choose() -> None
 
     key = "valid_joint_recall@10@20"
 
-    def sel(tau: float, lr: float, seed: int, curve: list[float], status: str = "ok") -> dict:
-        r = _final_row("dftopk", seed, [(2 * (i + 1), v, None) for i, v in enumerate(curve)])
-        r.update(phase="select", status=status, lr=lr, param="tau", value=tau,
-                 op_params=json.dumps({"tau": tau}), config_digest=f"{tau}-{lr}-{seed}")
+    def sel(tau: float, seed: int, curve: list[tuple[int, float]], status: str = "ok",
+            digest: str = "", n: int = 160) -> dict:
+        r = _final_row("dftopk", seed, [(s, v, None) for s, v in curve])
+        r.update(phase="select", status=status, lr=0.01, param="tau", value=tau, sample_num=n,
+                 config_digest=digest or f"{tau}-{seed}-{n}")
+        if status == "ok":
+            r[key] = curve[-1][1]
+        else:
+            r.pop("anytime_curve")
         return r
 
+    # Validation points at uneven steps (1, 2, 3, 8), as the studies' cut points make them.
     log = []
     for seed, bump in ((1, 0.0), (2, 0.01)):
-        # tau 0.5 leads from the 3rd of 4 points on; tau 5 leads early and ends 0.05 behind.
-        log.append(sel(0.5, 0.01, seed, [.1 + bump, .2, .5, .6 + bump]))
-        log.append(sel(5.0, 0.01, seed, [.3 + bump, .4, .45, .55 + bump]))
-    # ASHA stopped tau 50 on seed 2 (no end there): it takes no part, though it leads early.
-    log.append(sel(50.0, 0.01, 1, [.9, .9, .9, .9]))
-    log.append(sel(50.0, 0.01, 2, [.9], status="stopped early (ASHA)"))
-    # tau 0.05 on seed 2: ASHA's stop, then its completion (the later row counts).
-    log.append(sel(0.05, 0.01, 1, [.1, .1, .1, .1]))
-    log.append(sel(0.05, 0.01, 2, [.1], status="stopped early (ASHA)"))
-    log.append(sel(0.05, 0.01, 2, [.1, .1, .1, .1]))
-    log.append({**sel(0.5, 0.01, 1, [.7, .7, .7, .7]), "phase": "final"})  # not selection
-    log.append({**sel(0.5, 0.01, 1, [.7, .7]), "op": "lapsum",  # one setting: nothing to read
-                "config_digest": "lapsum"})
-    (h,) = selection_horizon(log, key, fractions=(0.25, 0.5, 0.75))
+        log.append(sel(0.5, seed, [(1, .1), (2, .2), (3, .3), (8, .8 + bump)]))
+        log.append(sel(5.0, seed, [(1, .3), (2, .4), (3, .42), (8, .5 + bump)]))
+    # tau 50: seed 1 restored with only its end point; it leads early on seed 2 alone, which
+    # the every-seed rule does not let win.
+    log.append(sel(50.0, 1, [(8, .7)]))
+    log.append(sel(50.0, 2, [(1, .9), (2, .9), (3, .9), (8, .7)]))
+    # tau 500: ASHA stopped seed 2, so it is not chosen, though seed 1 leads throughout.
+    log.append(sel(500.0, 1, [(1, .95), (2, .95), (3, .95), (8, .95)]))
+    log.append(sel(500.0, 2, [], status="stopped early (ASHA)"))
+    # tau 0.05 on seed 2: a stale row, then its rerun's row under the same digest (which counts).
+    log.append(sel(0.05, 1, [(1, .1), (2, .1), (3, .1), (8, .85)]))
+    log.append(sel(0.05, 2, [(1, .1), (2, .1), (3, .1), (8, .85)], digest="x"))
+    log.append(sel(0.05, 2, [(1, .1), (2, .1), (3, .1), (8, .1)], digest="x"))
+    log.append({**sel(0.5, 1, [(8, .99)]), "phase": "final", "config_digest": "f"})
+    log.append({**sel(0.5, 1, [(8, .7)]), "op": "lapsum", "config_digest": "l"})  # one setting
+    log += [sel(0.5, 1, [(8, .7)], n=0), sel(5.0, 1, [(8, .6)], n=0)]  # N = 40, left out below
+    (h,) = selection_horizon(log, "joint_recall@10@20", fractions=(0.25, 0.5, 0.9),
+                             base_lr=0.01, sample_nums={160})
     assert h["N"] == 200 and h["method"] == "dftopk" and h["seeds"] == 2
-    assert h["settings"] == 3 and h["chosen"] == "tau 0.5, lr 0.01"
-    assert h["chosen_value"] == pytest.approx(0.605)
-    # 0.25 and 0.5 of 8 steps: the points at steps 2 and 4, where tau 5 leads; 0.75: step 6.
-    assert [(p["fraction"], p["setting"]) for p in h["at"]] == [
-        (0.25, "tau 5, lr 0.01"), (0.5, "tau 5, lr 0.01"), (0.75, "tau 0.5, lr 0.01")]
-    assert [p["behind"] for p in h["at"]] == pytest.approx([0.05, 0.05, 0.0])
+    assert h["settings"] == 4 and h["chosen"] == "tau 0.5, lr 0.01"  # 0.5, 5, 50, 0.05
+    assert h["chosen_value"] == pytest.approx(0.805)
+    # 0.25 of 8 steps: step 2, tau 5 ahead. 0.5: step 4, interpolated between 3 and 8 (tau 0.5
+    # 0.40, tau 5 0.436; the point before, step 3, and the one after, step 8, disagree).
+    # 0.9: step 7.2, tau 0.5 ahead: the end's choice.
+    assert [(p["fraction"], p["setting"], p["same"]) for p in h["at"]] == [
+        (0.25, "tau 5, lr 0.01", False), (0.5, "tau 5, lr 0.01", False),
+        (0.9, "tau 0.5, lr 0.01", True)]
+    assert [p["behind"] for p in h["at"]] == pytest.approx([0.3, 0.3, 0.0])
+    assert len(selection_horizon(log, "joint_recall@10@20")) == 2  # N = 40 too, by default
     md = claims_markdown({"per_n": [], "selection_horizon": [h]})
-    assert ("| 200 | dftopk | 3 | tau 0.5, lr 0.01 (0.6050) | tau 5, lr 0.01 (−0.0500) | "
-            "tau 5, lr 0.01 (−0.0500) | same |") in md
+    assert ("| 200 | dftopk | 4 | tau 0.5, lr 0.01 (0.8050) | tau 5, lr 0.01 (−0.3000) | "
+            "tau 5, lr 0.01 (−0.3000) | same |") in md
 
 
 def test_study_plan_counts_trials_and_compute_before_running(tmp_path: Path) -> None:
