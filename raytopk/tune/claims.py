@@ -41,7 +41,7 @@ from raytopk.train.anytime import valid_metric
 from raytopk.tune.compute import StepTable, load_step_table
 from raytopk.tune.compute_results import curve_of, cut_values, reported_finals, value_at
 from raytopk.tune.experiments import ROW_LOG, RUN_LOG, read_log
-from raytopk.tune.selection import choose_joint, latest_rows
+from raytopk.tune.selection import _num, _scores, _settings, choose_joint, latest_rows, op_param
 from raytopk.tune.stats import Interval, paired_difference, t_interval
 
 __all__ = ["Study", "claims_rows", "claims_markdown", "compute_spent", "diagnostics",
@@ -116,7 +116,7 @@ def read_studies(dirs: list[str | Path]) -> list[Study]:
                          slowest, headline_key(len(stages)),
                          str(study["reference_op"]), tuple(log),
                          tuple(read_log(d / RUN_LOG)),
-                         _field((doc.get("train") or {}).get("optim") or {}, "lr")))
+                         _num((doc.get("train") or {}).get("optim") or {}, "lr")))
     return out
 
 
@@ -298,11 +298,6 @@ def compute_spent(log: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> lis
 HORIZONS = (0.125, 0.25, 0.375, 0.5)
 
 
-def _field(r: dict[str, Any], name: str) -> float | None:
-    """A selection row's ``value`` or ``lr`` as choose_joint keys it (None where there is none)."""
-    return None if r.get(name) in (None, "") else float(r[name])
-
-
 def selection_horizon(log: list[dict[str, Any]] | tuple[dict[str, Any], ...], headline: str,
                       fractions: tuple[float, ...] = HORIZONS, base_lr: float | None = None,
                       sample_nums: set[int] | None = None) -> list[dict[str, Any]]:
@@ -321,27 +316,20 @@ def selection_horizon(log: list[dict[str, Any]] | tuple[dict[str, Any], ...], he
            if r.get("op") and r.get("sample_num") not in (None, "")
            and (sample_nums is None or int(r["sample_num"]) in sample_nums)]
     ended = [r for r in sel if r.get("status") == "ok" and key in r]
-    seeds: dict[tuple[str, int], set[Any]] = {}
-    means: dict[tuple[str, int], dict[tuple[Any, Any], list[float]]] = {}
-    names: dict[str, str] = {}
-    for r in sel:
-        seeds.setdefault((str(r["op"]), int(r["sample_num"])), set()).add(r.get("seed"))
+    curves = []  # (row, its curve, its last step), parsed once for every fraction
     for r in ended:
-        g = means.setdefault((str(r["op"]), int(r["sample_num"])), {})
-        g.setdefault((_field(r, "value"), _field(r, "lr")), []).append(float(r[key]))
-        if r.get("param"):
-            names[str(r["op"])] = str(r["param"])
+        c = curve_of(r)
+        curves.append((r, c, max((float(p["steps"]) for p in c if key in p and "steps" in p),
+                                 default=0.0)))
 
     def label(op: str, c: dict[str, Any]) -> str:
-        v = "" if c["value"] is None else f"{names.get(op, 'value')} {c['value']:g}, "
+        p = op_param(op)
+        v = "" if c["value"] is None else f"{p[0] if p else 'value'} {c['value']:g}, "
         return f"{v}lr {c['lr']:g}"
 
     def at(f: float) -> list[dict[str, Any]]:
         rows = []
-        for r in ended:
-            curve = curve_of(r)
-            last = max((float(p["steps"]) for p in curve if key in p and "steps" in p),
-                       default=0.0)
+        for r, curve, last in curves:
             v = value_at(curve, key, f * last, True) if last else None
             if v is not None:
                 rows.append({**r, key: v})
@@ -349,14 +337,15 @@ def selection_horizon(log: list[dict[str, Any]] | tuple[dict[str, Any], ...], he
 
     end = choose_joint(ended, headline, base_lr)
     early = {f: choose_joint(at(f), headline, base_lr) for f in fractions}
+    groups = _settings(sel)  # {(op, sample_num): (seeds, {(value, lr): {seed: row}})}
     out = []
     for (op, n), c in sorted(end.items()):
-        g = means[(op, n)]
-        full = [s for s, v in g.items() if len(v) >= len(seeds[(op, n)])]
-        if len(g) < 2:  # one setting ran to the end: nothing to choose between
+        seeds, by = groups[(op, n)]
+        scores = {s: v for s, runs in by.items() if (v := _scores(runs, key))}
+        if len(scores) < 2:  # one setting ran to the end: nothing to choose between
             continue
-        entry: dict[str, Any] = {"N": schema.N_OWN + n, "method": op,
-                                 "seeds": len(seeds[(op, n)]), "settings": len(full),
+        entry: dict[str, Any] = {"N": schema.N_OWN + n, "method": op, "seeds": len(seeds),
+                                 "settings": sum(len(v) >= len(seeds) for v in scores.values()),
                                  "chosen": label(op, c), "chosen_value": round(c["score"], 4),
                                  "at": []}
         for f in fractions:
@@ -364,7 +353,7 @@ def selection_horizon(log: list[dict[str, Any]] | tuple[dict[str, Any], ...], he
             if pick is None:
                 entry["at"].append({"fraction": f, "setting": None, "behind": None})
                 continue
-            mine = g[(pick["value"], pick["lr"])]
+            mine = scores[(pick["value"], pick["lr"])]
             entry["at"].append({"fraction": f, "setting": label(op, pick),
                                 "same": (pick["value"], pick["lr"]) == (c["value"], c["lr"]),
                                 "behind": round(c["score"] - sum(mine) / len(mine), 4)})
