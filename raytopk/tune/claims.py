@@ -61,6 +61,9 @@ class Study:
     log: tuple[dict[str, Any], ...] = ()  # every row of the row log, for the compute spent
     runs: tuple[dict[str, Any], ...] = ()  # the run log: each run's wall-clock window
     base_lr: float | None = None  # train.optim.lr: the selection's tie-break toward it
+    # The config digests of the selection trials selection.json lists (the rows the study chose
+    # from); None where it lists none (no file yet, or one written before it recorded them).
+    selected: frozenset[str] | None = None
 
 
 def read_studies(dirs: list[str | Path]) -> list[Study]:
@@ -116,8 +119,26 @@ def read_studies(dirs: list[str | Path]) -> list[Study]:
                          slowest, headline_key(len(stages)),
                          str(study["reference_op"]), tuple(log),
                          tuple(read_log(d / RUN_LOG)),
-                         _num((doc.get("train") or {}).get("optim") or {}, "lr")))
+                         _num((doc.get("train") or {}).get("optim") or {}, "lr"),
+                         _selected(d / "selection.json")))
     return out
+
+
+def _selected(path: Path) -> frozenset[str] | None:
+    """The config digests of the trials a study's selection.json lists, or None when the file
+    is absent or records none. ValueError naming the file when it is not a selection file."""
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        trials = doc["trials"] if isinstance(doc, dict) else None
+        if not isinstance(trials, list):
+            raise ValueError("no list under 'trials'")
+        digests = frozenset(str(t["config_digest"]) for t in trials
+                            if isinstance(t, dict) and t.get("config_digest"))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"claims: {str(path)!r} is not a study's selection file ({e})") from e
+    return digests or None
 
 
 def _iv(i: Interval | None) -> dict[str, Any] | None:
@@ -249,7 +270,7 @@ def claims_rows(studies: list[Study], tables: list[StepTable] | None = None) -> 
         if st.rows:  # the Ns whose selection is over: would a shorter one choose the same?
             out.setdefault("selection_horizon", []).extend(selection_horizon(
                 st.log, st.head, base_lr=st.base_lr,
-                sample_nums={int(r["sample_num"]) for r in st.rows}))
+                sample_nums={int(r["sample_num"]) for r in st.rows}, digests=st.selected))
         if st.runs:
             out.setdefault("wall", []).append(wall_time(st.source, st.runs))
     out["per_n"].sort(key=lambda e: e["N"])
@@ -300,8 +321,11 @@ HORIZONS = (0.125, 0.25, 0.375, 0.5)
 
 def selection_horizon(log: list[dict[str, Any]] | tuple[dict[str, Any], ...], headline: str,
                       fractions: tuple[float, ...] = HORIZONS, base_lr: float | None = None,
-                      sample_nums: set[int] | None = None) -> list[dict[str, Any]]:
-    """Per (N, method) of a row log's selection trials (those of ``sample_nums``, default all):
+                      sample_nums: set[int] | None = None,
+                      digests: frozenset[str] | set[str] | None = None) -> list[dict[str, Any]]:
+    """Per (N, method) of a row log's selection trials (those of ``sample_nums``, default all;
+    with ``digests``, only the rows of those config digests: the ones the study chose from, so
+    a row the log holds from another config of the study takes no part):
     would a selection that stopped every trial at a fraction f of its steps have chosen the
     setting the end chooses? The study's own rule (:func:`raytopk.tune.selection.choose_joint`:
     the best validation headline averaged over seeds, a setting every seed has preferred) is
@@ -314,7 +338,8 @@ def selection_horizon(log: list[dict[str, Any]] | tuple[dict[str, Any], ...], he
     key = valid_metric(headline)
     sel = [r for r in latest_rows([dict(r) for r in log if r.get("phase") == "select"])
            if r.get("op") and r.get("sample_num") not in (None, "")
-           and (sample_nums is None or int(r["sample_num"]) in sample_nums)]
+           and (sample_nums is None or int(r["sample_num"]) in sample_nums)
+           and (digests is None or r.get("config_digest") in digests)]
     ended = [r for r in sel if r.get("status") == "ok" and key in r]
     curves = []  # (row, its curve, its last step), parsed once for every fraction
     for r in ended:

@@ -79,14 +79,15 @@ def write_selection(
     head: str,
 ) -> None:
     """selection.csv (every selection trial) and selection.json (grids, the chosen parameter
-    value and learning rate per (op, N) with their mean validation score over seeds, trials).
+    value and learning rate per (op, N) with their mean validation score over seeds, trials,
+    each with its configuration digest: the row log's rows the choice was made from).
     ``joint``: raytopk.tune.selection.choose_joint's choice."""
     out = Path(out)
     key = valid_metric(head)
     # round: 0 the grid, r >= 1 later rounds: extensions, or completions (completes: the clock
     # value at which ASHA had stopped the trial this row runs to the end)
     cols = ["trial", "op", "sample_num", "seed", "param", "value", "lr", "round", "completes",
-            "status", key, "train_seconds", "samples_seen", "wall_seconds"]
+            "status", key, "train_seconds", "samples_seen", "wall_seconds", "config_digest"]
     _write_csv(out / "selection.csv", cols, rows)
     chosen: dict[str, dict[str, Any]] = {}
     for (op, n), c in joint.items():

@@ -239,6 +239,10 @@ def test_a_run_per_n_keeps_the_other_ns_selection_and_final_rows(tmp_path: Path)
     doc = json.loads((res / "selection.json").read_text())
     assert {op: sorted(c) for op, c in doc["chosen"].items()} == {op: ["0", "2"] for op in ops}
     assert {t["sample_num"] for t in doc["trials"]} == {0, 2} and len(doc["trials"]) == 16
+    # Each listed trial carries its digest: the foreign rows are not among them.
+    assert {t["config_digest"] for t in doc["trials"]} == {
+        r["config_digest"] for r in rows if r["phase"] == "select"
+        and not r["trial"].endswith("-other")}
     got = logged_finals(study, base, [0], chosen, {op: {0: 0.003} for op in ops})
     assert sorted(r["trial"] for r in got) == sorted(t["trial"] for t in finals)
     assert logged_finals(study, base, [], chosen) == []
@@ -319,6 +323,14 @@ def test_claims_per_n_from_equal_steps_and_equal_compute(tmp_path: Path) -> None
     d200 = _study_dir(tmp_path, "n200", 160, rows, {("dftopk", 200): 0.1, ("softsort", 200): 0.2,
                                                    ("lapsum", 200): 0.1})  # fmt: skip
     studies = read_studies([d200])
+    assert studies[0].selected is None  # no selection.json: the horizon reads the whole log
+    (d200 / "selection.json").write_text(json.dumps(
+        {"trials": [{"trial": "a", "config_digest": "d1"}, {"trial": "b"}]}))
+    assert read_studies([d200])[0].selected == {"d1"}
+    (d200 / "selection.json").write_text(json.dumps({"chosen": {}}))
+    with pytest.raises(ValueError, match=r"n200/selection.json' is not a study's selection"):
+        read_studies([d200])
+    (d200 / "selection.json").unlink()
     repeat = load_step_table(_table(tmp_path, {("dftopk", 200): 0.1, ("softsort", 200): 0.15,
                                                ("lapsum", 200): 0.09}))  # fmt: skip
     c = claims_rows(studies, [repeat])
@@ -506,6 +518,15 @@ def test_selection_horizon_names_what_a_shorter_selection_would_choose() -> None
         (0.9, "tau 0.5, lr 0.01", True)]
     assert [p["behind"] for p in h["at"]] == pytest.approx([0.3, 0.3, 0.0])
     assert len(selection_horizon(log, "joint_recall@10@20")) == 2  # N = 40 too, by default
+    # Rows the log holds from another config of the study (tau 15 far ahead at the end): read
+    # when no digests are given, left out when given the ones the study chose from.
+    other = [sel(15.0, s, [(1, .3), (2, .4), (3, .42), (8, .99)], digest=f"old{s}")
+             for s in (1, 2)]
+    (o,) = selection_horizon(log + other, "joint_recall@10@20", base_lr=0.01, sample_nums={160})
+    assert o["chosen"] == "tau 15, lr 0.01"
+    mine = {r["config_digest"] for r in log}
+    assert selection_horizon(log + other, "joint_recall@10@20", fractions=(0.25, 0.5, 0.9),
+                             base_lr=0.01, sample_nums={160}, digests=mine) == [h]
     md = claims_markdown({"per_n": [], "selection_horizon": [h]})
     assert ("| 200 | dftopk | 4 | tau 0.5, lr 0.01 (0.8050) | tau 5, lr 0.01 (−0.3000) | "
             "tau 5, lr 0.01 (−0.3000) | same |") in md
