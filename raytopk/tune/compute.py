@@ -313,7 +313,10 @@ def study_plan(study: Any, base: TrainConfig, logged: list[dict[str, Any]] | Non
                       "selection_full_trials_asha": round(tot["asha"], 1),
                       "final_full_trials": tot["final"],
                       "compute_hours_finals": round(tot["final"] * budget / 3600, 2),
-                      "compute_hours_selection_asha": round(tot["asha"] * budget / 3600, 2)})
+                      "compute_hours_selection_asha": round(tot["asha"] * budget / 3600, 2),
+                      # the aim: a selection no costlier than the finals; its first round under
+                      # ideal ASHA is a lower bound on what the selection will cost
+                      "selection_over_finals": tot["asha"] > tot["final"]})
     return {"table": table.path, "machine": table.machine, "batch": batch,
             "reduction": r, "select_seeds": len(seeds), "methods": rows, "per_n": per_n}
 
@@ -353,4 +356,13 @@ def plan_markdown(p: dict[str, Any]) -> str:
             "completion rounds (seeds ASHA stopped of a setting best on its other seeds, run "
             "again to the end) and evaluation time. Hours are compute on the table's device, "
             "not this machine's wall time: trials that run side by side share its cores.", ""]
+    over = [e for e in p["per_n"] if e.get("selection_over_finals")]
+    for e in over:
+        out.append(f"N = {e['N']}: the selection's first round alone, under ideal ASHA, trains "
+                   f"{e['selection_full_trials_asha']:g} full trials against the finals' "
+                   f"{e['final_full_trials']}, so it misses the aim of a selection no costlier "
+                   "than the finals (docs/protocol.md §6.1); fewer parameter values or learning "
+                   "rates per method, or fewer selection seeds, would bring it down.")
+    if over:
+        out.append("")
     return "\n".join(out)

@@ -579,3 +579,9 @@ def test_study_plan_counts_trials_and_compute_before_running(tmp_path: Path) -> 
         study_plan(study, base)
     assert e["compute_hours_finals"] == pytest.approx(6 * 75.0 / 3600, abs=0.01)
     assert "| 200 | diffsort | not run: over study.mem_budget_gb 3" in plan_markdown(p)
+    # The aim of a selection no costlier than the finals: named where even ideal ASHA misses it.
+    assert e["selection_over_finals"] is (e["selection_full_trials_asha"] > 6)
+    over = "N = 200: the selection's first round alone, under ideal ASHA, trains"
+    assert (over in plan_markdown(p)) is e["selection_over_finals"]
+    e["selection_over_finals"] = not e["selection_over_finals"]
+    assert (over in plan_markdown(p)) is e["selection_over_finals"]
