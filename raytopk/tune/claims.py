@@ -45,7 +45,8 @@ from raytopk.tune.selection import _num, _scores, _settings, choose_joint, lates
 from raytopk.tune.stats import Interval, paired_difference, t_interval
 
 __all__ = ["Study", "claims_rows", "claims_markdown", "compute_spent", "diagnostics",
-           "read_studies", "selection_horizon", "verdict_a", "wall_time", "write_claims"]
+           "read_studies", "selected_digests", "selection_horizon", "verdict_a", "wall_time",
+           "write_claims"]
 
 
 @dataclass(frozen=True)
@@ -120,13 +121,14 @@ def read_studies(dirs: list[str | Path]) -> list[Study]:
                          str(study["reference_op"]), tuple(log),
                          tuple(read_log(d / RUN_LOG)),
                          _num((doc.get("train") or {}).get("optim") or {}, "lr"),
-                         _selected(d / "selection.json")))
+                         None if running else selected_digests(d / "selection.json")))
     return out
 
 
-def _selected(path: Path) -> frozenset[str] | None:
-    """The config digests of the trials a study's selection.json lists, or None when the file
-    is absent or records none. ValueError naming the file when it is not a selection file."""
+def selected_digests(path: Path) -> frozenset[str] | None:
+    """The config digests of the trials a study's selection.json lists (a trial listed without
+    one is left out), or None when the file is absent or records none (one written before
+    selection.json recorded them). ValueError naming the file when it is not a selection file."""
     if not path.is_file():
         return None
     try:

@@ -316,7 +316,7 @@ def study_plan(study: Any, base: TrainConfig, logged: list[dict[str, Any]] | Non
                       "compute_hours_selection_asha": round(tot["asha"] * budget / 3600, 2),
                       # the aim: a selection no costlier than the finals; its first round under
                       # ideal ASHA is a lower bound on what the selection will cost
-                      "selection_over_finals": tot["asha"] > tot["final"]})
+                      "selection_over_finals": round(tot["asha"], 1) > tot["final"]})
     return {"table": table.path, "machine": table.machine, "batch": batch,
             "reduction": r, "select_seeds": len(seeds), "methods": rows, "per_n": per_n}
 

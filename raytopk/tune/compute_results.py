@@ -272,12 +272,15 @@ def write_compute_reports(rows: list[dict[str, Any]], out: str | Path, study: An
     if Path(study.step_table).resolve() != (out / "step_table.json").resolve():
         shutil.copyfile(study.step_table, out / "step_table.json")
     _plots(rows, table, head, out)
-    from raytopk.tune.claims import Study, claims_rows, write_claims
+    from raytopk.tune.claims import Study, claims_rows, selected_digests, write_claims
 
     # Without the run log: this run's own window is logged only when it ends (study.run_study);
-    # jobs/study_claims.py, run afterwards, reports the wall time.
+    # jobs/study_claims.py, run afterwards, reports the wall time. The rest as read_studies
+    # reads it, so the two claims.md agree.
     write_claims(claims_rows([Study(str(out), rows, table, dict(study.slowest_steps), head,
-                                    study.reference_op, tuple(read_log(out / ROW_LOG)))]), out)
+                                    study.reference_op, tuple(read_log(out / ROW_LOG)),
+                                    base_lr=base.optim.lr,
+                                    selected=selected_digests(out / "selection.json"))]), out)
 
 
 def reported_finals(rows: list[dict[str, Any]], results_csv: Path) -> list[dict[str, Any]]:

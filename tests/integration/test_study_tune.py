@@ -130,6 +130,15 @@ def test_compute_matched_study_resumes_from_its_row_log_alone(
     assert claims[0]["methods"]["softsort"]["b"]["sample_ratio"] == 3.0
     logged = (res / "trials.jsonl").read_text().splitlines()
     assert len(logged) == 8 + 4  # every selection and final trial, once
+    # selection.json names the rows chosen from by digest, and the study's own claims read
+    # the selection back as jobs/study_claims.py does.
+    from raytopk.tune.claims import claims_rows, read_studies
+
+    assert {t["config_digest"] for t in sel["trials"]} == {
+        r["config_digest"] for r in map(json.loads, logged) if r["phase"] == "select"}
+    assert read_studies([res])[0].selected == {t["config_digest"] for t in sel["trials"]}
+    assert json.loads((res / "claims.json").read_text()).get("selection_horizon") == (
+        claims_rows(read_studies([res])).get("selection_horizon"))
     # A fresh clone: no Tune storage, no trial directories, only the committed results.
     shutil.rmtree(out)
     again = run_study(study, base, verbose=False)
